@@ -1,0 +1,200 @@
+"""The torch backend: eager PyTorch on the CPU or a CUDA GPU, optionally CUDA-graph replay.
+
+Member options (``Member.options``):
+
+- ``cuda_graph`` (bool, default False): on a GPU, capture the forward pass once
+  per batch size and replay it (one launch per batch instead of one per kernel).
+- ``channels_last`` (bool, default False): use the channels-last memory format
+  for 4-D inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import typing
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from colocate._optional import optional_import
+from colocate.backends.base import MemberRunner, stream_handle
+from colocate.ensemble import Array
+from colocate.errors import InvalidInputError, MemberOutOfMemoryError, ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+
+_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def import_torch(purpose: str) -> Any:
+    """torch, or a BackendUnavailableError naming ``purpose`` and the extra."""
+    return optional_import("torch", purpose=purpose)
+
+
+class TorchRunner(MemberRunner):
+    """Runs a ``torch.nn.Module`` member on the CPU or a GPU stream."""
+
+    backend_name = "torch"
+
+    def __init__(self, member: Any, device: Any, *, stream: Any | None = None) -> None:
+        super().__init__(member, device, stream=stream)
+        self._torch: Any = None
+        self._model: torch.nn.Module | None = None
+        self._stream: Any = None  # torch.cuda.Stream the work goes on (GPU only)
+        self._dtype: Any = None
+        self._graphs: dict[tuple[int, ...], tuple[Any, Any, Any]] = {}  # shape -> (graph, in, out)
+        unknown = set(member.options) - {"cuda_graph", "channels_last"}
+        if unknown:
+            raise InvalidInputError(
+                f"member '{member.name}': unknown torch option(s) {sorted(unknown)}; "
+                "known: cuda_graph, channels_last"
+            )
+        self.use_cuda_graph = bool(member.options.get("cuda_graph", False)) and device.kind == "cuda"
+        self.channels_last = bool(member.options.get("channels_last", False))
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The loaded module (after activate)."""
+        if self._model is None:
+            self._require_active("model")
+        assert self._model is not None
+        return self._model
+
+    @property
+    def torch_stream(self) -> Any:
+        """The torch CUDA stream this runner enqueues on (None on the CPU)."""
+        return self._stream
+
+    def _load_module(self) -> torch.nn.Module:
+        tm = self._torch
+        source = self.member.source
+        name = self.member.name
+        if isinstance(source, (str, Path)):
+            try:
+                module = tm.jit.load(str(source), map_location="cpu")
+            except Exception as exc:  # torch raises RuntimeError/ValueError for bad files
+                raise ModelLoadError(
+                    f"member '{name}': {str(source)!r} is not a loadable TorchScript file ({exc}); "
+                    "re-save it with torch.jit.save, or give a factory that builds the module"
+                ) from exc
+        elif isinstance(source, tm.nn.Module):
+            module = copy.deepcopy(source)
+        elif callable(source):
+            try:
+                module = source()
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"member '{name}': its factory {source!r} raised {type(exc).__name__}: {exc}"
+                ) from exc
+            if not isinstance(module, tm.nn.Module):
+                raise ModelLoadError(
+                    f"member '{name}': its factory returned {type(module).__name__}, not a torch.nn.Module"
+                )
+        else:
+            raise ModelLoadError(
+                f"member '{name}': backend 'torch' needs an nn.Module, a factory or a TorchScript "
+                f"path as source, got {type(source).__name__}"
+            )
+        return typing.cast("torch.nn.Module", module)
+
+    def _activate(self) -> None:
+        torch = import_torch(f"backend 'torch' of member '{self.member.name}'")
+        self._torch = torch
+        self._dtype = getattr(torch, _TORCH_DTYPES[self.member.precision])
+        device = torch.device(self.device.torch_device)
+        if self.device.kind == "cuda":
+            if self.stream is None:
+                self._stream = torch.cuda.Stream(device=device)
+            elif isinstance(self.stream, torch.cuda.Stream):
+                self._stream = self.stream
+            else:
+                self._stream = torch.cuda.ExternalStream(stream_handle(self.stream), device=device)
+        module = self._load_module().eval()
+        try:
+            with self._stream_context():
+                module = module.to(device=device, dtype=self._dtype)
+                if self.channels_last:
+                    module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        except torch.OutOfMemoryError as exc:
+            raise MemberOutOfMemoryError(
+                f"member '{self.member.name}': out of memory loading the weights on "
+                f"{self.device.name}; free memory or use a smaller precision",
+                member=self.member.name,
+            ) from exc
+        self._model = module
+
+    def _stream_context(self) -> Any:
+        return self._torch.cuda.stream(self._stream) if self._stream is not None else _NullContext()
+
+    def _prepare(self, batch: Array) -> Any:
+        torch = self._torch
+        tensor = torch.from_numpy(batch)
+        with self._stream_context():
+            if self.device.kind == "cuda":
+                tensor = tensor.pin_memory().to(self.device.torch_device, non_blocking=True)
+            if tensor.is_floating_point():
+                tensor = tensor.to(self._dtype)
+            if self.channels_last and tensor.dim() == 4:
+                tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
+
+    def _run(self, prepared: Any) -> Any:
+        torch = self._torch
+        try:
+            with torch.inference_mode(), self._stream_context():
+                if self.use_cuda_graph:
+                    return self._replay(prepared)
+                return self.model(prepared)
+        except torch.OutOfMemoryError as exc:
+            raise MemberOutOfMemoryError(
+                f"member '{self.member.name}': out of memory at batch size {prepared.shape[0]} on "
+                f"{self.device.name}; use a smaller batch size or give it more memory",
+                member=self.member.name,
+                batch_size=int(prepared.shape[0]),
+            ) from exc
+
+    def _replay(self, prepared: Any) -> Any:
+        torch = self._torch
+        key = tuple(prepared.shape)
+        if key not in self._graphs:
+            static_in = prepared.clone()
+            for _ in range(3):  # warm up outside capture: cuBLAS/cuDNN handles, autotuning
+                self.model(static_in)
+            self._stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
+                static_out = self.model(static_in)
+            self._graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(prepared)
+        graph.replay()
+        return static_out
+
+    def _synchronize(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
+
+    def _to_numpy(self, output: Any) -> Array:
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        self._synchronize()
+        result: Array = output.detach().float().cpu().numpy()
+        return np.asarray(result)
+
+    def _deactivate(self) -> None:
+        self._graphs.clear()
+        self._model = None
+        if self.device.kind == "cuda" and self._torch is not None:
+            self._synchronize()
+            self._torch.cuda.empty_cache()
+        self._stream = None
+
+
+class _NullContext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

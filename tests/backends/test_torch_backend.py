@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from colocate import (
+    BackendUnavailableError,
+    Device,
+    DeviceError,
+    InputSpec,
+    InvalidInputError,
+    Member,
+    MemberOutOfMemoryError,
+    ModelLoadError,
+)
+from colocate.backends import available, create_runner, get
+from colocate.backends.torch_backend import TorchRunner
+
+
+def tiny_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+class OutOfMemoryNet(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return x[:, :3]
+
+
+def raising_factory() -> torch.nn.Module:
+    raise RuntimeError("weights missing")
+
+
+def not_a_module() -> object:
+    return 42
+
+
+def member(source: object = tiny_net, **kwargs: object) -> Member:
+    fields: dict[str, object] = {"backend": "torch", "source": source, "input": InputSpec((-1, 4))}
+    fields.update(kwargs)
+    return Member(name="tiny", **fields)  # type: ignore[arg-type]
+
+
+def test_registry_resolves_torch() -> None:
+    assert get("torch") is TorchRunner
+    assert available()["torch"] is True
+
+
+def test_infer_matches_direct_forward(cpu: Device) -> None:
+    batch = InputSpec((-1, 4)).example(5)
+    with create_runner(member(), cpu) as runner:
+        out = runner.infer(batch)
+        assert runner.load_time_s is not None and runner.load_time_s > 0
+    expected = tiny_net()(torch.from_numpy(batch)).detach().numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+    assert not runner.is_active
+
+
+def test_given_module_is_not_mutated(cpu: Device) -> None:
+    module = tiny_net()
+    with create_runner(member(module, precision="bf16"), cpu) as runner:
+        out = runner.infer(InputSpec((-1, 4)).example(2))
+    assert next(module.parameters()).dtype == torch.float32
+    expected = module(torch.from_numpy(InputSpec((-1, 4)).example(2))).detach().numpy()
+    np.testing.assert_allclose(out, expected, rtol=5e-2, atol=5e-2)
+
+
+def test_torchscript_path(tmp_path: Path, cpu: Device) -> None:
+    path = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(tiny_net()), str(path))
+    with create_runner(member(str(path)), cpu) as runner:
+        out = runner.infer(InputSpec((-1, 4)).example(3))
+    assert out.shape == (3, 3)
+
+
+def test_corrupt_torchscript(tmp_path: Path, cpu: Device) -> None:
+    path = tmp_path / "net.pt"
+    path.write_bytes(b"not a model")
+    runner = create_runner(member(str(path)), cpu)
+    with pytest.raises(ModelLoadError, match=r"member 'tiny': .*net.pt.* is not a loadable TorchScript"):
+        runner.activate()
+
+
+@pytest.mark.parametrize(
+    ("source", "pattern"),
+    [
+        (raising_factory, "member 'tiny': its factory .* raised RuntimeError: weights missing"),
+        (not_a_module, "member 'tiny': its factory returned int, not a torch.nn.Module"),
+    ],
+)
+def test_bad_factories(source: object, pattern: str, cpu: Device) -> None:
+    with pytest.raises(ModelLoadError, match=pattern):
+        create_runner(member(source), cpu).activate()
+
+
+def test_input_checked_before_running(cpu: Device) -> None:
+    with create_runner(member(), cpu) as runner, pytest.raises(
+        InvalidInputError, match=r"member 'tiny': input shape \(2, 5\)"
+    ):
+        runner.infer(np.zeros((2, 5), np.float32))
+
+
+def test_run_before_activate(cpu: Device) -> None:
+    with pytest.raises(InvalidInputError, match="prepare\\(\\) before activate"):
+        create_runner(member(), cpu).infer(np.zeros((2, 4), np.float32))
+
+
+def test_out_of_memory_becomes_member_error(cpu: Device) -> None:
+    with create_runner(member(OutOfMemoryNet), cpu) as runner:
+        assert runner.infer(np.zeros((2, 4), np.float32)).shape == (2, 3)
+        with pytest.raises(MemberOutOfMemoryError, match="out of memory at batch size 4") as info:
+            runner.infer(np.zeros((4, 4), np.float32))
+    assert info.value.member == "tiny" and info.value.batch_size == 4
+
+
+def test_unknown_option() -> None:
+    with pytest.raises(InvalidInputError, match=r"unknown torch option\(s\) \['graphs'\]"):
+        TorchRunner(member(options={"graphs": True}), Device(kind="cpu", name="cpu"))
+
+
+def test_simulated_device_cannot_run() -> None:
+    sim = Device(kind="simulated", name="H100 (simulated)", memory_total_bytes=80 << 30)
+    with pytest.raises(DeviceError, match="member 'tiny': device 'H100 \\(simulated\\)' is simulated"):
+        create_runner(member(), sim)
+
+
+def test_stream_on_cpu_rejected(cpu: Device) -> None:
+    with pytest.raises(InvalidInputError, match="a CUDA stream was given but the device is cpu"):
+        create_runner(member(), cpu, stream=1234)
+
+
+def test_missing_torch_names_the_extra(monkeypatch: pytest.MonkeyPatch, cpu: Device) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(BackendUnavailableError, match=r"member 'tiny'.*colocate\[torch\]"):
+        create_runner(member(), cpu)
+
+
+def test_undeactivated_runner_warns(cpu: Device) -> None:
+    runner = create_runner(member(), cpu).activate()
+    with pytest.warns(ResourceWarning, match="never deactivated"):
+        runner.__del__()
+    runner.deactivate()
+
+
+# --- GPU --------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_stream_matches_cpu(cpu: Device, cuda: Device) -> None:
+    batch = InputSpec((-1, 4)).example(8)
+    with create_runner(member(), cpu) as r:
+        expected = r.infer(batch)
+    stream = torch.cuda.Stream()
+    with create_runner(member(), cuda, stream=stream) as r:
+        assert r.torch_stream is stream
+        out = r.infer(batch)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_raw_stream_handle_and_cuda_graph(cuda: Device) -> None:
+    batch = InputSpec((-1, 4)).example(8)
+    stream = torch.cuda.Stream()
+    with create_runner(member(), cuda, stream=stream.cuda_stream) as r:
+        eager = r.infer(batch)
+    with create_runner(member(options={"cuda_graph": True}), cuda, stream=stream) as r:
+        first = r.infer(batch)
+        second = r.infer(batch * 2)
+    np.testing.assert_allclose(first, eager, rtol=1e-5, atol=1e-5)
+    with create_runner(member(), cuda) as r:
+        np.testing.assert_allclose(second, r.infer(batch * 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_fp16(cuda: Device) -> None:
+    batch = InputSpec((-1, 4)).example(8)
+    with create_runner(member(precision="fp16"), cuda) as r:
+        out = r.infer(batch)
+    expected = tiny_net()(torch.from_numpy(batch)).detach().numpy()
+    np.testing.assert_allclose(out, expected, rtol=2e-2, atol=2e-2)
