@@ -1,0 +1,27 @@
+"""Profiling: measure each member's memory and kernel footprint per batch size and backend."""
+
+from __future__ import annotations
+
+from colocate.profiling.cache import ProfileCache, model_hash
+from colocate.profiling.profiler import ProfileSettings, profile
+from colocate.profiling.types import (
+    CpuFootprint,
+    EnergyFootprint,
+    KernelFootprint,
+    MemoryFootprint,
+    Profile,
+    ProfileSet,
+)
+
+__all__ = [
+    "CpuFootprint",
+    "EnergyFootprint",
+    "KernelFootprint",
+    "MemoryFootprint",
+    "Profile",
+    "ProfileCache",
+    "ProfileSet",
+    "ProfileSettings",
+    "model_hash",
+    "profile",
+]

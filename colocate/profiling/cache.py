@@ -1,0 +1,135 @@
+"""On-disk profile cache, keyed by what makes a measurement differ.
+
+The key is the model's hash, the device's fingerprint, the backend, the
+precision, the batch size and the versions of colocate and the framework; one
+JSON file per key under the user's cache directory (overridable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+from colocate import serde
+from colocate._optional import is_available
+from colocate.config import cache_dir
+from colocate.devices import Device
+from colocate.ensemble import Member
+from colocate.errors import ColocateError
+from colocate.profiling.memory import model_file_bytes
+from colocate.profiling.types import Profile
+
+_FRAMEWORK_MODULE = {"torch": "torch", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "cupy": "cupy"}
+
+
+def framework_version(backend: str) -> str:
+    """Version of the package behind ``backend`` ("missing" if not installed)."""
+    module = _FRAMEWORK_MODULE.get(backend, backend)
+    if not is_available(module):
+        return "missing"
+    return str(getattr(__import__(module), "__version__", "unknown"))
+
+
+def _sha256_file(path: Path, digest: Any) -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+
+
+def model_hash(member: Member) -> str:
+    """A stable hash of the member's model: its weights, its file, or its recipe.
+
+    A source with a ``cache_key()`` method (e.g. the zoo's factories, which are
+    deterministic) is hashed by that key without loading it; a file by its
+    bytes (and external-data side file); a torch module or factory by its
+    weights; a plain callable by its code.
+    """
+    digest = hashlib.sha256()
+    source = member.source
+    digest.update(member.backend.encode())
+    path = member.source_path
+    if path is not None:
+        _sha256_file(path, digest)
+        side = path.with_name(path.name + ".data")
+        if side.is_file():
+            _sha256_file(side, digest)
+        digest.update(str(model_file_bytes(path)).encode())
+    elif callable(getattr(source, "cache_key", None)):
+        digest.update(str(source.cache_key()).encode())
+    elif member.backend == "torch":
+        import torch
+
+        module = source if isinstance(source, torch.nn.Module) else source()
+        digest.update(type(module).__qualname__.encode())
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    else:
+        try:
+            digest.update(inspect.getsource(source).encode())
+        except (OSError, TypeError):
+            digest.update(repr(source).encode())
+    return digest.hexdigest()[:20]
+
+
+def cache_key(member: Member, device: Device, batch_size: int, digest: str) -> str:
+    """The cache key of one (member, device, batch size) measurement."""
+    from colocate import __version__
+
+    parts = [
+        digest,
+        device.fingerprint(),
+        member.backend,
+        member.precision,
+        str(batch_size),
+        __version__,
+        framework_version(member.backend),
+        json.dumps(sorted((str(k), repr(v)) for k, v in member.options.items())),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+class ProfileCache:
+    """Profiles on disk, one JSON file per key. ``hits`` and ``misses`` count lookups."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root) if root is not None else cache_dir("profiles")
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.hits = 0
+        self.misses = 0
+
+    def path_for(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def lookup(self, key: str) -> Profile | None:
+        """The cached profile for ``key``, or None (an unreadable entry counts as a miss)."""
+        path = self.path_for(key)
+        if path.is_file():
+            try:
+                profile = serde.load(Profile, path)
+            except ColocateError:
+                path.unlink(missing_ok=True)
+            else:
+                self.hits += 1
+                return profile
+        self.misses += 1
+        return None
+
+    def store(self, key: str, profile: Profile) -> Path:
+        """Save ``profile`` under ``key`` (atomically: write, then rename)."""
+        path = self.path_for(key)
+        tmp = path.with_suffix(".tmp")
+        serde.save(profile, tmp)
+        tmp.replace(path)
+        return path
+
+    def clear(self) -> int:
+        """Remove every cached profile; return how many were removed."""
+        removed = 0
+        for path in self.root.glob("*.json"):
+            path.unlink()
+            removed += 1
+        return removed

@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Run every GPU check of colocate in one go and write one JSON result.
+
+Meant for a lent GPU machine with its own python3 (torch with CUDA, CuPy,
+nvidia-ml-py), no network: it installs the project without touching the
+machine's packages, runs every ``gpu``-marked test and the GPU benchmarks,
+and writes ``benchmarks/results/gpu-check-<date>-<gpu>.json`` (and a copy
+into ``$OUT`` when set). Standard library only, so it runs before anything
+is installed. Exit status 0 only when every check passed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PY = sys.executable
+
+# GPU benchmarks: (name, argv with {out} for the JSON result path, timeout in s).
+# Each writes one JSON file; later issues add theirs here.
+GPU_BENCHMARKS: list[tuple[str, list[str], int]] = []
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def run_check(name: str, argv: list[str], timeout: int, env: dict[str, str]) -> dict[str, Any]:
+    print(f"== {name}: {' '.join(argv)}", flush=True)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        code, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        code = -9
+        out = f"timed out after {timeout}s\n" + str(exc.stdout or "") + str(exc.stderr or "")
+    seconds = time.perf_counter() - start
+    print(_tail(out, 25), flush=True)
+    print(f"== {name}: exit {code} in {seconds:.1f}s", flush=True)
+    return {
+        "name": name,
+        "command": " ".join(argv),
+        "returncode": code,
+        "seconds": round(seconds, 2),
+        "outcome": "passed" if code == 0 else "failed",
+        "output_tail": _tail(out),
+    }
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for module in ("torch", "numpy", "cupy", "onnxruntime", "onnx", "networkx", "pynvml", "tensorrt"):
+        try:
+            mod = __import__(module)
+            found[module] = str(getattr(mod, "__version__", "unknown"))
+        except Exception as exc:  # record why, never stop the check
+            found[module] = None if isinstance(exc, ImportError) else f"error: {exc}"
+    try:
+        import torch
+
+        found["torch_cuda"] = torch.version.cuda
+        found["cudnn"] = str(torch.backends.cudnn.version())
+    except Exception:
+        pass
+    try:
+        found["colocate_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip() or None
+    except OSError:
+        found["colocate_commit"] = None
+    return found
+
+
+def device_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"host_cpus": os.cpu_count()}
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        query = "name,driver_version,memory.total,compute_cap,mig.mode.current,compute_mode"
+        proc = subprocess.run(
+            [smi, f"--query-gpu={query}", "--format=csv,noheader"],
+            capture_output=True, text=True, check=False,
+        )
+        info["nvidia_smi"] = proc.stdout.strip() or proc.stderr.strip()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            info.update(
+                name=props.name,
+                sm_count=props.multi_processor_count,
+                memory_total_bytes=props.total_memory,
+                compute_capability=f"{props.major}.{props.minor}",
+                device_count=torch.cuda.device_count(),
+            )
+    except Exception as exc:
+        info["torch_error"] = str(exc)
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            info["driver_version"] = pynvml.nvmlSystemGetDriverVersion()
+            cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
+            info["cuda_driver_version"] = f"{cuda // 1000}.{cuda % 1000 // 10}"
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as exc:
+        info["nvml_error"] = str(exc)
+    return info
+
+
+def parse_junit(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    tests = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        outcome, message = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
+                message = (child.get("message") or "")[:500]
+        tests.append(
+            {
+                "test": f"{case.get('classname')}::{case.get('name')}",
+                "outcome": outcome,
+                "seconds": case.get("time", ""),
+                "message": message,
+            }
+        )
+    return tests
+
+
+def main() -> int:
+    started = dt.datetime.now(dt.timezone.utc)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    work = ROOT / "benchmarks" / "results" / "_gpu_check_tmp"
+    work.mkdir(parents=True, exist_ok=True)
+    checks = []
+
+    install = run_check(
+        "install",
+        [PY, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", "."],
+        300,
+        env,
+    )
+    checks.append(install)
+    if install["returncode"] != 0:  # fall back to the source tree
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+
+    junit = work / "junit.xml"
+    checks.append(
+        run_check(
+            "pytest -m gpu",
+            [PY, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
+             f"--junitxml={junit}"],
+            900,
+            env,
+        )
+    )
+    benchmarks: dict[str, Any] = {}
+    for name, argv, timeout in GPU_BENCHMARKS:
+        out_path = work / f"{name}.json"
+        argv = [a.replace("{out}", str(out_path)).replace("{python}", PY) for a in argv]
+        checks.append(run_check(f"benchmark {name}", argv, timeout, env))
+        if out_path.is_file():
+            try:
+                benchmarks[name] = json.loads(out_path.read_text())
+            except json.JSONDecodeError as exc:
+                benchmarks[name] = {"error": f"unreadable result: {exc}"}
+
+    device = device_info()
+    result = {
+        "kind": "gpu-check",
+        "date": started.isoformat(timespec="seconds"),
+        "command": "make gpu-check",
+        "device": device,
+        "versions": versions(),
+        "checks": checks,
+        "tests": parse_junit(junit),
+        "benchmarks": benchmarks,
+        "passed": all(c["returncode"] == 0 for c in checks),
+    }
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", str(device.get("name", "no-gpu"))).strip("-").lower()
+    name = f"gpu-check-{started.strftime('%Y%m%dT%H%M')}-{gpu}.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    target = RESULTS / name
+    target.write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        shutil.copy(target, Path(out_dir) / name)
+    counts: dict[str, int] = {}
+    for test in result["tests"]:
+        counts[test["outcome"]] = counts.get(test["outcome"], 0) + 1
+    print(f"gpu-check: wrote {target}; tests {counts}; passed={result['passed']}", flush=True)
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
