@@ -83,9 +83,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
     )
     shown = min(8, len(result.predicted_class))
-    preds = ", ".join(
-        f"{c} ({p:.2f})" for c, p in zip(result.predicted_class[:shown], result.confidence[:shown])
-    )
+    pairs = zip(result.predicted_class[:shown], result.confidence[:shown], strict=True)
+    preds = ", ".join(f"{c} ({p:.2f})" for c, p in pairs)
     console.print(f"combined prediction (class (probability)) of the first {shown} samples: {preds}")
     console.print(
         f"one after another, the members take {result.sequential_latency_s * 1e3:.2f} ms per batch "
@@ -202,7 +201,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         "member", "batch", "status", "p50 ms", "p99 ms", "samples/s", "weights MiB",
         "peak act MiB", "load ms", "host", "device use",
     ]
-    console.print(_table(f"Profiles of {ensemble.name} on {device.name}", columns, profile_rows(result.profiles)))
+    title = f"Profiles of {ensemble.name} on {device.name}"
+    console.print(_table(title, columns, profile_rows(result.profiles)))
     if isinstance(cache, ProfileCache):
         console.print(f"cache {cache.root}: {cache.hits} hit(s), {cache.misses} miss(es)")
     if args.out:

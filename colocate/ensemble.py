@@ -85,7 +85,7 @@ class InputSpec:
             )
         expected = self.shape
         ok = batch.ndim == len(expected) and all(
-            e == -1 or e == g for e, g in zip(expected, batch.shape)
+            e == -1 or e == g for e, g in zip(expected, batch.shape, strict=False)
         )
         if not ok or batch.shape[0] < 1:
             shown = "(" + ", ".join("B" if d == -1 else str(d) for d in expected) + ")"
@@ -331,7 +331,7 @@ class Ensemble:
         probs = [self.to_probs(m, outputs[m.name]) for m in self.members]
         shapes = {p.shape for p in probs}
         if len(shapes) != 1:
-            detail = ", ".join(f"{m.name}={p.shape}" for m, p in zip(self.members, probs))
+            detail = ", ".join(f"{m.name}={p.shape}" for m, p in zip(self.members, probs, strict=True))
             raise InvalidInputError(
                 f"ensemble '{self.name}': member outputs differ in shape ({detail}); "
                 "all members must predict the same classes for the same batch"

@@ -28,9 +28,23 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PY = sys.executable
 
-# GPU benchmarks: (name, argv with {out} for the JSON result path, timeout in s).
-# Each writes one JSON file; later issues add theirs here.
-GPU_BENCHMARKS: list[tuple[str, list[str], int]] = []
+# GPU commands beyond the tests: (name, argv, timeout in s). "{python}" is this python3,
+# "{outdir}" a fresh folder whose *.json files are kept as results (benchmarks/results/
+# <stamp>-<gpu>-<file>, and copied into $OUT). Later issues add theirs here.
+GPU_BENCHMARKS: list[tuple[str, list[str], int]] = [
+    ("devices", ["{python}", "-m", "colocate", "devices", "--json"], 60),
+    ("demo", ["{python}", "-m", "colocate", "demo", "--device", "cuda", "--repeats", "10"], 300),
+    (
+        "profile-default-ensemble",
+        [
+            "{python}", "benchmarks/profile_default_ensemble.py", "--device", "cuda",
+            "--batch-sizes", "1,8,32,128", "--precisions", "fp32,fp16",
+            "--out", "{outdir}/profile-default-ensemble.json",
+            "--profiles-out", "{outdir}/profiles-default-large-fp32.json",
+        ],
+        420,
+    ),
+]
 
 
 def _tail(text: str, lines: int = 40) -> str:
@@ -172,18 +186,26 @@ def main() -> int:
             env,
         )
     )
-    benchmarks: dict[str, Any] = {}
-    for name, argv, timeout in GPU_BENCHMARKS:
-        out_path = work / f"{name}.json"
-        argv = [a.replace("{out}", str(out_path)).replace("{python}", PY) for a in argv]
-        checks.append(run_check(f"benchmark {name}", argv, timeout, env))
-        if out_path.is_file():
-            try:
-                benchmarks[name] = json.loads(out_path.read_text())
-            except json.JSONDecodeError as exc:
-                benchmarks[name] = {"error": f"unreadable result: {exc}"}
-
     device = device_info()
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", str(device.get("name", "no-gpu"))).strip("-").lower()
+    stamp = started.strftime("%Y%m%dT%H%M")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_dir = os.environ.get("OUT")
+    benchmarks: dict[str, list[str]] = {}
+    for name, argv, timeout in GPU_BENCHMARKS:
+        outdir = work / name
+        outdir.mkdir(parents=True, exist_ok=True)
+        argv = [a.replace("{outdir}", str(outdir)).replace("{python}", PY) for a in argv]
+        checks.append(run_check(name, argv, timeout, env))
+        kept = []
+        for produced in sorted(outdir.glob("*.json")):
+            target = RESULTS / f"{stamp}-{gpu}-{produced.name}"
+            shutil.copy(produced, target)
+            if out_dir:
+                shutil.copy(produced, Path(out_dir) / target.name)
+            kept.append(target.name)
+        benchmarks[name] = kept
+
     result = {
         "kind": "gpu-check",
         "date": started.isoformat(timespec="seconds"),
@@ -192,16 +214,13 @@ def main() -> int:
         "versions": versions(),
         "checks": checks,
         "tests": parse_junit(junit),
-        "benchmarks": benchmarks,
+        "result_files": benchmarks,
         "passed": all(c["returncode"] == 0 for c in checks),
     }
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", str(device.get("name", "no-gpu"))).strip("-").lower()
-    name = f"gpu-check-{started.strftime('%Y%m%dT%H%M')}-{gpu}.json"
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = f"{stamp}-{gpu}-gpu-check.json"
     target = RESULTS / name
     target.write_text(json.dumps(result, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
-    out_dir = os.environ.get("OUT")
     if out_dir:
         shutil.copy(target, Path(out_dir) / name)
     counts: dict[str, int] = {}

@@ -31,7 +31,7 @@ class FakeClock:
 
 
 def test_measure_times_device_work_only_after_sync() -> None:
-    clock = FakeClock([9.0, 9.0] + [1.0, 2.0, 3.0, 4.0, 5.0])
+    clock = FakeClock([9.0, 9.0, 1.0, 2.0, 3.0, 4.0, 5.0])
     stats = measure(clock.fn, sync=clock.sync, warmup=2, repeats=5, clock=clock)
     assert stats.samples_s == (1.0, 2.0, 3.0, 4.0, 5.0)  # warm-up excluded, async work counted
     assert stats.median_s == 3.0

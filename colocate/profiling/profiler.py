@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from colocate._timing import LatencyStats, measure
+from colocate._timing import measure
 from colocate.backends import create_runner
 from colocate.backends.base import MemberRunner
 from colocate.config import DEFAULT_BATCH_SIZES
@@ -158,9 +158,7 @@ def profile(
     return ProfileSet(tuple(results))
 
 
-def _blank_profile(
-    member: Member, device: Device, batch_size: int, digest: str, **fields: Any
-) -> Profile:
+def _blank_profile(member: Member, device: Device, batch_size: int, digest: str, **fields: Any) -> Profile:
     base: dict[str, Any] = {
         "member": member.name,
         "backend": member.backend,
@@ -219,7 +217,10 @@ def _profile_member(
                     raise
                 probe.recover()
                 result = _blank_profile(
-                    member, device, batch_size, digest,
+                    member,
+                    device,
+                    batch_size,
+                    digest,
                     status="out_of_memory",
                     load_time_s=runner.load_time_s or 0.0,
                     error=str(exc),
@@ -286,7 +287,7 @@ def _profile_batch(
     )
     wall = time.perf_counter() - wall_before
     cpu_after = os.times()
-    timed_launches = launch_s[-len(latency.samples_s):]
+    timed_launches = launch_s[-len(latency.samples_s) :]
     host_share = None
     if device.kind == "cuda":
         host_share = min(1.0, float(np.median(timed_launches)) / latency.median_s)
@@ -301,9 +302,9 @@ def _profile_batch(
             energy = _measure_energy(runner, prepared, batch_size, settings, notes)
     else:
         threads = _threads_of(runner)
-        busy = (
-            (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
-        ) / max(wall * threads, 1e-12)
+        busy = ((cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)) / max(
+            wall * threads, 1e-12
+        )
         top_ops: tuple[tuple[str, float], ...] = ()
         if settings.kernels and member.backend == "torch":
             from colocate.profiling.kernels import cpu_trace
@@ -317,7 +318,10 @@ def _profile_batch(
             top_ops=top_ops,
         )
     return _blank_profile(
-        member, device, batch_size, digest,
+        member,
+        device,
+        batch_size,
+        digest,
         load_time_s=runner.load_time_s or 0.0,
         latency=latency,
         throughput_sps=batch_size / latency.median_s if latency.median_s > 0 else 0.0,
@@ -406,7 +410,9 @@ def _thread_scaling(
             for k in thread_counts(cores):
                 torch.set_num_threads(k)
                 stats = measure(
-                    functools.partial(runner.run, prepared), warmup=1, repeats=reps,
+                    functools.partial(runner.run, prepared),
+                    warmup=1,
+                    repeats=reps,
                     max_time_s=settings.max_time_s / 2,
                 )
                 results.append((k, stats.median_s))
@@ -420,7 +426,9 @@ def _thread_scaling(
         with create_runner(variant, runner.device) as other:
             staged = other.prepare(batch)
             stats = measure(
-                functools.partial(other.run, staged), warmup=1, repeats=reps,
+                functools.partial(other.run, staged),
+                warmup=1,
+                repeats=reps,
                 max_time_s=settings.max_time_s / 2,
             )
         results.append((k, stats.median_s))

@@ -77,7 +77,7 @@ def test_latency_percentiles_ordered_and_cpu_footprint(cpu: Device, tmp_path: Pa
     assert 0 < p.latency.median_s <= p.latency.p90_s <= p.latency.p99_s
     assert p.throughput_sps == pytest.approx(8 / p.latency.median_s)
     assert p.cpu is not None and 0.0 <= p.cpu.busy_share <= 1.0
-    assert [k for k, _ in p.cpu.thread_scaling][0] == 1
+    assert p.cpu.thread_scaling[0][0] == 1
     assert p.cpu.top_ops and sum(share for _, share in p.cpu.top_ops) <= 1.0 + 1e-9
     assert p.kernels is None and p.energy is None and p.host_share is None
     assert p.versions["torch"] == torch.__version__ and p.model_hash
@@ -119,7 +119,9 @@ def test_out_of_memory_recorded_and_run_goes_on(cpu: Device, tmp_path: Path) -> 
     assert all(p.ok for p in result.profiles if p.member == "mlp")
 
 
-def test_missing_backend_names_the_member(cpu: Device, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_backend_names_the_member(
+    cpu: Device, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = tmp_path / "m.onnx"
     model.write_bytes(b"x")
     member = Member(name="onnx_member", backend="onnxruntime", source=model, input=InputSpec((-1, 4)))
