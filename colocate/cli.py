@@ -19,7 +19,8 @@ from colocate.errors import ColocateError
 def _console() -> Any:
     from rich.console import Console
 
-    return Console()
+    # Piped output (logs, CI) gets a wide table instead of rich's 80-column default.
+    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> Any:
@@ -112,7 +113,12 @@ def _load_ensemble(args: argparse.Namespace, device: Any) -> Any:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise InvalidInputError(f"--ensemble {args.ensemble!r}: cannot load it ({exc})") from exc
-    ensemble = factory() if callable(factory) else factory
+    try:
+        ensemble = factory() if callable(factory) else factory
+    except Exception as exc:
+        raise InvalidInputError(
+            f"--ensemble {args.ensemble!r}: calling it raised {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(ensemble, Ensemble):
         raise InvalidInputError(
             f"--ensemble {args.ensemble!r} gave {type(ensemble).__name__}, not a colocate.Ensemble"

@@ -1,0 +1,69 @@
+"""colocate imports, and its CLI answers --help, with no heavy framework installed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+BLOCKED = ("torch", "onnxruntime", "onnx", "onnxscript", "cupy", "tensorrt", "pynvml", "matplotlib")
+SUBCOMMANDS = ("devices", "demo", "profile")
+
+
+def run_blocked(code: str) -> subprocess.CompletedProcess[str]:
+    prelude = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in BLOCKED)
+    return subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+def test_every_module_imports_without_frameworks() -> None:
+    proc = run_blocked(
+        """
+        import importlib, pkgutil
+        import colocate
+        for info in pkgutil.walk_packages(colocate.__path__, "colocate."):
+            if info.name == "colocate.__main__":
+                continue
+            importlib.import_module(info.name)
+        for name in ("torch", "onnxruntime", "cupy", "tensorrt"):
+            assert sys.modules.get(name) is None, name
+        print("ok")
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("ok")
+
+
+def test_cli_help_without_frameworks() -> None:
+    for command in SUBCOMMANDS:
+        proc = run_blocked(
+            f"""
+            from colocate.cli import main
+            try:
+                main([{command!r}, "--help"])
+            except SystemExit as exc:
+                assert exc.code == 0, exc.code
+            """
+        )
+        assert proc.returncode == 0, (command, proc.stderr)
+        assert "usage: colocate" in proc.stdout
+
+
+def test_missing_backend_error_names_the_extra() -> None:
+    proc = run_blocked(
+        """
+        from colocate import zoo
+        from colocate.backends import create_runner, available
+        from colocate.devices import cpu_device
+        from colocate.errors import BackendUnavailableError
+        assert available() == {"torch": False, "onnxruntime": False, "tensorrt": False, "cupy": False}
+        try:
+            create_runner(zoo.member("mlp"), cpu_device())
+        except BackendUnavailableError as exc:
+            print(exc)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "member 'mlp'" in proc.stdout and "colocate[torch]" in proc.stdout
