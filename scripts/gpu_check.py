@@ -33,7 +33,7 @@ PY = sys.executable
 # <stamp>-<gpu>-<file>, and copied into $OUT). Later issues add theirs here.
 GPU_BENCHMARKS: list[tuple[str, list[str], int]] = [
     ("devices", ["{python}", "-m", "colocate", "devices", "--json"], 60),
-    ("demo", ["{python}", "-m", "colocate", "demo", "--device", "cuda", "--repeats", "10"], 300),
+    ("demo", ["{python}", "-m", "colocate", "demo", "--device", "cuda", "--repeats", "10"], 90),
     (
         "profile-default-ensemble",
         [
@@ -42,7 +42,7 @@ GPU_BENCHMARKS: list[tuple[str, list[str], int]] = [
             "--out", "{outdir}/profile-default-ensemble.json",
             "--profiles-out", "{outdir}/profiles-default-large-fp32.json",
         ],
-        420,
+        240,
     ),
 ]
 
@@ -182,7 +182,7 @@ def main() -> int:
             "pytest -m gpu",
             [PY, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
              f"--junitxml={junit}"],
-            900,
+            200,
             env,
         )
     )
