@@ -35,7 +35,7 @@ def versions() -> dict[str, str | None]:
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
     ).stdout.strip()
-    found["git_commit"] = commit or None
+    found["git_commit"] = commit if len(commit) == 40 else None  # a copied tree has no history
     return found
 
 

@@ -32,6 +32,7 @@ def main() -> int:
     parser.add_argument("--batch-sizes", default="1,8,32,128")
     parser.add_argument("--precisions", default="fp32,fp16", help="comma list of fp32, fp16, bf16")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--cuda-graph", action="store_true", help="torch members replay CUDA graphs")
     parser.add_argument("--out", required=True)
     parser.add_argument("--profiles-out", default=None,
                         help="also write the first precision's ProfileSet alone (serde format)")
@@ -44,8 +45,12 @@ def main() -> int:
     runs = {}
     for precision in args.precisions.split(","):
         base = zoo.default_ensemble(scale=scale)
-        members = tuple(dataclasses.replace(m, precision=precision) for m in base.members)
-        ensemble = Ensemble(members, name=f"{base.name}-{precision}")
+        options = {"cuda_graph": True} if args.cuda_graph else {}
+        members = tuple(
+            dataclasses.replace(m, precision=precision, options=options) for m in base.members
+        )
+        suffix = "-cudagraph" if args.cuda_graph else ""
+        ensemble = Ensemble(members, name=f"{base.name}-{precision}{suffix}")
         start = time.perf_counter()
         result = profile(
             ensemble, device, sizes, settings=settings, cache=False,
@@ -58,7 +63,7 @@ def main() -> int:
             serde.save(result, args.profiles_out)
     write_result(
         args.out, "profile-default-ensemble", device,
-        {"scale": scale, "batch_sizes": sizes, "settings": serde.to_dict(settings), "runs": runs},
+        {"scale": scale, "batch_sizes": sizes, "cuda_graph": args.cuda_graph, "settings": serde.to_dict(settings), "runs": runs},
     )
     print(f"wrote {args.out}")
     return 0
