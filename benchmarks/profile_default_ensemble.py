@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import write_result  # noqa: E402
-from colocate import devices, serde, zoo  # noqa: E402
-from colocate.ensemble import Ensemble  # noqa: E402
-from colocate.profiling import ProfileSettings, profile  # noqa: E402
+from benchmarks._common import write_result
+from colocate import devices, serde, zoo
+from colocate.ensemble import Ensemble
+from colocate.profiling import ProfileSettings, profile
 
 
 def main() -> int:
@@ -34,8 +34,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--cuda-graph", action="store_true", help="torch members replay CUDA graphs")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--profiles-out", default=None,
-                        help="also write the first precision's ProfileSet alone (serde format)")
+    parser.add_argument(
+        "--profiles-out",
+        default=None,
+        help="also write the first precision's ProfileSet alone (serde format)",
+    )
     args = parser.parse_args()
 
     device = devices.find_device(args.device)
@@ -46,24 +49,36 @@ def main() -> int:
     for precision in args.precisions.split(","):
         base = zoo.default_ensemble(scale=scale)
         options = {"cuda_graph": True} if args.cuda_graph else {}
-        members = tuple(
-            dataclasses.replace(m, precision=precision, options=options) for m in base.members
-        )
+        members = tuple(dataclasses.replace(m, precision=precision, options=options) for m in base.members)
         suffix = "-cudagraph" if args.cuda_graph else ""
         ensemble = Ensemble(members, name=f"{base.name}-{precision}{suffix}")
         start = time.perf_counter()
         result = profile(
-            ensemble, device, sizes, settings=settings, cache=False,
+            ensemble,
+            device,
+            sizes,
+            settings=settings,
+            cache=False,
             progress=lambda done, total, what: print(f"[{done}/{total}] {what}", flush=True),
         )
         wall = time.perf_counter() - start
         runs[precision] = {"wall_s": wall, "profile_set": serde.to_dict(result)}
-        print(f"{precision}: profiled {len(result.profiles)} (member, batch) pairs in {wall:.1f}s", flush=True)
+        print(
+            f"{precision}: profiled {len(result.profiles)} (member, batch) pairs in {wall:.1f}s", flush=True
+        )
         if args.profiles_out and precision == args.precisions.split(",")[0]:
             serde.save(result, args.profiles_out)
     write_result(
-        args.out, "profile-default-ensemble", device,
-        {"scale": scale, "batch_sizes": sizes, "cuda_graph": args.cuda_graph, "settings": serde.to_dict(settings), "runs": runs},
+        args.out,
+        "profile-default-ensemble",
+        device,
+        {
+            "scale": scale,
+            "batch_sizes": sizes,
+            "cuda_graph": args.cuda_graph,
+            "settings": serde.to_dict(settings),
+            "runs": runs,
+        },
     )
     print(f"wrote {args.out}")
     return 0
