@@ -27,9 +27,11 @@ import itertools
 import json
 import math
 import os
+import re
+import sys
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from colocate._optional import optional_import
@@ -322,6 +324,42 @@ def footprint_from_trace(
     )
 
 
+_PROFILER_NOISE = re.compile(r"^(USDT|INFO):.*(profiler_start|profiler_stop|SyncActivityProfilerHandler)")
+
+
+@contextlib.contextmanager
+def quiet_profiler_log() -> Iterator[None]:
+    """Hide the profiler's own start/stop log lines that Kineto writes to fd 2; keep the rest.
+
+    torch's C++ profiler prints ``USDT: ... profiler_start`` lines on the process's stderr on every
+    trace, which garbles progress bars and tables. Anything else written meanwhile is passed on.
+    """
+    stderr_fd = 2  # native code writes to fd 2 whatever sys.stderr is
+    try:
+        saved = os.dup(stderr_fd)
+    except OSError:  # no fd 2 (some embedded interpreters)
+        yield
+        return
+    sys.stderr.flush()
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), stderr_fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, stderr_fd)
+            os.close(saved)
+            capture.seek(0)
+            kept = [
+                line
+                for line in capture.read().decode(errors="replace").splitlines(keepends=True)
+                if not _PROFILER_NOISE.match(line)
+            ]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def trace_gpu(
     run_batch: Callable[[], object],
     sync: Callable[[], None],
@@ -353,7 +391,7 @@ def trace_gpu(
     torch = optional_import("torch", purpose="kernel tracing (colocate.profiling.kernels.trace_gpu)")
     profiler = torch.profiler
     activities = [profiler.ProfilerActivity.CPU, profiler.ProfilerActivity.CUDA]
-    with profiler.profile(activities=activities) as prof:
+    with quiet_profiler_log(), profiler.profile(activities=activities) as prof:
         # one batch outside any "colocate.batch" range first: the profiler's own start-up cost
         # (CUPTI buffers, first-op overhead, about 2 ms) lands on it, not on the first traced batch
         run_batch()
@@ -456,7 +494,9 @@ def cpu_trace(
         raise InvalidInputError(f"batches must be at least 1, got {batches}")
     torch = optional_import("torch", purpose="operator tracing (colocate.profiling.kernels.cpu_trace)")
     profiler = torch.profiler
-    with profiler.profile(activities=[profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler_log(), profiler.profile(
+        activities=[profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         for _ in range(batches):
             with profiler.record_function(BATCH_ANNOTATION):
                 run_batch()

@@ -300,6 +300,8 @@ def _profile_batch(
             kernels = _trace_kernels(runner, prepared, settings, notes)
         if settings.energy:
             energy = _measure_energy(runner, prepared, batch_size, settings, notes)
+        if settings.kernels and kernels is None and energy is not None:
+            kernels = nvml_busy_footprint(energy)
     else:
         threads = _threads_of(runner)
         busy = ((cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)) / max(
@@ -350,6 +352,30 @@ def _trace_kernels(
     except (MeasurementError, RuntimeError) as exc:
         notes.append(f"kernel trace unavailable: {exc}")
         return None
+
+
+def nvml_busy_footprint(energy: EnergyFootprint) -> KernelFootprint | None:
+    """A coarse kernel footprint from NVML's "GPU busy" share, when no kernel trace can be had.
+
+    Only ``busy_fraction`` is known (the share of time any kernel ran); kernel counts, gaps and
+    grids are unknown and left at 0, and ``source`` says so.
+    """
+    if energy.utilization_pct is None:
+        return None
+    return KernelFootprint(
+        source="nvml sampling (no kernel trace: only busy_fraction is measured)",
+        traced_batches=0,
+        kernels_per_batch=0.0,
+        kernel_time_s=0.0,
+        busy_fraction=min(1.0, max(0.0, energy.utilization_pct / 100.0)),
+        launch_gap_median_s=0.0,
+        launch_gap_p90_s=0.0,
+        max_grid_blocks=0,
+        typical_grid_blocks=0,
+        sm_fill=0.0,
+        occupancy_pct=None,
+        first_kernel_delay_s=0.0,
+    )
 
 
 def _measure_energy(
@@ -535,6 +561,13 @@ class _CudaMemoryProbe(_MemoryProbe):
             peak = max(0, self._counters.device_used() - self._after_load)
             unused = 0
             source = "device used memory (mem_get_info) deltas; NVML per-process for the process"
+            engine_scratch = getattr(self.runner, "engine_device_memory_bytes", None)
+            if isinstance(engine_scratch, int):  # TensorRT: the context's scratch memory is exact
+                peak = max(peak, engine_scratch)
+                source = "TensorRT engine device memory (device_memory_size_v2) and used-memory deltas"
+            pool_used = getattr(self.runner, "pool_used_bytes", None)
+            if callable(pool_used):  # CuPy: what the pool holds for live arrays, for cross-checking
+                self.notes.append(f"CuPy pool held {int(pool_used())} bytes after the first batch")
         return MemoryFootprint(
             weights_bytes=weights,
             peak_activation_bytes=int(peak),

@@ -449,3 +449,15 @@ def test_trace_gpu_on_a_real_conv_net() -> None:
     assert 0.0 < fp.sm_fill <= 1.0
     assert fp.first_kernel_delay_s >= 0.0
     assert fp.occupancy_pct is None or 0.0 <= fp.occupancy_pct <= 100.0
+
+
+def test_quiet_profiler_log_drops_only_profiler_noise(capfd: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    from colocate.profiling.kernels import quiet_profiler_log
+
+    with quiet_profiler_log():
+        os.write(2, b"USDT:2026-11-27 04:47:34 5960:5960 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"a real warning\n")
+    err = capfd.readouterr().err
+    assert "profiler_start" not in err and "a real warning" in err

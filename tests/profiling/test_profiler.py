@@ -171,3 +171,13 @@ def test_gpu_profile_kernels_memory_energy(cuda: Device) -> None:
     assert 0 < small.kernels.busy_fraction <= 1 and 0 < small.kernels.sm_fill <= 1
     assert small.host_share is not None and 0 < small.host_share <= 1
     assert large.kernels is not None and large.kernels.kernel_time_s > small.kernels.kernel_time_s
+
+
+def test_nvml_fallback_footprint_only_claims_busy_fraction() -> None:
+    from colocate.profiling import EnergyFootprint
+    from colocate.profiling.profiler import nvml_busy_footprint
+
+    fp = nvml_busy_footprint(EnergyFootprint(300.0, 0.1, 42.0, "nvml total energy"))
+    assert fp is not None and fp.busy_fraction == pytest.approx(0.42)
+    assert fp.source.startswith("nvml sampling") and fp.kernels_per_batch == 0 and fp.occupancy_pct is None
+    assert nvml_busy_footprint(EnergyFootprint(300.0, 0.1, None, "nvml power samples")) is None
