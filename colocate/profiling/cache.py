@@ -7,7 +7,9 @@ JSON file per key under the user's cache directory (overridable).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import inspect
 import json
 from pathlib import Path
@@ -25,11 +27,21 @@ from colocate.profiling.types import Profile
 _FRAMEWORK_MODULE = {"torch": "torch", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "cupy": "cupy"}
 
 
+@functools.lru_cache(maxsize=None)
 def framework_version(backend: str) -> str:
-    """Version of the package behind ``backend`` ("missing" if not installed)."""
+    """Version of the package behind ``backend`` ("missing" if not installed).
+
+    Read from the installed distribution's metadata, so that a cache lookup does not pay for
+    importing the framework (importing torch alone takes about a second).
+    """
     module = _FRAMEWORK_MODULE.get(backend, backend)
     if not is_available(module):
         return "missing"
+    for dist in sorted(importlib.metadata.packages_distributions().get(module, [])):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
     return str(getattr(__import__(module), "__version__", "unknown"))
 
 
