@@ -27,7 +27,7 @@ from colocate.profiling.types import Profile
 _FRAMEWORK_MODULE = {"torch": "torch", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "cupy": "cupy"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def framework_version(backend: str) -> str:
     """Version of the package behind ``backend`` ("missing" if not installed).
 

@@ -457,7 +457,8 @@ def test_quiet_profiler_log_drops_only_profiler_noise(capfd: pytest.CaptureFixtu
     from colocate.profiling.kernels import quiet_profiler_log
 
     with quiet_profiler_log():
-        os.write(2, b"USDT:2026-11-27 04:47:34 5960:5960 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        noise = b"USDT:2026-11-27 04:47:34 5960:5960 SyncActivityProfilerHandler.cpp:52] profiler_start\n"
+        os.write(2, noise)
         os.write(2, b"a real warning\n")
     err = capfd.readouterr().err
     assert "profiler_start" not in err and "a real warning" in err
