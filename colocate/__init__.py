@@ -7,6 +7,9 @@ the heavy frameworks; they are imported when a backend is first used.
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from colocate.devices import Device
 from colocate.ensemble import Ensemble, InputSpec, Member
 from colocate.errors import (
@@ -25,6 +28,23 @@ from colocate.errors import (
 
 __version__ = "0.1.0"
 
+# Heavier parts resolve on first use, so `import colocate` stays light.
+_LAZY = {
+    "profile": ("colocate.profiling", "profile"),
+    "Profile": ("colocate.profiling", "Profile"),
+    "ProfileSet": ("colocate.profiling", "ProfileSet"),
+    "plan": ("colocate.planning", "plan"),
+    "Plan": ("colocate.planning.types", "Plan"),
+    "Executor": ("colocate.execution", "Executor"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module_name, attribute = _LAZY[name]
+        return getattr(importlib.import_module(module_name), attribute)
+    raise AttributeError(f"module 'colocate' has no attribute {name!r}")
+
 __all__ = [
     "BackendUnavailableError",
     "ColocateError",
@@ -42,4 +62,5 @@ __all__ = [
     "PlanInfeasibleError",
     "WorkerFailedError",
     "__version__",
+    *_LAZY,
 ]
