@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -59,6 +60,8 @@ __all__ = [
     "input_shape",
     "member",
 ]
+
+_BUILD_LOCK = threading.Lock()
 
 ARCHITECTURES: tuple[str, ...] = ("resnet", "mobilenet", "efficientnet", "vit", "mlp")
 SCALES: tuple[str, ...] = ("tiny", "small", "large")
@@ -452,7 +455,9 @@ def build_model(
     seed = _check_seed(seed)
     tm = _torch(f"colocate.zoo.build_model('{arch}')")
     cls = _models()[arch]
-    with tm.random.fork_rng(devices=[]):
+    # torch's generator is process-wide: two threads building at once would draw each other's
+    # numbers, so builds are serialised (the executor loads stream slots from several threads)
+    with _BUILD_LOCK, tm.random.fork_rng(devices=[]):
         tm.manual_seed(_derived_seed(arch, seed))
         model: torch.nn.Module = cls(image_size=image, width=width, depth=depth, num_classes=num_classes)
     return model.eval()

@@ -349,3 +349,20 @@ def test_small_default_ensemble_forward_batch_8() -> None:
     combined = ensemble.combine_outputs(outputs)
     assert combined.shape == (8, 10)
     np.testing.assert_allclose(combined.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_build_model_is_thread_safe() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from colocate import zoo as zoo_module
+
+    def weights(arch: str) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in zoo_module.build_model(arch, scale="tiny").parameters()]
+
+    expected = {arch: weights(arch) for arch in ("resnet", "vit")}
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda a: (a, weights(a)), ["resnet", "vit"] * 4))
+    for arch, got in results:
+        assert all(torch.equal(x, y) for x, y in zip(got, expected[arch], strict=True)), arch

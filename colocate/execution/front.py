@@ -1,0 +1,614 @@
+"""The front of an executor: fan a request out to every slot, gather, combine, measure.
+
+:class:`Executor` starts the slots of a :class:`~colocate.planning.types.Plan`
+and serves the ensemble::
+
+    with Executor(plan, ensemble) as executor:
+        probs = executor.predict(batch)                    # combined (batch, classes)
+        future = executor.submit(batch, return_members=True)
+        result = future.result()                           # EnsembleResult
+
+Every request reaches every slot with the same batch (written once into shared
+memory when the plan has worker processes); each slot runs its members one
+after another and answers with their raw outputs; when all slots have answered,
+the ensemble's combine rule makes the prediction. A request's latency runs from
+``submit`` to the combined result.
+
+Faults: a member that raises fails that request only, with an error naming the
+member; a worker process that dies fails its requests in flight at once
+(:class:`~colocate.errors.WorkerFailedError` naming the slot) and is restarted or
+marks the executor broken (``on_worker_death``); a request that gets no answer
+within ``request_timeout_s`` fails. :meth:`Executor.close` releases workers,
+shared memory and any MPS daemon it started; it also runs when the executor is
+garbage-collected and at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import ThreadPoolExecutor as _ThreadPool
+from dataclasses import dataclass, field
+from typing import Any, Literal, overload
+
+import numpy as np
+
+from colocate._timing import LatencyStats
+from colocate.ensemble import Array, Ensemble, Member
+from colocate.errors import (
+    ColocateError,
+    DeviceError,
+    InvalidInputError,
+    WorkerFailedError,
+)
+from colocate.execution._shm import SharedBatchPool, SharedBlock
+from colocate.execution.base import (
+    RequestBatch,
+    SlotExecutor,
+    describe_slot,
+    set_torch_threads,
+    with_cpu_threads,
+    with_cuda_graph,
+)
+from colocate.execution.mps import MpsDaemon, MpsSlot, cpu_share, usable_cores
+from colocate.execution.processes import OnWorkerDeath, ProcessSlot, pickle_members
+from colocate.execution.streams import StreamSlot
+from colocate.execution.types import EnsembleResult, ExecutorStats
+from colocate.planning.types import Plan
+
+_WATCHDOG_INTERVAL_S = 0.1
+_LATENCY_WINDOW = 100_000
+
+
+@dataclass
+class _Request:
+    """A request in flight (front-side bookkeeping)."""
+
+    request_id: int
+    future: Future[EnsembleResult]
+    start_s: float
+    deadline_s: float
+    return_members: bool
+    waiting: set[str]  # slots that have not answered yet
+    block: SharedBlock | None
+    outputs: dict[str, Array] = field(default_factory=dict)
+    error: BaseException | None = None
+
+
+class _Resources:
+    """What must be released on close, kept apart from the executor so a finalizer can hold it."""
+
+    def __init__(self) -> None:
+        self.slots: list[SlotExecutor] = []
+        self.pool: SharedBatchPool | None = None
+        self.daemon: MpsDaemon | None = None
+        self.stop_event = threading.Event()
+        self.watchdog: threading.Thread | None = None
+        self.torch_threads_before: int | None = None
+        self.released = False
+        self.lock = threading.Lock()
+
+    def release(self) -> None:
+        with self.lock:
+            if self.released:
+                return
+            self.released = True
+        self.stop_event.set()
+        errors: list[BaseException] = []
+
+        def stop(slot: SlotExecutor) -> None:
+            try:
+                slot.stop()
+            except Exception as exc:  # go on releasing the rest
+                errors.append(exc)
+
+        # in parallel: each worker gets its stop message at once, and the grace periods overlap
+        stoppers = [
+            threading.Thread(target=stop, args=(slot,), name=f"colocate-stop-{slot.name}", daemon=True)
+            for slot in self.slots
+        ]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
+        if self.watchdog is not None and self.watchdog is not threading.current_thread():
+            self.watchdog.join(timeout=2.0)
+        if self.pool is not None:
+            self.pool.close()
+        if self.daemon is not None:
+            try:
+                self.daemon.stop()
+            except Exception as exc:
+                errors.append(exc)
+        if self.torch_threads_before is not None:
+            with contextlib.suppress(Exception):
+                set_torch_threads(self.torch_threads_before)
+        if errors:
+            raise errors[0]
+
+
+class Executor:
+    """Runs a plan: starts its slots, serves the ensemble, measures, and stops everything on close.
+
+    Args:
+        plan: the plan to run; its ``device`` is where it runs (the CPU or a CUDA GPU).
+        ensemble: the ensemble the plan was made for (the plan must cover exactly its members).
+        on_worker_death: ``"fail"``: a dead worker process marks the executor broken (every
+            later request fails at once, with the reason); ``"restart"``: start a new worker
+            (requests in flight at the death still fail; later ones wait for the new worker).
+        allow_mps_start: for ``mps`` slots on a GPU, start a private MPS control daemon when
+            none runs (and stop it on close). Without it and without a daemon, :meth:`start`
+            raises :class:`~colocate.errors.MPSUnavailableError` saying how to enable MPS.
+        request_timeout_s: a request not answered within this time fails with
+            :class:`~colocate.errors.WorkerFailedError`.
+        start_timeout_s: how long each slot may take to load its members.
+        max_restarts: restarts per slot before it is marked failed anyway.
+        cuda_graphs: on a GPU, run torch members with CUDA-graph replay (the member option
+            ``cuda_graph``) unless a member sets the option itself.
+        stop_grace_s: how long :meth:`close` waits for a worker before terminating it.
+        warmup: each slot runs one random batch of the plan's batch size through its members
+            before serving (lazy initialisation, autotuning and CUDA-graph capture happen then,
+            one member at a time in a process); a member failing on it fails :meth:`start`.
+
+    Worker processes are started with ``spawn``: a script that uses process or mps
+    slots needs the usual ``if __name__ == "__main__":`` guard, and their members must
+    pickle (a module-level factory or a model file path).
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        ensemble: Ensemble,
+        *,
+        on_worker_death: OnWorkerDeath = "fail",
+        allow_mps_start: bool = False,
+        request_timeout_s: float = 60.0,
+        start_timeout_s: float = 300.0,
+        max_restarts: int = 3,
+        cuda_graphs: bool = False,
+        stop_grace_s: float = 5.0,
+        warmup: bool = True,
+    ) -> None:
+        if on_worker_death not in ("fail", "restart"):
+            raise InvalidInputError(f"on_worker_death must be 'fail' or 'restart', got {on_worker_death!r}")
+        if not request_timeout_s > 0:
+            raise InvalidInputError(f"request_timeout_s must be positive, got {request_timeout_s}")
+        if max_restarts < 0:
+            raise InvalidInputError(f"max_restarts must be >= 0, got {max_restarts}")
+        self.plan = plan
+        self.ensemble = ensemble
+        self.on_worker_death: OnWorkerDeath = on_worker_death
+        self.allow_mps_start = allow_mps_start
+        self.request_timeout_s = float(request_timeout_s)
+        self.start_timeout_s = float(start_timeout_s)
+        self.max_restarts = max_restarts
+        self.cuda_graphs = cuda_graphs
+        self.stop_grace_s = stop_grace_s
+        #: batch size of the warm-up batch each slot runs before serving (None: no warm-up)
+        self.warmup_batch_size: int | None = plan.batch_size if warmup else None
+        self._resources = _Resources()
+        self._finalizer = weakref.finalize(self, self._resources.release)
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Request] = {}
+        self._next_id = 0
+        self._started = False
+        self._closed = False
+        self._uses_shm = any(s.kind in ("process", "mps") for s in plan.slots)
+        self._submitted = 0
+        self._completed = 0
+        self._failed = 0
+        self._latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
+
+    # -- lifecycle
+
+    def __enter__(self) -> Executor:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> Executor:
+        """Check the plan, start every slot (in parallel) and wait until all members are loaded.
+
+        Raises:
+            DeviceError: the plan's device cannot run models (a simulated GPU).
+            InvalidInputError: the plan does not cover the ensemble's members, or a member of
+                a process/mps slot does not pickle (the message names it and the fix).
+            MPSUnavailableError: mps slots on a GPU without an MPS daemon (says how to enable it).
+            ColocateError: a member failed to load (naming it); everything started is released.
+        """
+        with self._lock:
+            if self._closed:
+                raise InvalidInputError("this executor is closed; create a new Executor to run again")
+            if self._started:
+                return self
+            self._started = True
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start(self) -> None:
+        plan, device = self.plan, self.plan.device
+        if not device.can_execute:
+            raise DeviceError(
+                f"the plan is for '{device.name}', a {device.kind} device that cannot run models; "
+                "make the plan for a real device (colocate.devices.best_device() or 'cpu')"
+            )
+        if device.kind not in ("cpu", "cuda"):
+            raise DeviceError(f"cannot execute on a {device.kind} device")
+        plan.check_covers(self.ensemble.member_names)
+        for slot in plan.slots:  # every worker's members must pickle: checked before anything starts
+            if slot.kind in ("process", "mps"):
+                pickle_members(slot, tuple(self.ensemble.member(m) for m in slot.members))
+        resources = self._resources
+        slots = self._make_slots()  # pickles process members: fails before anything starts
+        resources.slots.extend(slots)
+        if self._uses_shm:
+            resources.pool = SharedBatchPool()
+        if device.kind == "cpu":
+            threads = [s.cpu_threads for s in plan.slots if s.kind == "stream" and s.cpu_threads]
+            has_torch = any(
+                self.ensemble.member(m).backend == "torch"
+                for s in plan.slots
+                if s.kind == "stream"
+                for m in s.members
+            )
+            if threads and has_torch:
+                resources.torch_threads_before = set_torch_threads(max(threads))
+        with _ThreadPool(max_workers=len(slots), thread_name_prefix="colocate-start") as pool:
+            starts = [pool.submit(slot.start) for slot in slots]
+            errors = [f.exception() for f in starts]
+        for error in errors:
+            if error is not None:
+                raise error
+        resources.watchdog = threading.Thread(
+            target=_watchdog,
+            args=(weakref.ref(self), resources.stop_event),
+            name="colocate-executor-watchdog",
+            daemon=True,
+        )
+        resources.watchdog.start()
+
+    def _make_slots(self) -> list[SlotExecutor]:
+        plan, device = self.plan, self.plan.device
+        slots: list[SlotExecutor] = []
+        cores = usable_cores()
+        core_offset = 0
+        for slot in plan.slots:
+            members = tuple(self._member_for(name, slot.cpu_threads) for name in slot.members)
+            if slot.kind == "stream":
+                slots.append(
+                    StreamSlot(
+                        slot,
+                        members,
+                        device,
+                        start_timeout_s=self.start_timeout_s,
+                        warmup_batch_size=self.warmup_batch_size,
+                    )
+                )
+                continue
+            options: dict[str, Any] = {
+                "warmup_batch_size": self.warmup_batch_size,
+                "on_worker_death": self.on_worker_death,
+                "max_restarts": self.max_restarts,
+                "start_timeout_s": self.start_timeout_s,
+                "stop_grace_s": self.stop_grace_s,
+            }
+            if slot.kind == "process":
+                slots.append(ProcessSlot(slot, members, device, cpu_threads=slot.cpu_threads, **options))
+                continue
+            daemon: MpsDaemon | None = None
+            if device.kind == "cuda":
+                if self._resources.daemon is None:
+                    self._resources.daemon = MpsDaemon(allow_start=self.allow_mps_start).start()
+                daemon = self._resources.daemon
+            mps_slot = MpsSlot(slot, members, device, daemon=daemon, cpu_offset=core_offset, **options)
+            if device.kind == "cpu":
+                core_offset += len(cpu_share(slot, cores, core_offset))
+            slots.append(mps_slot)
+        return slots
+
+    def _member_for(self, name: str, cpu_threads: int | None) -> Member:
+        member = self.ensemble.member(name)
+        if self.plan.device.kind == "cpu":
+            return with_cpu_threads(member, cpu_threads)
+        return with_cuda_graph(member) if self.cuda_graphs else member
+
+    def close(self) -> None:
+        """Stop every slot, fail what is still in flight, unlink shared memory, stop an MPS daemon
+        this executor started, restore torch's thread count. Idempotent; also runs at exit."""
+        with self._lock:
+            self._closed = True
+        try:
+            self._finalizer()
+        finally:
+            with self._lock:
+                leftover = list(self._pending.values())
+                self._pending.clear()
+            closed = WorkerFailedError("the executor was closed before this request finished")
+            for request in leftover:
+                self._finish_failed(request.future, closed)
+
+    # -- serving
+
+    @property
+    def alive(self) -> bool:
+        """Whether the executor is started, not closed, and every slot serves."""
+        return self._started and not self._closed and all(slot.alive for slot in self._resources.slots)
+
+    @property
+    def broken_reason(self) -> str | None:
+        """Why the executor cannot serve any more (a failed worker), else None."""
+        for slot in self._resources.slots:
+            failure = getattr(slot, "failure", None)
+            if failure:
+                return str(failure)
+        if self._started and not self._closed:
+            for slot in self._resources.slots:
+                if not slot.alive:
+                    return f"slot '{slot.name}' stopped serving"
+        return None
+
+    @property
+    def slots(self) -> tuple[SlotExecutor, ...]:
+        """The running slots, in plan order."""
+        return tuple(self._resources.slots)
+
+    @property
+    def mps_daemon(self) -> MpsDaemon | None:
+        """The MPS daemon the mps slots joined (GPU only; ``started`` says whether this executor
+        started it, and so stops it on close), else None."""
+        return self._resources.daemon
+
+    def worker_pids(self) -> dict[str, int]:
+        """Slot name -> process id of its current worker (process and mps slots)."""
+        pids: dict[str, int] = {}
+        for slot in self._resources.slots:
+            pid = getattr(slot, "pid", None)
+            if isinstance(pid, int):
+                pids[slot.name] = pid
+        return pids
+
+    def shared_memory_names(self) -> tuple[str, ...]:
+        """Names of the shared-memory blocks that exist now (for checks; empty after close)."""
+        pool = self._resources.pool
+        return pool.names if pool is not None else ()
+
+    @property
+    def shared_memory_prefix(self) -> str | None:
+        """The prefix of every shared-memory block this executor creates (None without workers)."""
+        pool = self._resources.pool
+        return pool.prefix if pool is not None else None
+
+    def submit(self, batch: Array, *, return_members: bool = False) -> Future[EnsembleResult]:
+        """Start one request; the future resolves to an :class:`EnsembleResult` or to the error.
+
+        The batch is copied (into shared memory when the plan has workers), so the caller may
+        reuse it as soon as this returns. A batch the members do not accept fails the future
+        with an :class:`~colocate.errors.InvalidInputError` naming the member.
+
+        Raises:
+            InvalidInputError: the executor is not started or is closed.
+        """
+        start_s = time.perf_counter()
+        future: Future[EnsembleResult] = Future()
+        with self._lock:
+            if self._closed:
+                raise InvalidInputError("this executor is closed; create a new Executor")
+            if not self._started:
+                raise InvalidInputError("call start() (or use 'with Executor(...)') before submit()")
+            request_id = self._next_id
+            self._next_id += 1
+            self._submitted += 1
+        error = self._check_batch(batch)
+        if error is not None:
+            self._finish_failed(future, error)
+            return future
+        array = np.asarray(batch)
+        block: SharedBlock | None = None
+        pool = self._resources.pool
+        try:
+            if pool is not None:
+                block = pool.acquire(array.nbytes)
+                view = block.view(array.shape, array.dtype)
+                np.copyto(view, array)
+                slot_batch = RequestBatch(request_id, view, block.name)
+            else:
+                slot_batch = RequestBatch(request_id, np.array(array, copy=True))
+        except (ColocateError, OSError) as exc:  # no room in shared memory
+            self._finish_failed(future, exc)
+            return future
+        slots = self._resources.slots
+        request = _Request(
+            request_id=request_id,
+            future=future,
+            start_s=start_s,
+            deadline_s=start_s + self.request_timeout_s,
+            return_members=return_members,
+            waiting={slot.name for slot in slots},
+            block=block,
+        )
+        with self._lock:
+            self._pending[request_id] = request
+        for slot in slots:
+            # the callback holds the executor weakly: a finished future kept somewhere (futures keep
+            # their callbacks) must not keep the executor, and so its workers, alive
+            done = functools.partial(_slot_done, weakref.ref(self), request, slot.name)
+            slot.submit(slot_batch).add_done_callback(done)
+        return future
+
+    @overload
+    def predict(self, batch: Array, *, return_members: Literal[False] = False) -> Array: ...
+
+    @overload
+    def predict(self, batch: Array, *, return_members: Literal[True]) -> tuple[Array, dict[str, Array]]: ...
+
+    def predict(
+        self, batch: Array, *, return_members: bool = False
+    ) -> Array | tuple[Array, dict[str, Array]]:
+        """The combined prediction for ``batch`` (and, with ``return_members``, each member's output).
+
+        Raises:
+            ColocateError: the request failed (a member's error names it; a dead worker's names the slot).
+        """
+        result = self.submit(batch, return_members=return_members).result(
+            timeout=self.request_timeout_s + 5.0
+        )
+        if return_members:
+            return result.combined, dict(result.members or {})
+        return result.combined
+
+    def predict_many(
+        self, batches: Iterable[Array], *, return_members: bool = False, max_in_flight: int | None = None
+    ) -> list[EnsembleResult]:
+        """Results for many batches, in their order, keeping up to ``max_in_flight`` requests going.
+
+        Raises:
+            ColocateError: the first failed request's error (in batch order).
+        """
+        limit = max_in_flight if max_in_flight is not None else 2 * len(self.plan.slots)
+        if limit < 1:
+            raise InvalidInputError(f"max_in_flight must be >= 1, got {limit}")
+        futures: list[Future[EnsembleResult]] = []
+        results: list[EnsembleResult] = []
+        wait_s = self.request_timeout_s + 5.0
+        for batch in batches:
+            if len(futures) - len(results) >= limit:
+                results.append(futures[len(results)].result(timeout=wait_s))
+            futures.append(self.submit(batch, return_members=return_members))
+        results.extend(f.result(timeout=wait_s) for f in futures[len(results) :])
+        return results
+
+    def stats(self) -> ExecutorStats:
+        """Counters and request latencies so far."""
+        with self._lock:
+            latencies = list(self._latencies)
+            in_flight = len(self._pending)
+            submitted, completed, failed = self._submitted, self._completed, self._failed
+        restarts = sum(int(getattr(slot, "restarts", 0)) for slot in self._resources.slots)
+        return ExecutorStats(
+            submitted=submitted,
+            completed=completed,
+            failed=failed,
+            in_flight=in_flight,
+            worker_restarts=restarts,
+            alive=self.alive,
+            broken_reason=self.broken_reason,
+            latency=LatencyStats.from_samples(latencies) if latencies else None,
+        )
+
+    # -- internals
+
+    def _check_batch(self, batch: object) -> ColocateError | None:
+        if not isinstance(batch, np.ndarray):
+            return InvalidInputError(
+                f"ensemble '{self.ensemble.name}': a batch must be a numpy array, got "
+                f"{type(batch).__name__}; convert it with numpy.asarray(...)"
+            )
+        for member in self.ensemble.members:
+            try:
+                member.input.check(member.name, batch)
+            except InvalidInputError as exc:
+                return exc
+        return None
+
+    def _finish_failed(self, future: Future[EnsembleResult], error: BaseException) -> None:
+        if _fail(future, error):
+            with self._lock:
+                self._failed += 1
+
+    def _on_slot_done(self, request: _Request, slot: str, slot_future: Future[dict[str, Array]]) -> None:
+        error = slot_future.exception()
+        with self._lock:
+            if error is not None:
+                if request.error is None:
+                    request.error = error
+            else:
+                request.outputs.update(slot_future.result())
+            request.waiting.discard(slot)
+            if request.waiting:
+                return
+            self._pending.pop(request.request_id, None)
+        if request.block is not None and self._resources.pool is not None:
+            self._resources.pool.release(request.block)
+        self._finish(request)
+
+    def _finish(self, request: _Request) -> None:
+        if request.future.done():  # timed out or closed already
+            return
+        if request.error is not None:
+            self._finish_failed(request.future, request.error)
+            return
+        try:
+            combined = self.ensemble.combine_outputs(request.outputs)
+        except Exception as exc:
+            self._finish_failed(request.future, exc)
+            return
+        latency = time.perf_counter() - request.start_s
+        result = EnsembleResult(
+            combined=combined,
+            members=dict(request.outputs) if request.return_members else None,
+            latency_s=latency,
+            request_id=request.request_id,
+        )
+        try:
+            request.future.set_result(result)
+        except InvalidStateError:
+            return
+        with self._lock:
+            self._completed += 1
+            self._latencies.append(latency)
+
+    def _expire(self, now_s: float) -> None:
+        """Fail the requests past their deadline (called by the watchdog thread)."""
+        with self._lock:
+            late = [r for r in self._pending.values() if r.deadline_s <= now_s and not r.future.done()]
+        for request in late:
+            names = (
+                ", ".join(describe_slot(s) for s in self.plan.slots if s.name in request.waiting) or "none"
+            )
+            self._finish_failed(
+                request.future,
+                WorkerFailedError(
+                    f"request {request.request_id}: no answer within {self.request_timeout_s:g} s "
+                    f"from {names}"
+                ),
+            )
+
+
+def _slot_done(
+    ref: weakref.ReferenceType[Executor], request: _Request, slot: str, future: Future[dict[str, Array]]
+) -> None:
+    executor = ref()
+    if executor is not None:
+        executor._on_slot_done(request, slot, future)
+
+
+def _watchdog(ref: weakref.ReferenceType[Executor], stop: threading.Event) -> None:
+    """Fails late requests; holds the executor only weakly, so it never keeps it alive."""
+    while not stop.wait(_WATCHDOG_INTERVAL_S):
+        executor = ref()
+        if executor is None:
+            return
+        executor._expire(time.perf_counter())
+        del executor
+
+
+def _fail(future: Future[Any], error: BaseException) -> bool:
+    try:
+        future.set_exception(error)
+    except InvalidStateError:
+        return False
+    return True
+
+
+__all__ = ["Executor"]

@@ -1,0 +1,629 @@
+"""``process`` slots: members run in a worker process of their own, started with ``spawn``.
+
+What travels how (one request, one slot):
+
+- the batch: written once by the front into a shared-memory block
+  (:mod:`colocate.execution._shm`) that every worker maps by name and reads in
+  place; on a GPU the worker's runners copy it from there to the device (through
+  their pinned staging buffer) on the slot's own stream;
+- the request: a small header over a ``multiprocessing`` pipe,
+  ``("run", request id, block name, shape, dtype)``;
+- the answer: ``("ok", request id, [(member, shape, dtype, raw bytes), ...])``:
+  the outputs are ``batch x classes`` scores, a few kilobytes, sent as raw bytes
+  inside the reply (no tensor is pickled, no per-slot output segment to manage);
+  or ``("error", request id, member, error type, message)``.
+
+Lifecycle: :meth:`ProcessSlot.start` spawns the worker (``worker_main``, a
+module-level function), which sets its environment (MPS variables, CPU affinity)
+*before* unpickling its members, so that nothing initialises CUDA earlier; loads
+the members; and answers ``ready`` (the handshake has a timeout). A monitor
+thread waits on the reply pipe and on the process sentinel at once
+(``multiprocessing.connection.wait``): replies resolve their futures, and a
+worker's death fails every request in flight at once with a
+:class:`~colocate.errors.WorkerFailedError` naming the slot, its members and the
+exit code or signal. Then the slot is restarted (``on_worker_death="restart"``,
+at most ``max_restarts`` times; requests submitted meanwhile wait for the new
+worker) or marked failed, and every later request fails at once with the reason.
+:meth:`ProcessSlot.stop` asks the worker to stop, waits ``stop_grace_s``, then
+terminates and finally kills it. Workers ignore Ctrl-C (the serving process
+decides when they stop) and exit by themselves when the serving process dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from colocate.ensemble import Array, Member
+from colocate.errors import ColocateError, InternalError, InvalidInputError, WorkerFailedError
+from colocate.execution._shm import BlockCache
+from colocate.execution.base import (
+    MemberCallError,
+    RequestBatch,
+    activate_runners,
+    call_members,
+    deactivate_runners,
+    describe_slot,
+    make_slot_stream,
+    rebuild_error,
+    set_torch_threads,
+)
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+    from colocate.backends.base import MemberRunner
+    from colocate.devices import Device
+    from colocate.planning.types import Slot
+
+OnWorkerDeath = Literal["fail", "restart"]
+_State = Literal["new", "running", "restarting", "failed", "stopping", "stopped"]
+_POLL_S = 0.25  # how often a waiting handshake checks whether the slot is being stopped
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, sent to it once at spawn."""
+
+    slot: str  # slot name
+    members_blob: bytes  # pickle of tuple[Member, ...]: unpickled after the environment is set
+    device: Device
+    env: dict[str, str] = field(default_factory=dict)  # set in os.environ before anything else
+    cpu_threads: int | None = None  # torch intra-op threads of the worker (None: torch's default)
+    cpu_affinity: tuple[int, ...] | None = None  # cores the worker may run on (None: all)
+    warmup_batch_size: int | None = None  # one batch of this size through every member before ready
+
+
+def pickle_members(slot: Slot, members: tuple[Member, ...]) -> bytes:
+    """The members of a process or mps slot as bytes for the worker, checking each pickles.
+
+    Raises:
+        InvalidInputError: a member cannot be pickled; the message names it and the fix.
+    """
+    for member in members:
+        try:
+            pickle.dumps(member)
+        except Exception as exc:
+            raise InvalidInputError(
+                f"member '{member.name}' cannot be sent to a worker process ({slot.kind} slot "
+                f"'{slot.name}'): {type(exc).__name__}: {exc}. Give it a module-level factory "
+                "(e.g. colocate.zoo.ModelFactory or a function defined at the top of a module) or a "
+                "model file path as source, or put it in a 'stream' slot"
+            ) from exc
+    return pickle.dumps(tuple(members))
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """``"exit code 3"``, ``"killed by signal SIGKILL"`` or ``"exit code unknown"``."""
+    if exitcode is None:
+        return "exit code unknown"
+    if exitcode < 0:
+        try:
+            return f"killed by signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+class ProcessSlot:
+    """A ``process`` slot: a spawned worker process that loads and runs the slot's members.
+
+    Args:
+        slot: the plan's slot.
+        members: its members, in run order; each must pickle (module-level factory or file path).
+        device: where they run (CPU or CUDA).
+        on_worker_death: ``"fail"`` (the slot, hence the plan, is broken from then on) or
+            ``"restart"`` (start a new worker; requests in flight at the death still fail).
+        max_restarts: restarts allowed before the slot is marked failed anyway.
+        start_timeout_s: how long to wait for the worker's ``ready``.
+        stop_grace_s: how long :meth:`stop` waits before terminating the worker.
+        env: environment variables of the worker (set before it loads anything).
+        cpu_affinity: cores the worker is pinned to (``os.sched_setaffinity``); None for all.
+        cpu_threads: torch's intra-op thread count in the worker; None for torch's default.
+        warmup_batch_size: the worker runs one batch of this size through every member
+            before it answers ``ready`` (None: no warm-up).
+    """
+
+    kind = "process"
+
+    def __init__(
+        self,
+        slot: Slot,
+        members: tuple[Member, ...],
+        device: Device,
+        *,
+        on_worker_death: OnWorkerDeath = "fail",
+        max_restarts: int = 3,
+        start_timeout_s: float = 300.0,
+        stop_grace_s: float = 5.0,
+        env: Mapping[str, str] | None = None,
+        cpu_affinity: tuple[int, ...] | None = None,
+        cpu_threads: int | None = None,
+        warmup_batch_size: int | None = None,
+    ) -> None:
+        if on_worker_death not in ("fail", "restart"):
+            raise InvalidInputError(f"on_worker_death must be 'fail' or 'restart', got {on_worker_death!r}")
+        self.slot = slot
+        self.members = members
+        self.device = device
+        self.on_worker_death: OnWorkerDeath = on_worker_death
+        self.max_restarts = max_restarts
+        self.start_timeout_s = start_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self.spec = WorkerSpec(
+            slot=slot.name,
+            members_blob=pickle_members(slot, members),
+            device=device,
+            env=dict(env or {}),
+            cpu_threads=cpu_threads,
+            cpu_affinity=cpu_affinity,
+            warmup_batch_size=warmup_batch_size,
+        )
+        self._lock = threading.Lock()  # state, pending, backlog, process, conn
+        self._send_lock = threading.Lock()  # writes to the pipe (never held with _lock)
+        self._state: _State = "new"
+        self._process: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._pending: dict[int, Future[dict[str, Array]]] = {}
+        self._backlog: list[tuple[Any, ...]] = []  # requests waiting for a restarted worker
+        self._monitor: threading.Thread | None = None
+        self._failure: str | None = None
+        self._restarts = 0
+        self._pids: list[int] = []
+
+    # -- public state
+
+    @property
+    def name(self) -> str:
+        """The slot's name in the plan."""
+        return self.slot.name
+
+    @property
+    def alive(self) -> bool:
+        """Whether the slot serves (running, or restarting a worker)."""
+        return self._state in ("running", "restarting")
+
+    @property
+    def failure(self) -> str | None:
+        """Why the slot stopped serving for good (a dead worker not restarted), else None."""
+        return self._failure
+
+    @property
+    def pid(self) -> int | None:
+        """The current worker's process id (None before start and after stop)."""
+        process = self._process
+        return process.pid if process is not None and self._state != "stopped" else None
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """Every worker process id this slot has started (restarts included)."""
+        return tuple(self._pids)
+
+    @property
+    def restarts(self) -> int:
+        """How many times the worker was restarted after dying."""
+        return self._restarts
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        """Spawn the worker and wait for its ``ready`` (blocking).
+
+        Raises:
+            ColocateError: a member could not be loaded (the worker's error, naming it).
+            WorkerFailedError: the worker died or did not answer within ``start_timeout_s``.
+        """
+        with self._lock:
+            if self._state != "new":
+                return
+        process, conn = self._launch()
+        try:
+            self._handshake(process, conn)
+        except BaseException:
+            self._reap(process)
+            conn.close()
+            with self._lock:
+                self._state = "stopped"
+            raise
+        with self._lock:
+            if self._state != "new":  # stopped while starting
+                abort = True
+            else:
+                abort = False
+                self._process, self._conn = process, conn
+                self._state = "running"
+        if abort:
+            self._reap(process)
+            conn.close()
+            raise WorkerFailedError(f"{describe_slot(self.slot)} was stopped while starting")
+        self._monitor = threading.Thread(
+            target=self._monitor_loop, name=f"colocate-monitor-{self.name}", daemon=True
+        )
+        self._monitor.start()
+
+    def submit(self, batch: RequestBatch) -> Future[dict[str, Array]]:
+        """Send ``batch`` (which must live in shared memory) to the worker; a future of the outputs."""
+        future: Future[dict[str, Array]] = Future()
+        if batch.shm_name is None:
+            _fail(
+                future,
+                InternalError(
+                    f"{describe_slot(self.slot)}: got a batch outside shared memory; "
+                    "this is a bug in colocate"
+                ),
+            )
+            return future
+        array = batch.array
+        message = ("run", batch.request_id, batch.shm_name, tuple(array.shape), array.dtype.str)
+        with self._lock:
+            state = self._state
+            if state == "failed":
+                _fail(future, WorkerFailedError(self._failure or f"{describe_slot(self.slot)} failed"))
+                return future
+            if state not in ("running", "restarting"):
+                _fail(future, WorkerFailedError(f"{describe_slot(self.slot)} is not serving ({state})"))
+                return future
+            self._pending[batch.request_id] = future
+            if state == "restarting":
+                self._backlog.append(message)
+                return future
+            conn = self._conn
+        self._send(conn, message)
+        return future
+
+    def stop(self) -> None:
+        """Stop the worker (stop message, grace period, terminate, kill); fail what is in flight.
+
+        Idempotent; safe after the worker died.
+        """
+        with self._lock:
+            if self._state in ("stopping", "stopped"):
+                return
+            self._state = "stopping"
+            process, conn = self._process, self._conn
+            pending = list(self._pending.values())
+            self._pending.clear()
+            self._backlog.clear()
+        stopped = WorkerFailedError(f"{describe_slot(self.slot)} was stopped before this request finished")
+        for future in pending:
+            _fail(future, stopped)
+        if process is not None:
+            if conn is not None and process.is_alive():
+                self._send(conn, ("stop",))
+            process.join(self.stop_grace_s)
+            self._reap(process)
+        monitor = self._monitor
+        if monitor is not None and monitor is not threading.current_thread():
+            monitor.join(timeout=self.stop_grace_s + 2 * _POLL_S + 5.0)
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.close()
+        if process is not None:
+            with contextlib.suppress(ValueError):
+                process.close()
+        with self._lock:
+            self._state = "stopped"
+
+    # -- internals: spawning
+
+    def _launch(self) -> tuple[BaseProcess, Connection]:
+        context = multiprocessing.get_context("spawn")
+        parent_conn, child_conn = context.Pipe(duplex=True)
+        process = context.Process(
+            target=worker_main,
+            args=(child_conn, self.spec),
+            name=f"colocate-{self.kind}-{self.name}",
+            daemon=True,
+        )
+        process.start()
+        child_conn.close()
+        if process.pid is not None:
+            self._pids.append(process.pid)
+        return process, parent_conn
+
+    def _handshake(self, process: BaseProcess, conn: Connection) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerFailedError(
+                    f"{describe_slot(self.slot)}: the worker (pid {process.pid}) did not load its members "
+                    f"within {self.start_timeout_s:g} s"
+                )
+            if self._state == "stopping":
+                raise WorkerFailedError(f"{describe_slot(self.slot)} was stopped while starting its worker")
+            ready = wait([conn, process.sentinel], timeout=min(remaining, _POLL_S))
+            if conn in ready:
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):
+                    message = None
+                if message is not None and message[0] == "ready":
+                    return
+                if message is not None and message[0] == "load_error":
+                    _, member, type_name, text, context = message
+                    raise rebuild_error(type_name, text, member, self.name, context)
+            if conn in ready or process.sentinel in ready:
+                process.join(timeout=5.0)
+                raise WorkerFailedError(
+                    f"{describe_slot(self.slot)}: the worker (pid {process.pid}) died while loading its "
+                    f"members ({describe_exit(process.exitcode)})"
+                )
+
+    def _reap(self, process: BaseProcess) -> None:
+        """Make sure ``process`` is gone: terminate, then kill."""
+        if process.is_alive():
+            process.terminate()
+            process.join(2.0)
+        if process.is_alive():
+            process.kill()
+            process.join(2.0)
+
+    def _send(self, conn: Connection | None, message: tuple[Any, ...]) -> None:
+        if conn is None:
+            return
+        # a dead worker: the monitor sees its sentinel and fails the request
+        with self._send_lock, contextlib.suppress(OSError, ValueError):
+            conn.send(message)
+
+    # -- internals: the monitor thread
+
+    def _monitor_loop(self) -> None:
+        while True:
+            with self._lock:
+                process, conn = self._process, self._conn
+                state = self._state
+            if process is None or conn is None or state in ("stopping", "stopped"):
+                return
+            try:
+                ready = wait([conn, process.sentinel])
+            except (OSError, ValueError):  # the pipe was closed under us: stop() is running
+                ready = [process.sentinel]
+            alive = True
+            if conn in ready:
+                alive = self._drain(conn)
+            if not alive or process.sentinel in ready:
+                self._drain(conn)  # answers sent before the death still count
+                process.join(timeout=1.0)
+                self._reap(process)
+                if not self._on_death(process, conn):
+                    return
+
+    def _drain(self, conn: Connection) -> bool:
+        """Handle every reply waiting in the pipe; False when the pipe is at its end."""
+        try:
+            while conn.poll():
+                self._on_reply(conn.recv())
+        except (EOFError, OSError, ValueError):
+            return False
+        return True
+
+    def _on_reply(self, message: tuple[Any, ...]) -> None:
+        kind, request_id = message[0], message[1]
+        with self._lock:
+            future = self._pending.pop(request_id, None)
+        if future is None:  # failed already (timeout, death, stop)
+            return
+        if kind == "ok":
+            outputs = {
+                name: np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape).copy()
+                for name, shape, dtype, data in message[2]
+            }
+            _resolve(future, outputs)
+        else:
+            _, _, member, type_name, text = message
+            _fail(future, rebuild_error(type_name, text, member, self.name))
+
+    def _on_death(self, process: BaseProcess, conn: Connection) -> bool:
+        """A worker died: fail its requests, then restart it or mark the slot failed.
+
+        Returns whether the monitor goes on (a new worker serves).
+        """
+        reason = (
+            f"{describe_slot(self.slot)}: worker process {process.pid} died "
+            f"({describe_exit(process.exitcode)})"
+        )
+        with self._lock:
+            if self._state in ("stopping", "stopped"):
+                return False
+            failed = list(self._pending.values())
+            self._pending.clear()
+            restart = self.on_worker_death == "restart" and self._restarts < self.max_restarts
+            if restart:
+                self._state = "restarting"
+                self._restarts += 1
+            else:
+                self._state = "failed"
+                more = f" after {self._restarts} restart(s)" if self.on_worker_death == "restart" else ""
+                self._failure = f"{reason}{more}; the plan is broken (start the executor again)"
+        with contextlib.suppress(OSError):
+            conn.close()
+        error = WorkerFailedError(
+            f"{reason}; its requests in flight failed" + ("; restarting it" if restart else "")
+        )
+        for future in failed:
+            _fail(future, error)
+        if not restart:
+            return False
+        return self._restart(reason)
+
+    def _restart(self, reason: str) -> bool:
+        try:
+            process, conn = self._launch()
+        except Exception as exc:
+            return self._restart_failed(reason, exc, None)
+        try:
+            self._handshake(process, conn)
+        except Exception as exc:
+            self._reap(process)
+            conn.close()
+            return self._restart_failed(reason, exc, process)
+        with self._lock:
+            if self._state != "restarting":  # stopped meanwhile
+                stale = True
+            else:
+                stale = False
+                self._process, self._conn = process, conn
+                self._state = "running"
+                backlog, self._backlog = self._backlog, []
+        if stale:
+            self._reap(process)
+            conn.close()
+            return False
+        for message in backlog:
+            self._send(conn, message)
+        return True
+
+    def _restart_failed(self, reason: str, exc: Exception, process: BaseProcess | None) -> bool:
+        with self._lock:
+            if self._state != "restarting":
+                return False
+            self._state = "failed"
+            self._failure = f"{reason}; restarting it failed ({exc}); the plan is broken"
+            failed = list(self._pending.values())
+            self._pending.clear()
+            self._backlog.clear()
+        error = WorkerFailedError(self._failure)
+        error.__cause__ = exc
+        for future in failed:
+            _fail(future, error)
+        return False
+
+
+def _resolve(future: Future[dict[str, Array]], value: dict[str, Array]) -> None:
+    with contextlib.suppress(InvalidStateError):
+        future.set_result(value)
+
+
+def _fail(future: Future[Any], error: BaseException) -> None:
+    with contextlib.suppress(InvalidStateError):
+        future.set_exception(error)
+
+
+# ---------------------------------------------------------------------------
+# The worker side (runs in the spawned process)
+# ---------------------------------------------------------------------------
+
+
+def worker_main(conn: Connection, spec: WorkerSpec) -> None:
+    """Entry point of a worker process: set up, load the members, serve requests until told to stop.
+
+    Module-level so that ``spawn`` can import it. The environment and CPU
+    affinity are applied before the members are unpickled, hence before any
+    framework is imported or CUDA is initialised.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the serving process's to handle
+    os.environ.update(spec.env)
+    if spec.cpu_affinity and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, spec.cpu_affinity)
+    runners: list[MemberRunner] = []
+    blocks = BlockCache()
+    try:
+        try:
+            members: tuple[Member, ...] = pickle.loads(spec.members_blob)
+            if spec.cpu_threads is not None and any(m.backend == "torch" for m in members):
+                set_torch_threads(spec.cpu_threads)
+            stream = make_slot_stream(spec.device)
+            runners = activate_runners(members, spec.device, stream, warmup_batch_size=spec.warmup_batch_size)
+        except MemberCallError as failure:
+            error = failure.error
+            message = (
+                "load_error",
+                failure.member,
+                type(error).__name__,
+                _error_text(error),
+                failure.context,
+            )
+            _worker_send(conn, message)
+            return
+        except BaseException as exc:
+            _worker_send(conn, ("load_error", None, type(exc).__name__, _error_text(exc), ""))
+            return
+        if not _worker_send(conn, ("ready", os.getpid())):
+            return
+        _serve(conn, runners, blocks, spec.slot)
+    finally:
+        deactivate_runners(runners)
+        blocks.close()
+        with contextlib.suppress(OSError):
+            conn.close()
+
+
+def _serve(conn: Connection, runners: list[MemberRunner], blocks: BlockCache, slot: str) -> None:
+    inbox: deque[tuple[Any, ...]] = deque()
+    while True:
+        try:
+            if not inbox:
+                inbox.append(conn.recv())
+            while conn.poll(0):  # take everything already sent, so a stop is seen at once
+                inbox.append(conn.recv())
+        except (EOFError, OSError):
+            return  # the serving process is gone
+        if any(message[0] == "stop" for message in inbox):
+            return
+        message = inbox.popleft()
+        if message[0] != "run":
+            continue
+        if not _worker_send(conn, _run_request(message, runners, blocks, slot)):
+            return
+
+
+def _run_request(
+    message: tuple[Any, ...], runners: list[MemberRunner], blocks: BlockCache, slot: str
+) -> tuple[Any, ...]:
+    _, request_id, shm_name, shape, dtype = message
+    try:
+        array = blocks.view(shm_name, tuple(shape), dtype)
+    except Exception as exc:
+        return (
+            "error",
+            request_id,
+            None,
+            type(exc).__name__,
+            f"cannot map the request's shared memory {shm_name!r}: {exc}",
+        )
+    try:
+        outputs = call_members(runners, array)
+    except MemberCallError as failure:
+        return ("error", request_id, failure.member, type(failure.error).__name__, _error_text(failure.error))
+    finally:
+        del array
+    return (
+        "ok",
+        request_id,
+        [
+            (name, tuple(out.shape), out.dtype.str, np.ascontiguousarray(out).tobytes())
+            for name, out in outputs.items()
+        ],
+    )
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc)
+    if not isinstance(exc, ColocateError) and not text:
+        text = repr(exc)
+    return text
+
+
+def _worker_send(conn: Connection, message: tuple[Any, ...]) -> bool:
+    try:
+        conn.send(message)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+__all__ = ["OnWorkerDeath", "ProcessSlot", "WorkerSpec", "describe_exit", "pickle_members", "worker_main"]

@@ -1,0 +1,125 @@
+"""Dead workers: detected at once, requests fail (never hang), restart or report the plan broken."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import signal
+import time
+from concurrent.futures import Future
+
+import pytest
+
+from colocate import zoo
+from colocate.ensemble import Ensemble
+from colocate.errors import WorkerFailedError
+from colocate.execution import EnsembleResult, Executor, run_requests
+from colocate.planning.types import Plan, Slot
+
+from .helpers import assert_released, batch_with_first, make_plan, pid_exists, shm_left, sleeper
+
+TIMEOUT_S = 60.0
+DETECT_S = 2.0  # a dead worker's requests must fail within this
+
+
+def _plan_and_ensemble() -> tuple[Ensemble, Plan]:
+    ensemble = Ensemble((zoo.member("mlp", scale="tiny"), sleeper("slow", delay_s=0.3)))
+    plan = make_plan(Slot("s0", "stream", ("mlp",)), Slot("p0", "process", ("slow",), cpu_threads=1))
+    return ensemble, plan
+
+
+def _kill_mid_run(executor: Executor) -> tuple[int, list[Future[EnsembleResult]]]:
+    assert executor.predict(batch_with_first(0.0)).shape == (4, 10)
+    in_flight = [executor.submit(batch_with_first(0.0, seed=i)) for i in range(4)]
+    time.sleep(0.1)  # the worker is inside the first request
+    pid = executor.worker_pids()["p0"]
+    os.kill(pid, signal.SIGKILL)
+    return pid, in_flight
+
+
+def test_killed_worker_fails_in_flight_and_new_requests_and_breaks_the_plan() -> None:
+    ensemble, plan = _plan_and_ensemble()
+    executor = Executor(plan, ensemble, on_worker_death="fail", request_timeout_s=TIMEOUT_S)
+    with executor:
+        prefix = executor.shared_memory_prefix
+        pid, in_flight = _kill_mid_run(executor)
+        killed_at = time.monotonic()
+        for future in in_flight:
+            with pytest.raises(WorkerFailedError, match=r"slot 'p0' \(process: slow\).*died.*SIGKILL"):
+                future.result(timeout=DETECT_S)
+        assert time.monotonic() - killed_at < DETECT_S
+        assert not executor.alive
+        assert executor.broken_reason is not None and "p0" in executor.broken_reason
+        started = time.monotonic()
+        with pytest.raises(WorkerFailedError, match=r"slot 'p0'.*plan is broken"):
+            executor.predict(batch_with_first(0.0))
+        assert time.monotonic() - started < 1.0  # failed at once, not after a timeout
+        result = run_requests(executor, requests=5, warmup=0)
+        assert result.status == "failed" and result.requests_completed == 0
+        assert any("p0" in e for e in result.errors)
+    assert_released(executor, [pid], prefix)
+
+
+def test_killed_worker_is_restarted_and_serving_goes_on() -> None:
+    ensemble, plan = _plan_and_ensemble()
+    executor = Executor(plan, ensemble, on_worker_death="restart", request_timeout_s=TIMEOUT_S)
+    with executor:
+        prefix = executor.shared_memory_prefix
+        pid, in_flight = _kill_mid_run(executor)
+        for future in in_flight:
+            with pytest.raises(WorkerFailedError, match=r"slot 'p0'.*died.*restarting"):
+                future.result(timeout=DETECT_S)
+        # requests submitted while the new worker loads wait for it
+        assert executor.predict(batch_with_first(0.0)).shape == (4, 10)
+        new_pid = executor.worker_pids()["p0"]
+        assert new_pid != pid
+        stats = executor.stats()
+        assert stats.worker_restarts == 1 and stats.alive and stats.broken_reason is None
+    assert_released(executor, [pid, new_pid], prefix)
+
+
+def test_close_fails_requests_in_flight_and_releases_everything() -> None:
+    ensemble, plan = _plan_and_ensemble()
+    executor = Executor(plan, ensemble, request_timeout_s=TIMEOUT_S, stop_grace_s=2.0)
+    executor.start()
+    pids = list(executor.worker_pids().values())
+    prefix = executor.shared_memory_prefix
+    futures = [executor.submit(batch_with_first(0.0, seed=i)) for i in range(6)]
+    started = time.monotonic()
+    executor.close()
+    assert time.monotonic() - started < 5.0
+    for future in futures:
+        assert future.done()
+    failed = [f for f in futures if f.exception() is not None]
+    assert failed, "requests still queued at close must fail"
+    for future in failed:
+        assert isinstance(future.exception(), WorkerFailedError)
+    assert_released(executor, pids, prefix)
+
+
+def test_a_request_without_an_answer_fails_after_the_timeout() -> None:
+    ensemble = Ensemble((sleeper("slow", delay_s=1.5),))
+    plan = make_plan(Slot("s0", "stream", ("slow",)))
+    with Executor(plan, ensemble, request_timeout_s=0.3) as executor:
+        started = time.monotonic()
+        with pytest.raises(WorkerFailedError, match=r"no answer within 0.3 s from slot 's0'"):
+            executor.predict(batch_with_first(0.0))
+        assert time.monotonic() - started < 1.2
+        assert executor.stats().failed == 1
+
+
+def test_an_executor_dropped_without_close_releases_its_workers() -> None:
+    ensemble, plan = _plan_and_ensemble()
+    executor = Executor(plan, ensemble).start()
+    pids = list(executor.worker_pids().values())
+    prefix = executor.shared_memory_prefix
+    assert executor.predict(batch_with_first(0.0)).shape == (4, 10)
+    del executor
+    gc.collect()
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline and multiprocessing.active_children():
+        time.sleep(0.05)
+    assert multiprocessing.active_children() == []
+    assert not [p for p in pids if pid_exists(p)]
+    assert shm_left(prefix) == []
