@@ -1,0 +1,351 @@
+"""Run several plans the same way and put them side by side; calibrate the planner.
+
+:func:`compare` plans each strategy (or takes the plans given), runs every plan
+one after another in a fresh executor with the same batch, warm-up, duration and
+concurrency, and returns a :class:`~colocate.report.Report`. A plan that cannot be
+made is ``rejected``, one that breaks while running is ``failed``; the others still
+run. :func:`calibrate` measures a few member pairs side by side, so the planner
+uses measured slowdowns instead of predicted ones for them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from colocate import serde
+from colocate.devices import Device
+from colocate.ensemble import Ensemble
+from colocate.errors import ColocateError, InvalidInputError
+from colocate.execution import Executor, run_requests
+from colocate.execution.types import RunResult
+from colocate.planning import CostModel, member_demands
+from colocate.planning import plan as make_plan
+from colocate.planning.types import Plan, Prediction, Slot
+from colocate.profiling import ProfileSet, profile
+from colocate.report import PlanResult, PlanStatus, Report, plot, render_table, to_csv
+
+#: strategies compared by default: the baselines every user has, and the planner's pick
+DEFAULT_STRATEGIES: tuple[str, ...] = ("sequential", "streams", "processes", "auto")
+BASELINE = "sequential"
+
+#: called with a line saying what is being done
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How each plan is run: the same for every plan of a comparison."""
+
+    requests: int | None = None  # counted requests per plan (None: run for `seconds`)
+    seconds: float | None = 3.0  # run each plan this long (None: run `requests`)
+    concurrency: int | None = None  # requests in flight (None: two per slot)
+    warmup: int | None = None  # requests first, not counted (None: the executor's default)
+    allow_mps_start: bool = False  # mps slots may start a private MPS daemon
+    cuda_graphs: bool = False  # torch members replay CUDA graphs on a GPU
+
+    def __post_init__(self) -> None:
+        if self.requests is None and self.seconds is None:
+            raise InvalidInputError("give requests or seconds for each plan's run")
+
+
+@dataclass(frozen=True)
+class PairMeasurement:
+    """Two members measured alone and side by side (two stream slots). Times in seconds."""
+
+    a: str
+    b: str
+    alone_a_s: float  # median request latency with only `a`
+    alone_b_s: float  # median request latency with only `b`
+    together_s: float  # median request latency with both, each in its own stream slot
+    slowdown: float  # together / max(alone): how much the pair stretches the slower of the two
+    predicted_slowdown: float  # what the cost model predicted for the pair
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured pair slowdowns for one ensemble, device and batch size; reusable (JSON)."""
+
+    ensemble: str
+    device: Device
+    batch_size: int
+    pairs: tuple[PairMeasurement, ...]
+    created: str = ""
+
+    def interference(self) -> dict[tuple[str, str], float]:
+        """The table the planner takes: ``{(a, b): slowdown}``."""
+        return {(p.a, p.b): p.slowdown for p in self.pairs}
+
+
+def _fresh_state(device: Device) -> None:
+    gc.collect()
+    if device.kind == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device.index)
+        torch.cuda.empty_cache()
+
+
+def run_plan(
+    plan: Plan, ensemble: Ensemble, settings: RunSettings, *, name: str | None = None
+) -> tuple[RunResult | None, str | None]:
+    """Run one plan in a fresh executor; (result, None) or (None, why it failed)."""
+    _fresh_state(plan.device)
+    try:
+        with Executor(
+            plan, ensemble, allow_mps_start=settings.allow_mps_start, cuda_graphs=settings.cuda_graphs
+        ) as executor:
+            result = run_requests(
+                executor,
+                requests=settings.requests,
+                seconds=settings.seconds,
+                concurrency=settings.concurrency,
+                warmup=settings.warmup,
+            )
+    except ColocateError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # a plan's crash must not end the comparison
+        return None, f"unexpected {type(exc).__name__}: {exc}"
+    return result, None
+
+
+def _status_of(run: RunResult | None) -> PlanStatus:
+    if run is None:
+        return "failed"
+    return run.status
+
+
+def compare(
+    ensemble: Ensemble,
+    device: Device,
+    plans_or_strategies: Sequence[Plan | str] = DEFAULT_STRATEGIES,
+    *,
+    profiles: ProfileSet | None = None,
+    batch_size: int = 8,
+    settings: RunSettings | None = None,
+    calibration: Calibration | None = None,
+    progress: Progress | None = None,
+) -> Report:
+    """Plan (where given strategy names) and run every plan the same way; report side by side.
+
+    Args:
+        ensemble: the ensemble to serve.
+        device: where to run (the CPU or a CUDA GPU).
+        plans_or_strategies: plans, or strategy names for :func:`colocate.planning.plan`;
+            ``sequential`` is added first as the baseline when missing.
+        profiles: the members' profiles; measured now (cached) at ``batch_size`` when None.
+        batch_size: samples per request (used when planning from strategy names).
+        settings: how each plan runs (defaults: 3 s per plan, two requests in flight per slot).
+        calibration: measured pair slowdowns for the planner (see :func:`calibrate`).
+        progress: called with a line before each step.
+    """
+    chosen = settings or RunSettings()
+    say = progress or (lambda _line: None)
+    entries = list(plans_or_strategies)
+    if not entries:
+        raise InvalidInputError("compare needs at least one plan or strategy name")
+    if not any((e == BASELINE) or (isinstance(e, Plan) and e.strategy == BASELINE) for e in entries):
+        entries.insert(0, BASELINE)
+    if profiles is None and any(isinstance(e, str) for e in entries):
+        say(f"profiling {len(ensemble.members)} members at batch {batch_size}")
+        profiles = profile(ensemble, device, (batch_size,))
+    interference = calibration.interference() if calibration is not None else None
+
+    planned: list[tuple[str, Plan | None, str | None]] = []
+    seen: set[str] = set()
+    for entry in entries:
+        if isinstance(entry, Plan):
+            label = entry.strategy
+            planned_entry: tuple[str, Plan | None, str | None] = (label, entry, None)
+        else:
+            label = entry
+            try:
+                assert profiles is not None
+                made = make_plan(
+                    ensemble, device, profiles, strategy=entry, batch_size=batch_size,
+                    interference=interference,
+                )
+                planned_entry = (label, made, None)
+            except ColocateError as exc:
+                planned_entry = (label, None, str(exc))
+        while label in seen:
+            label += "'"
+        seen.add(label)
+        planned.append((label, planned_entry[1], planned_entry[2]))
+
+    runs: dict[str, tuple[RunResult | None, str | None]] = {}
+    for label, plan, _ in planned:
+        if plan is None:
+            continue
+        say(f"running plan '{label}' ({len(plan.slots)} slot(s))")
+        runs[label] = run_plan(plan, ensemble, chosen, name=label)
+
+    baseline_run = runs.get(BASELINE, (None, None))[0]
+    baseline_sps = baseline_run.throughput_sps if baseline_run and baseline_run.requests_completed else None
+    results = []
+    for label, plan, reason in planned:
+        if plan is None:
+            results.append(PlanResult(label, "rejected", reason, None, None, None))
+            continue
+        run, failure = runs[label]
+        status = _status_of(run)
+        why = failure or (run.errors[0] if run is not None and run.errors else None)
+        speedup = None
+        if run is not None and run.requests_completed and baseline_sps:
+            speedup = run.throughput_sps / baseline_sps
+        results.append(PlanResult(label, status, why, plan, run, speedup))
+    from colocate.profiling.profiler import versions_for
+
+    return Report(
+        ensemble=ensemble.name,
+        device=device,
+        batch_size=batch_size,
+        baseline=BASELINE,
+        results=tuple(results),
+        settings={
+            "requests": str(chosen.requests),
+            "seconds": str(chosen.seconds),
+            "concurrency": str(chosen.concurrency or "2 per slot"),
+            "warmup": str(chosen.warmup or "executor default"),
+        },
+        calibrated=calibration is not None,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        versions=versions_for(ensemble.members[0], device),
+        notes=(
+            (f"auto used {len(calibration.pairs)} measured pair slowdown(s)",) if calibration else ()
+        ),
+    )
+
+
+def save_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.json``, ``report.csv``, ``report.txt`` (the table) and ``report.png``."""
+    from rich.console import Console
+
+    target = Path(out_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    written = {"json": serde.save(report, target / "report.json")}
+    (target / "report.csv").write_text(to_csv(report), encoding="utf-8")
+    written["csv"] = target / "report.csv"
+    console = Console(record=True, width=200, file=open(target / "report.txt", "w", encoding="utf-8"))  # noqa: SIM115
+    try:
+        console.print(render_table(report))
+    finally:
+        console.file.close()
+    written["txt"] = target / "report.txt"
+    written["png"] = plot(report, target / "report.png")
+    return written
+
+
+# --- calibration ---------------------------------------------------------------------------
+
+
+def _single_slot_plan(device: Device, batch_size: int, groups: Sequence[Sequence[str]]) -> Plan:
+    slots = tuple(Slot(name=f"s{i}", kind="stream", members=tuple(g)) for i, g in enumerate(groups))
+    empty = Prediction(0.0, 0.0, 0.0, 0, groups[0][0], "calibration", ())
+    return Plan(device=device, batch_size=batch_size, slots=slots, prediction=empty, strategy="calibration")
+
+
+def pairs_to_measure(chosen: Plan, limit: int) -> list[tuple[str, str]]:
+    """The pairs that matter most to ``chosen``: members of different slots, heaviest first.
+
+    A pair runs side by side only when its members are in different slots; of those, the ones
+    with the most predicted device time together (and the critical member's pairs) decide
+    the plan's throughput, so their slowdown is worth measuring.
+    """
+    finish = {m.member: m.finish_s - m.start_s for m in chosen.prediction.members}
+    critical = chosen.prediction.critical_member
+    candidates = [
+        (a, b)
+        for a, b in itertools.combinations(sorted(chosen.members), 2)
+        if chosen.slot_of(a).name != chosen.slot_of(b).name
+    ]
+    candidates.sort(
+        key=lambda ab: (critical not in ab, -(finish.get(ab[0], 0.0) + finish.get(ab[1], 0.0)))
+    )
+    return candidates[:limit]
+
+
+def calibrate(
+    ensemble: Ensemble,
+    device: Device,
+    profiles: ProfileSet,
+    *,
+    batch_size: int = 8,
+    max_pairs: int = 3,
+    seconds: float = 1.0,
+    progress: Progress | None = None,
+) -> Calibration:
+    """Measure up to ``max_pairs`` member pairs alone and side by side, for the planner.
+
+    The pairs are those of the ``auto`` plan whose overlap matters most (see
+    :func:`pairs_to_measure`). Each member alone and each pair in two stream slots run for
+    ``seconds``; the slowdown is the pair's median request latency over the slower member's
+    alone (at least 1).
+    """
+    say = progress or (lambda _line: None)
+    chosen = make_plan(ensemble, device, profiles, strategy="auto", batch_size=batch_size)
+    pairs = pairs_to_measure(chosen, max_pairs)
+    settings = RunSettings(seconds=seconds, concurrency=1, warmup=2)
+    engine = CostModel().engine(member_demands(ensemble, device, profiles, batch_size))
+    alone: dict[str, float] = {}
+    measured: list[PairMeasurement] = []
+    sub = {m.name: m for m in ensemble.members}
+    for a, b in pairs:
+        for name in (a, b):
+            if name not in alone:
+                say(f"calibrating: '{name}' alone")
+                alone[name] = _median_latency(
+                    _single_slot_plan(device, batch_size, [[name]]),
+                    Ensemble((sub[name],), name=f"{ensemble.name}:{name}"), settings,
+                )
+        say(f"calibrating: '{a}' beside '{b}'")
+        together = _median_latency(
+            _single_slot_plan(device, batch_size, [[a], [b]]),
+            Ensemble((sub[a], sub[b]), name=f"{ensemble.name}:{a}+{b}"), settings,
+        )
+        slowdown = max(1.0, together / max(alone[a], alone[b]))
+        measured.append(
+            PairMeasurement(
+                a=min(a, b), b=max(a, b), alone_a_s=alone[min(a, b)], alone_b_s=alone[max(a, b)],
+                together_s=together, slowdown=slowdown,
+                predicted_slowdown=engine.pair_slowdown(a, b, "stream"),
+            )
+        )
+    return Calibration(
+        ensemble=ensemble.name,
+        device=device,
+        batch_size=batch_size,
+        pairs=tuple(measured),
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def _median_latency(plan: Plan, ensemble: Ensemble, settings: RunSettings) -> float:
+    run, failure = run_plan(plan, ensemble, settings)
+    if run is None or run.latency is None:
+        raise ColocateError(f"calibration run of {', '.join(plan.members)} failed: {failure}")
+    return run.latency.median_s
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """A calibration saved with ``colocate.serde.save``."""
+    return serde.load(Calibration, path)
+
+
+__all__ = [
+    "BASELINE",
+    "DEFAULT_STRATEGIES",
+    "Calibration",
+    "PairMeasurement",
+    "RunSettings",
+    "calibrate",
+    "compare",
+    "load_calibration",
+    "pairs_to_measure",
+    "run_plan",
+    "save_report",
+]

@@ -1,0 +1,207 @@
+"""A comparison of plans: one row per plan, measured next to predicted.
+
+:class:`Report` is data (JSON round trip); :func:`render_table` draws it for the
+terminal following fixed rules (rows are plans, the unit is stated once in the
+header, the best measured throughput is marked ``*``, a noisy latency is flagged
+``(!)``), :func:`to_csv` and :func:`plot` write the other forms.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from colocate._optional import optional_import
+from colocate._timing import LatencyStats
+from colocate.devices import Device
+from colocate.execution.types import RunResult
+from colocate.planning.types import Plan
+
+PlanStatus = Literal["ok", "errors", "failed", "rejected"]
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """One plan in a comparison: the plan, what running it measured, or why it did not run."""
+
+    name: str  # label in the report, e.g. the strategy name
+    status: PlanStatus  # "ok"; "errors" (some requests failed); "failed" (broke); "rejected" (not run)
+    reason: str | None  # why it failed or was rejected
+    plan: Plan | None  # None when no plan could be made
+    run: RunResult | None  # None when it did not run
+    speedup: float | None  # measured throughput / the baseline's measured throughput
+
+    @property
+    def measured_sps(self) -> float | None:
+        return self.run.throughput_sps if self.run is not None and self.run.requests_completed else None
+
+    @property
+    def predicted_sps(self) -> float | None:
+        return self.plan.prediction.throughput_sps if self.plan is not None else None
+
+    @property
+    def prediction_error(self) -> float | None:
+        """(predicted - measured) / measured throughput, or None."""
+        measured, predicted = self.measured_sps, self.predicted_sps
+        if measured is None or predicted is None or measured <= 0:
+            return None
+        return (predicted - measured) / measured
+
+
+@dataclass(frozen=True)
+class Report:
+    """Plans run the same way on one ensemble, device and batch size."""
+
+    ensemble: str
+    device: Device
+    batch_size: int
+    baseline: str  # the plan the speed-ups are relative to (normally "sequential")
+    results: tuple[PlanResult, ...]
+    settings: dict[str, str] = field(default_factory=dict)  # requests/seconds, concurrency, warm-up
+    calibrated: bool = False  # the planner used measured pair slowdowns
+    created: str = ""  # ISO date-time
+    versions: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def result(self, name: str) -> PlanResult | None:
+        for r in self.results:
+            if r.name == name:
+                return r
+        return None
+
+    @property
+    def best(self) -> PlanResult | None:
+        """The plan with the highest measured throughput among those that ran."""
+        ran = [r for r in self.results if r.measured_sps is not None and r.status in ("ok", "errors")]
+        return max(ran, key=lambda r: r.measured_sps or 0.0) if ran else None
+
+
+COLUMNS = (
+    "plan", "slots", "status", "pred. samples/s", "meas. samples/s", "pred. err",
+    "p50 ms", "p99 ms", "peak MiB", "GPU busy", "speed-up",
+)
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _p99(latency: LatencyStats | None) -> str:
+    if latency is None:
+        return "-"
+    return f"{latency.p99_s * 1e3:.2f}" + (" (!)" if latency.high_variance else "")
+
+
+def table_rows(report: Report) -> list[list[str]]:
+    """The table's rows as strings (one per plan, in report order)."""
+    best = report.best
+    rows = []
+    for r in report.results:
+        run = r.run
+        latency = run.latency if run is not None else None
+        slots = "; ".join(run.slots) if run is not None else (
+            "; ".join(f"{s.kind}: {', '.join(s.members)}" for s in r.plan.slots) if r.plan else "-"
+        )
+        peak = run.peak_memory_bytes if run is not None else None
+        err = r.prediction_error
+        status = r.status if not r.reason else f"{r.status}: {r.reason[:60]}"
+        rows.append(
+            [
+                r.name + (" *" if best is not None and r is best else ""),
+                slots,
+                status,
+                _fmt(r.predicted_sps),
+                _fmt(r.measured_sps),
+                "-" if err is None else f"{err:+.0%}",
+                "-" if latency is None else f"{latency.median_s * 1e3:.2f}",
+                _p99(latency),
+                "-" if peak is None else f"{peak / 2**20:,.0f}",
+                "-" if run is None or run.utilization_pct is None else f"{run.utilization_pct:.0f}%",
+                "-" if r.speedup is None else f"{r.speedup:.2f}x",
+            ]
+        )
+    return rows
+
+
+def render_table(report: Report) -> Any:
+    """A rich Table of the report."""
+    from rich.table import Table
+
+    title = (
+        f"{report.ensemble} on {report.device.name}, batch {report.batch_size}: "
+        f"speed-up vs {report.baseline} (* = best measured)"
+    )
+    table = Table(title=title)
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column in ("plan", "slots", "status") else "right")
+    for row in table_rows(report):
+        table.add_row(*row)
+    return table
+
+
+def to_csv(report: Report) -> str:
+    """The report as CSV (one row per plan, raw numbers in SI units)."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(
+        [
+            "plan", "status", "reason", "batch_size", "predicted_sps", "measured_sps",
+            "prediction_error", "latency_p50_s", "latency_p99_s", "peak_memory_bytes",
+            "utilization_pct", "speedup", "slots",
+        ]
+    )
+    for r in report.results:
+        run = r.run
+        latency = run.latency if run is not None else None
+        writer.writerow(
+            [
+                r.name, r.status, r.reason or "", report.batch_size, r.predicted_sps or "",
+                r.measured_sps or "", "" if r.prediction_error is None else r.prediction_error,
+                latency.median_s if latency else "", latency.p99_s if latency else "",
+                (run.peak_memory_bytes if run else None) or "",
+                (run.utilization_pct if run else None) or "", r.speedup or "",
+                " | ".join(run.slots) if run else "",
+            ]
+        )
+    return out.getvalue()
+
+
+def plot(report: Report, path: str | Path) -> Path:
+    """A PNG with measured vs predicted throughput and p99 latency per plan."""
+    matplotlib = optional_import("matplotlib", purpose="the comparison plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.name for r in report.results]
+    measured = [r.measured_sps or 0.0 for r in report.results]
+    predicted = [r.predicted_sps or 0.0 for r in report.results]
+    p99 = [
+        (r.run.latency.p99_s * 1e3 if r.run is not None and r.run.latency is not None else 0.0)
+        for r in report.results
+    ]
+    x = list(range(len(names)))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(8.0, 1.6 * len(names) + 4), 4.5))
+    width = 0.4
+    left.bar([i - width / 2 for i in x], predicted, width, label="predicted", color="#9ecae1")
+    left.bar([i + width / 2 for i in x], measured, width, label="measured", color="#3182bd")
+    left.set_xticks(x, names, rotation=30, ha="right")
+    left.set_ylabel("samples / s")
+    left.set_title("throughput")
+    left.legend()
+    right.bar(x, p99, color="#e6550d")
+    right.set_xticks(x, names, rotation=30, ha="right")
+    right.set_ylabel("ms")
+    right.set_title("p99 request latency (measured)")
+    for r, i in zip(report.results, x, strict=True):
+        if r.status in ("failed", "rejected"):
+            left.annotate(r.status, (i, 0), ha="center", va="bottom", rotation=90, fontsize=8)
+    fig.suptitle(f"{report.ensemble} on {report.device.name}, batch {report.batch_size}")
+    fig.tight_layout()
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return target
