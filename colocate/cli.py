@@ -52,6 +52,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from colocate import demo, devices
 
+    if not args.quick:
+        return _full_demo(args)
     device = devices.find_device(args.device)
     ensemble = demo.default_ensemble_for(device, args.scale, args.backend)
     console = _console()
@@ -90,6 +92,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(
         f"one after another, the members take {result.sequential_latency_s * 1e3:.2f} ms per batch "
         f"({result.batch_size / result.sequential_latency_s:.0f} samples/s)"
+    )
+    return 0
+
+
+def _full_demo(args: argparse.Namespace) -> int:
+    """Profile the default ensemble, plan it with every strategy, run and compare the plans."""
+    from colocate import demo, devices
+    from colocate.compare import RunSettings, compare, save_report
+    from colocate.planning import plan_all
+    from colocate.profiling import profile
+    from colocate.report import render_table
+
+    device = devices.find_device(args.device)
+    ensemble = demo.default_ensemble_for(device, args.scale, args.backend)
+    console = _console()
+    say = (lambda line: None) if args.json else (lambda line: console.print(f"[dim]{line}[/dim]"))
+    say(
+        f"1/3 profiling {ensemble.name} on {device.name} at batch {args.batch_size} (cached later)"
+    )
+    profiles = profile(ensemble, device, (args.batch_size,))
+    say("2/3 planning with every strategy")
+    plans = plan_all(ensemble, device, profiles, batch_size=args.batch_size)
+    unique: dict[tuple[tuple[str, tuple[str, ...]], ...], Any] = {}
+    for candidate in plans:
+        layout = tuple((slot.kind, slot.members) for slot in candidate.slots)
+        unique.setdefault(layout, candidate)  # strategies that agree are run once
+    say(f"3/3 running {len(unique)} distinct plans, {args.seconds:g} s each")
+    report = compare(
+        ensemble,
+        device,
+        list(unique.values()),
+        profiles=profiles,
+        batch_size=args.batch_size,
+        settings=RunSettings(seconds=args.seconds),
+        progress=say,
+    )
+    written = save_report(report, args.out)
+    if args.json:
+        print(serde.dumps(report))
+        return 0
+    console.print(render_table(report))
+    best = report.best
+    if best is not None and best.speedup is not None:
+        console.print(f"best measured: '{best.name}', {best.speedup:.2f}x the sequential loop")
+    console.print(
+        f"report: {written['txt']}  plot: {written['png']}  data: {written['json']}, {written['csv']}"
     )
     return 0
 
@@ -175,7 +223,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     device = devices.find_device(args.device)
     ensemble = _load_ensemble(args, device)
     settings = ProfileSettings(
-        warmup=args.warmup, repeats=args.repeats, kernels=not args.no_trace,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        kernels=not args.no_trace,
         thread_scaling=not args.no_thread_scaling,
     )
     cache: ProfileCache | bool = False if args.no_cache else ProfileCache(args.cache_dir)
@@ -204,8 +254,17 @@ def cmd_profile(args: argparse.Namespace) -> int:
         print(serde.dumps(result))
         return 0
     columns = [
-        "member", "batch", "status", "p50 ms", "p99 ms", "samples/s", "weights MiB",
-        "peak act MiB", "load ms", "host", "device use",
+        "member",
+        "batch",
+        "status",
+        "p50 ms",
+        "p99 ms",
+        "samples/s",
+        "weights MiB",
+        "peak act MiB",
+        "load ms",
+        "host",
+        "device use",
     ]
     title = f"Profiles of {ensemble.name} on {device.name}"
     console.print(_table(title, columns, profile_rows(result.profiles)))
@@ -226,6 +285,196 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def _profiles_for(args: argparse.Namespace, ensemble: Any, device: Any, batch_sizes: Sequence[int]) -> Any:
+    """Profiles from --profiles files, else measured now (cached) on the device or, for a
+    simulated device, on the CPU (the planner then scales them and marks them estimated)."""
+    from colocate import devices
+    from colocate.profiling import ProfileSet, profile
+
+    if getattr(args, "profiles", None):
+        loaded: list[Any] = []
+        for path in args.profiles:
+            loaded.extend(serde.load(ProfileSet, path).profiles)
+        return ProfileSet(tuple(loaded))
+    where = device if device.can_execute else devices.cpu_device()
+    if not device.can_execute:
+        print(
+            f"colocate: no --profiles given for {device.name}: profiling on the CPU; the plan "
+            "scales those figures to the device and marks them estimated",
+            file=sys.stderr,
+        )
+    return profile(ensemble, where, batch_sizes)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from colocate import devices
+    from colocate.planning import PLAN_COLUMNS, plan, plan_all, plan_rows, render_plan
+
+    device = devices.find_device(args.device)
+    ensemble = _load_ensemble(args, device)
+    sizes = [args.batch_size] if args.batch_size else [1, 8, 32]
+    profiles = _profiles_for(args, ensemble, device, sizes)
+    bound = args.latency_bound_ms / 1e3 if args.latency_bound_ms else None
+    common = {"batch_size": args.batch_size, "objective": args.objective, "latency_bound_s": bound}
+    console = _console()
+    if args.all:
+        plans = plan_all(ensemble, device, profiles, **common)
+        if args.json:
+            print(json.dumps([serde.to_dict(p) for p in plans], indent=2))
+            return 0
+        console.print(_table(f"Plans for {ensemble.name} on {device.name}", PLAN_COLUMNS, plan_rows(plans)))
+        for line in getattr(plans, "rejected", ()):
+            console.print(f"rejected: {line}")
+        return 0
+    chosen = plan(ensemble, device, profiles, strategy=args.strategy, **common)
+    if args.out:
+        serde.save(chosen, args.out)
+    if args.json:
+        print(serde.dumps(chosen))
+        return 0
+    console.print(render_plan(chosen))
+    if args.out:
+        console.print(f"wrote {args.out} (run it with: colocate run --plan {args.out})")
+    return 0
+
+
+def _run_settings(args: argparse.Namespace) -> Any:
+    from colocate.compare import RunSettings
+
+    seconds = args.seconds if args.requests is None else None
+    return RunSettings(
+        requests=args.requests,
+        seconds=seconds,
+        concurrency=args.concurrency,
+        allow_mps_start=args.allow_mps_start,
+        cuda_graphs=args.cuda_graphs,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from colocate import devices
+    from colocate.execution import Executor, run_requests
+    from colocate.planning import plan
+    from colocate.planning.types import Plan
+
+    if args.plan:
+        chosen = serde.load(Plan, args.plan)
+        device = chosen.device
+        if not device.can_execute:
+            device = devices.find_device(args.device)
+            chosen = type(chosen)(**{**chosen.__dict__, "device": device})
+    else:
+        device = devices.find_device(args.device)
+        ensemble_for_plan = _load_ensemble(args, device)
+        profiles = _profiles_for(args, ensemble_for_plan, device, [args.batch_size])
+        chosen = plan(ensemble_for_plan, device, profiles, strategy=args.strategy, batch_size=args.batch_size)
+    ensemble = _load_ensemble(args, device)
+    settings = _run_settings(args)
+    console = _console()
+    console.print(
+        f"running plan '{chosen.strategy}' on {device.name}: "
+        + "; ".join(f"{s.name} {s.kind}: {', '.join(s.members)}" for s in chosen.slots)
+    )
+    with Progress(
+        TextColumn("[bold]requests[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=args.json,
+    ) as bar:
+        task = bar.add_task("run", total=settings.requests)
+        with Executor(
+            chosen, ensemble, allow_mps_start=settings.allow_mps_start, cuda_graphs=settings.cuda_graphs
+        ) as executor:
+            result = run_requests(
+                executor,
+                requests=settings.requests,
+                seconds=settings.seconds,
+                concurrency=settings.concurrency,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    if args.out:
+        serde.save(result, args.out)
+    if args.json:
+        print(serde.dumps(result))
+        return 0
+    lat = result.latency
+    console.print(
+        f"{result.requests_completed} requests ({result.requests_failed} failed) in {result.wall_s:.2f} s: "
+        f"{result.throughput_sps:,.0f} samples/s (predicted {chosen.prediction.throughput_sps:,.0f})"
+    )
+    if lat is not None:
+        console.print(
+            f"latency ms: p50 {lat.median_s * 1e3:.2f}  p90 {lat.p90_s * 1e3:.2f}  p99 {lat.p99_s * 1e3:.2f}"
+            f"  (predicted p50 {chosen.prediction.latency_s * 1e3:.2f})"
+        )
+    peak = result.peak_memory_bytes
+    if peak is not None:
+        console.print(
+            f"peak memory {peak / 2**20:,.0f} MiB"
+            + (f", GPU busy {result.utilization_pct:.0f}%" if result.utilization_pct is not None else "")
+        )
+    for error in result.errors:
+        console.print(f"error: {error}")
+    return 0 if result.status == "ok" else 1
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from colocate import devices
+    from colocate.compare import calibrate, compare, load_calibration, regime_rows, save_report
+    from colocate.report import render_table
+
+    device = devices.find_device(args.device)
+    ensemble = _load_ensemble(args, device)
+    console = _console()
+    say = (lambda line: None) if args.json else (lambda line: console.print(f"[dim]{line}[/dim]"))
+    profiles = _profiles_for(args, ensemble, device, args.batch_sizes)
+    settings = _run_settings(args)
+    reports = []
+    for batch_size in args.batch_sizes:
+        calibration = None
+        if args.calibration:
+            calibration = load_calibration(args.calibration)
+        elif args.calibrate:
+            calibration = calibrate(ensemble, device, profiles, batch_size=batch_size, progress=say)
+        report = compare(
+            ensemble,
+            device,
+            args.strategies,
+            profiles=profiles,
+            batch_size=batch_size,
+            settings=settings,
+            calibration=calibration,
+            progress=say,
+        )
+        reports.append(report)
+        if args.out:
+            out = args.out if len(args.batch_sizes) == 1 else f"{args.out}/batch-{batch_size}"
+            written = save_report(report, out)
+            if calibration is not None:
+                serde.save(calibration, f"{out}/calibration.json")
+            if not args.json:
+                console.print(f"wrote {', '.join(str(p) for p in written.values())}")
+        if not args.json:
+            console.print(render_table(report))
+    if args.json:
+        print(json.dumps([serde.to_dict(r) for r in reports], indent=2))
+        return 0
+    if len(reports) > 1:
+        console.print(
+            _table(
+                "Where each plan wins",
+                ["batch", "best", "speed-up", "Pareto set (throughput, p99, memory)"],
+                regime_rows(reports),
+            )
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="colocate", description="Profile, plan and run an ensemble of models on one GPU."
@@ -240,34 +489,126 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the default ensemble once on the best device")
     p.add_argument("--device", default="best", help="best (default), cpu, cuda, cuda:N")
     p.add_argument(
-        "--scale", choices=("tiny", "small", "large"), default=None,
+        "--scale",
+        choices=("tiny", "small", "large"),
+        default=None,
         help="model size (default: large on a GPU, small on the CPU)",
     )
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=10, help="timed runs per member")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per member (--quick)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="only load each member and time it once, no planning or comparison",
+    )
+    p.add_argument("--seconds", type=float, default=2.0, help="seconds each plan runs")
+    p.add_argument("--out", default="colocate-report", help="folder for the report and plot")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("profile", help="profile each member per batch size (memory, latency, kernels)")
     p.add_argument("--device", default="best", help="best (default), cpu, cuda, cuda:N")
-    p.add_argument("--ensemble", default=None, help="module:function returning a colocate.Ensemble "
-                   "(default: the embedded default ensemble)")
-    p.add_argument("--scale", choices=("tiny", "small", "large"), default=None,
-                   help="default-ensemble model size (default: large on a GPU, small on the CPU)")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
-                   help="default-ensemble backend")
+    p.add_argument(
+        "--ensemble",
+        default=None,
+        help="module:function returning a colocate.Ensemble (default: the embedded default ensemble)",
+    )
+    p.add_argument(
+        "--scale",
+        choices=("tiny", "small", "large"),
+        default=None,
+        help="default-ensemble model size (default: large on a GPU, small on the CPU)",
+    )
+    p.add_argument(
+        "--backend", choices=("torch", "onnxruntime"), default="torch", help="default-ensemble backend"
+    )
     p.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 8, 32], help="e.g. 1,8,32")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--no-trace", action="store_true", help="skip the kernel / operator trace")
     p.add_argument("--no-thread-scaling", action="store_true", help="skip the CPU thread sweep")
     p.add_argument("--no-cache", action="store_true", help="measure again, do not use the cache")
-    p.add_argument("--cache-dir", default=None, help="profile cache directory "
-                   "(default: $COLOCATE_CACHE_DIR or ~/.cache/colocate)/profiles")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="profile cache directory (default: $COLOCATE_CACHE_DIR or ~/.cache/colocate)/profiles",
+    )
     p.add_argument("--out", default=None, help="also write the profiles to this JSON file")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_profile)
+
+    def add_ensemble_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--device",
+            default="best",
+            help="best (default), cpu, cuda, cuda:N, or a simulated GPU: sim:h100, h100, spec.json",
+        )
+        p.add_argument("--ensemble", default=None, help="module:function returning a colocate.Ensemble")
+        p.add_argument(
+            "--scale",
+            choices=("tiny", "small", "large"),
+            default=None,
+            help="default-ensemble model size (default: large on a GPU, small on the CPU)",
+        )
+        p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
+        p.add_argument(
+            "--profiles",
+            nargs="*",
+            default=None,
+            help="profile JSON files (from colocate profile --out) instead of measuring now",
+        )
+
+    def add_run_args(p: argparse.ArgumentParser, seconds: float) -> None:
+        p.add_argument("--requests", type=int, default=None, help="requests per run (default: by time)")
+        p.add_argument("--seconds", type=float, default=seconds, help="seconds per run")
+        p.add_argument(
+            "--concurrency", type=int, default=None, help="requests in flight (default 2 per slot)"
+        )
+        p.add_argument(
+            "--allow-mps-start",
+            action="store_true",
+            help="mps slots may start a private MPS control daemon (stopped afterwards)",
+        )
+        p.add_argument("--cuda-graphs", action="store_true", help="torch members replay CUDA graphs")
+
+    from colocate.planning import OBJECTIVES, STRATEGIES
+
+    p = sub.add_parser("plan", help="plan how to co-locate the members (and why)")
+    add_ensemble_args(p)
+    p.add_argument("--strategy", choices=STRATEGIES, default="auto")
+    p.add_argument("--all", action="store_true", help="one plan per strategy, side by side")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--objective", choices=OBJECTIVES, default="throughput")
+    p.add_argument("--latency-bound-ms", type=float, default=None, help="for throughput_under_latency")
+    p.add_argument("--out", default=None, help="write the plan as JSON (for colocate run --plan)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("run", help="run a plan for real and measure it")
+    add_ensemble_args(p)
+    p.add_argument("--plan", default=None, help="a plan JSON file from colocate plan --out")
+    p.add_argument("--strategy", choices=STRATEGIES, default="auto", help="plan with this if no --plan")
+    p.add_argument("--batch-size", type=int, default=8)
+    add_run_args(p, seconds=5.0)
+    p.add_argument("--out", default=None, help="write the RunResult as JSON")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="run several plans the same way and compare them")
+    add_ensemble_args(p)
+    p.add_argument(
+        "--strategies",
+        type=lambda t: [x for x in t.split(",") if x],
+        default=["sequential", "streams", "processes", "auto"],
+    )
+    p.add_argument("--batch-sizes", type=_batch_sizes, default=[8], help="e.g. 1,8,64 for a regime map")
+    add_run_args(p, seconds=3.0)
+    p.add_argument("--calibrate", action="store_true", help="measure a few pairs first (auto uses them)")
+    p.add_argument("--calibration", default=None, help="reuse a saved calibration JSON")
+    p.add_argument("--out", default=None, help="folder for report.json/.csv/.txt/.png")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -336,6 +336,50 @@ def load_calibration(path: str | Path) -> Calibration:
     return serde.load(Calibration, path)
 
 
+# --- regime map ----------------------------------------------------------------------------
+
+
+def pareto_set(report: Report) -> list[str]:
+    """Plans not dominated on (higher throughput, lower p99 latency, lower peak memory)."""
+    ran = [
+        r for r in report.results
+        if r.run is not None and r.run.latency is not None and r.measured_sps is not None
+    ]
+
+    def point(r: PlanResult) -> tuple[float, float, float]:
+        assert r.run is not None and r.run.latency is not None
+        memory = r.run.peak_memory_bytes
+        return (-(r.measured_sps or 0.0), r.run.latency.p99_s, float(memory or 0))
+
+    points = {r.name: point(r) for r in ran}
+    front = []
+    for name, mine in points.items():
+        dominated = any(
+            other != mine and all(o <= m for o, m in zip(other, mine, strict=True))
+            for other_name, other in points.items()
+            if other_name != name
+        )
+        if not dominated:
+            front.append(name)
+    return front
+
+
+def regime_rows(reports: Sequence[Report]) -> list[list[str]]:
+    """One row per batch size: the best measured plan, its speed-up, and the Pareto set."""
+    rows = []
+    for report in sorted(reports, key=lambda r: r.batch_size):
+        best = report.best
+        rows.append(
+            [
+                str(report.batch_size),
+                best.name if best else "-",
+                f"{best.speedup:.2f}x" if best is not None and best.speedup is not None else "-",
+                ", ".join(pareto_set(report)) or "-",
+            ]
+        )
+    return rows
+
+
 __all__ = [
     "BASELINE",
     "DEFAULT_STRATEGIES",
@@ -346,6 +390,8 @@ __all__ = [
     "compare",
     "load_calibration",
     "pairs_to_measure",
+    "pareto_set",
+    "regime_rows",
     "run_plan",
     "save_report",
 ]

@@ -868,13 +868,16 @@ def find_device(spec: str) -> Device:
 
     Accepted: ``"cpu"``; ``"cuda"`` (= ``"cuda:0"``); ``"cuda:N"``; ``"best"`` (see
     :func:`best_device`); a preset name such as ``"h100"`` (a simulated GPU); the
-    path of a JSON spec file (a simulated GPU, see :func:`load_spec`).
+    path of a JSON spec file (a simulated GPU, see :func:`load_spec`). A ``"sim:"``
+    prefix (``"sim:h100"``) says explicitly that the device is simulated.
 
     Raises:
         DeviceError: a CUDA device that does not exist here (the message lists those that do).
         InvalidInputError: anything else that is not understood.
     """
     text = spec.strip()
+    if text.lower().startswith("sim:"):  # "sim:h100" or "sim:my-gpu.json": explicitly simulated
+        text = text[4:]
     lowered = text.lower()
     if lowered == "cpu":
         return cpu_device()

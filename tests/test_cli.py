@@ -27,7 +27,21 @@ def test_devices_with_presets(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_demo_json_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert (
-        main(["demo", "--device", "cpu", "--scale", "tiny", "--batch-size", "3", "--repeats", "2", "--json"])
+        main(
+            [
+                "demo",
+                "--quick",
+                "--device",
+                "cpu",
+                "--scale",
+                "tiny",
+                "--batch-size",
+                "3",
+                "--repeats",
+                "2",
+                "--json",
+            ]
+        )
         == 0
     )
     payload = json.loads(capsys.readouterr().out)
@@ -39,7 +53,7 @@ def test_demo_json_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_demo_table(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--device", "cpu", "--scale", "tiny", "--repeats", "2"]) == 0
+    assert main(["demo", "--quick", "--device", "cpu", "--scale", "tiny", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
     assert "combined prediction" in out and "efficientnet" in out
 

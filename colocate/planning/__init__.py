@@ -1,0 +1,46 @@
+"""Planning: decide how to co-locate an ensemble's members on one device, and predict the result.
+
+``plan(ensemble, device, profiles)`` reads the members' profiles (:mod:`.demands`), builds the
+conflict graph (:mod:`.graph`), lets strategies propose slot layouts (:mod:`.strategies`),
+predicts each with the cost model (:mod:`.cost`), rejects what does not fit in memory, and
+returns the best :class:`~colocate.planning.types.Plan` for the objective with its reasons
+(:mod:`.search`, :mod:`.explain`). :mod:`.render` prints plans. See ``docs/planning.md``.
+"""
+
+from __future__ import annotations
+
+from colocate.planning.cost import CostModel, Evaluation, SlotSpec, mps_percentages
+from colocate.planning.demands import DemandSet, MemberDemand, demand_set, member_demands
+from colocate.planning.graph import compatibility_graph, conflict_graph
+from colocate.planning.render import PLAN_COLUMNS, plan_rows, render_plan
+from colocate.planning.search import OBJECTIVES, PlanList, plan, plan_all
+from colocate.planning.strategies import DESCRIPTIONS, MAX_EXHAUSTIVE_MEMBERS, STRATEGIES
+from colocate.planning.types import SLOT_KINDS, MemberPrediction, Plan, Prediction, Slot
+
+__all__ = [
+    "DESCRIPTIONS",
+    "MAX_EXHAUSTIVE_MEMBERS",
+    "OBJECTIVES",
+    "PLAN_COLUMNS",
+    "SLOT_KINDS",
+    "STRATEGIES",
+    "CostModel",
+    "DemandSet",
+    "Evaluation",
+    "MemberDemand",
+    "MemberPrediction",
+    "Plan",
+    "PlanList",
+    "Prediction",
+    "Slot",
+    "SlotSpec",
+    "compatibility_graph",
+    "conflict_graph",
+    "demand_set",
+    "member_demands",
+    "mps_percentages",
+    "plan",
+    "plan_all",
+    "plan_rows",
+    "render_plan",
+]

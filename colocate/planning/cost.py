@@ -1,0 +1,729 @@
+"""The cost model: predict a plan's throughput, latency and memory from the members' demands.
+
+A request of ``batch_size`` samples is forked to every slot; a slot runs its members one after
+another; slots run concurrently; the request is done when the slowest member is (fork-join),
+plus the combine. The model simulates one request as a processor-sharing system: at every
+moment each slot runs its current member, and each running member progresses at a rate set by
+the resources it shares with the members running in the other slots. A member alone takes
+``L = R + max(H, G)``: host time ``H`` (its thread dispatching work), device-busy time ``G``
+(kernels; on the CPU device: its threads computing), and a remainder ``R`` that overlaps neither
+(synchronisation, launch latency). Running beside others it takes ``R + max(H * kh, G * kg)``:
+
+* **SMs (CPU: cores).** Members in one *concurrency domain* (the serving process's streams, or
+  every slot once MPS is in the plan, or all threads and processes on the CPU) run kernels at
+  the same time. Each uses ``busy x fill`` of the device on average; when the sum ``D`` over the
+  running members exceeds 1 the device is shared in proportion (``kg = D``); below 1 they
+  overlap nearly freely, paying only for memory bandwidth and caches
+  (``kg *= 1 + bandwidth_interference x min(1, D - own)``).
+* **Time slicing.** Without MPS, kernels of different processes never overlap: the GPU
+  alternates between contexts, so a member's kernels wait while other processes' kernels run
+  (``kg *= 1 + (1 + time_slice_overhead) x`` the busy share of the other running processes).
+* **MPS partitions.** An ``mps`` slot with ``p`` % of the threads has kernels that need ``fill``
+  of the SMs but get at most ``p``: ``kg *= max(1, fill / p)``; its members' demand counts at
+  ``min(fill, p)``. On the CPU an ``mps`` slot is a process on ``p`` % of the cores; its members
+  take their latency at that many threads (from their thread scaling).
+* **Host.** Stream slots share the serving process's interpreter: their host work is serialised
+  by the GIL (capacity ``stream_host_capacity`` threads); worker processes each have their own;
+  all host threads share the host's cores.
+* **Measured pairs.** With an interference table (a pair's slowdown = its time side by side
+  over the slower member's time alone), a member running beside a measured partner in the same
+  concurrency domain is stretched by the factor that makes the two-member prediction take
+  exactly the measured slowdown (found by bisection on the pair).
+
+Throughput has requests back to back: ``batch_size / interval`` where the interval is the
+largest of the slowest slot's time (its dispatch included), the SM-time bound (total
+``busy x fill x latency`` of all members: the work cannot beat the whole device), the
+time-slicing bound (busy times of different processes add up), and the host bounds (GIL and
+cores). Latency is the same fork-join maximum (a request cannot beat those bounds either)
+plus the combine. The p99 adds the tail of the slots that finish within 10 % of the last:
+along a slot, the members' tails ``(p99 / median - 1) x`` their time there add in quadrature
+(independent delays), and the largest such slot tail is added to the median. No prediction
+is faster than a member alone or than the device's SM time.
+
+Memory, per slot: the members' weights plus the largest peak activation among them (members of
+one slot run one after another on one stream, so the caching allocator reuses their activation
+blocks), plus ``allocator_margin``; plus one process cost per worker process (a CUDA context on
+a GPU, the interpreter's RSS on the CPU) and one for the serving process when it runs streams
+on a GPU. A plan fits when that is at most the device's free memory minus ``safety_margin``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from colocate.devices import Device
+from colocate.errors import InvalidInputError
+from colocate.planning.demands import DemandSet, MemberDemand, demand_set
+from colocate.planning.types import MemberPrediction, Prediction, Slot
+
+_MIB = 1 << 20
+MIN_MPS_PERCENT = 1.0
+"""Smallest MPS active-thread percentage the planner gives a slot."""
+
+
+class SlotSpec(NamedTuple):
+    """A slot before it is named: kind, members in run order, MPS percentage (mps only)."""
+
+    kind: str
+    members: tuple[str, ...]
+    percent: float | None = None
+
+
+Layout = tuple[SlotSpec, ...]
+"""Slots of a candidate plan, in order; slot ``i`` is named ``s{i}``."""
+
+
+def slot_name(index: int) -> str:
+    """The name of slot ``index`` in a plan."""
+    return f"s{index}"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The cost model's verdict on one layout (cheap; :meth:`CostModel.predict` gives the full one)."""
+
+    layout: Layout
+    throughput_sps: float
+    latency_s: float
+    latency_p99_s: float
+    peak_memory_bytes: int
+    memory_limit_bytes: int
+    bound: str
+    critical_member: str
+    slot_end_s: tuple[float, ...]  # per slot: dispatch + its members' finish
+    starts_s: tuple[tuple[float, ...], ...]  # per slot, per member
+    finishes_s: tuple[tuple[float, ...], ...]
+    bounds_s: tuple[tuple[str, float], ...]  # each interval bound
+
+    @property
+    def fits(self) -> bool:
+        """Whether the predicted peak memory is within the limit."""
+        return self.peak_memory_bytes <= self.memory_limit_bytes
+
+    @property
+    def workers(self) -> int:
+        """Worker processes (process and mps slots)."""
+        return sum(1 for s in self.layout if s.kind != "stream")
+
+    @property
+    def critical_slot(self) -> int:
+        """Index of the slot that finishes last."""
+        return max(range(len(self.slot_end_s)), key=lambda i: self.slot_end_s[i])
+
+
+class _Eff:
+    """One member's figures in one kind of slot (what the simulation reads)."""
+
+    __slots__ = ("alone", "bq", "cap", "d", "g", "h", "host", "latency", "rest", "work")
+
+    def __init__(
+        self, latency: float, g: float, host: float, fill_eff: float, cap: float, work: float, alone: float
+    ) -> None:
+        self.latency = latency  # its latency in this slot kind, alone
+        self.g = g  # device-busy time
+        self.host = host  # host time
+        self.rest = max(0.0, latency - max(host, g))
+        self.d = (g / latency) * fill_eff  # SM demand rate while running
+        self.bq = g / latency  # busy share (for time slicing)
+        self.h = host / latency  # host-thread demand rate
+        self.cap = cap  # MPS cap stretch of its kernels
+        self.work = work  # SM-seconds (whole-device seconds) of its work
+        self.alone = alone  # latency alone on the whole device
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Predicts throughput, latency and memory of slot layouts (see the module docstring).
+
+    The fields are the model's constants; the defaults are documented estimates, to be
+    calibrated against measured runs. ``interference`` holds measured pairwise slowdowns
+    (``{(a, b): factor}``, factor >= 1 = how much slower each of a and b runs while the other
+    runs beside it in another stream), which override the model for those pairs.
+    """
+
+    stream_host_capacity: float = 1.0  # host threads' worth of dispatch one interpreter runs at once (GIL)
+    time_slice_overhead: float = 0.10  # GPU time lost to context switches, per unit of contended time
+    bandwidth_interference: float = 0.10  # slowdown per unit of other kernels' concurrent SM demand
+    stream_dispatch_s: float = 20e-6  # handing a request to a stream's thread
+    process_dispatch_s: float = 150e-6  # handing a request to a worker process and back (IPC)
+    shm_copy_bytes_per_s: float = 8e9  # copying a request into shared memory for the workers
+    combine_base_s: float = 20e-6  # gathering and combining the members' outputs
+    combine_per_member_s: float = 5e-6
+    allocator_margin: float = 0.05  # on top of each slot's memory: allocator rounding, fragmentation
+    safety_margin: float = 0.10  # share of the free memory no plan may use
+    mps_limit_headroom: float = 0.10  # an mps slot's memory limit: (its need + process cost) x (1 + headroom)
+    interference: Mapping[tuple[str, str], float] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("stream_host_capacity", "shm_copy_bytes_per_s"):
+            if not getattr(self, name) > 0:
+                raise InvalidInputError(f"CostModel.{name} must be positive")
+        for name in (
+            "time_slice_overhead",
+            "bandwidth_interference",
+            "stream_dispatch_s",
+            "process_dispatch_s",
+            "combine_base_s",
+            "combine_per_member_s",
+            "allocator_margin",
+            "mps_limit_headroom",
+        ):
+            if getattr(self, name) < 0:
+                raise InvalidInputError(f"CostModel.{name} must be >= 0")
+        if not 0 <= self.safety_margin < 1:
+            raise InvalidInputError("CostModel.safety_margin must be in [0, 1)")
+        if self.interference is not None:
+            table: dict[tuple[str, str], float] = {}
+            for key, value in dict(self.interference).items():
+                if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)):
+                    raise InvalidInputError(
+                        f"interference table keys must be (member, member) pairs, got {key!r}"
+                    )
+                if key[0] == key[1]:
+                    raise InvalidInputError(f"interference pair {key!r} names one member twice")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                    raise InvalidInputError(
+                        f"interference {key!r}: slowdown must be a positive number, got {value!r}"
+                    )
+                table[(min(key), max(key))] = float(value)
+            object.__setattr__(self, "interference", table)
+
+    # -- public -------------------------------------------------------------------------
+
+    def memory_limit_bytes(self, demands: DemandSet) -> int:
+        """Memory a plan may use: free memory minus the safety margin."""
+        return int(demands.memory_available_bytes * (1.0 - self.safety_margin))
+
+    def slot_memory_bytes(self, members: Sequence[str], demands: DemandSet) -> int:
+        """Memory of one slot's members: weights + the largest activation, + allocator margin."""
+        weights = sum(demands[m].weights_bytes for m in members)
+        activation = max(demands[m].activation_bytes for m in members)
+        return math.ceil((weights + activation) * (1.0 + self.allocator_margin))
+
+    def peak_memory_bytes(self, layout: Layout, demands: DemandSet) -> int:
+        """Predicted peak memory of a layout: slots + one process cost per process."""
+        total = sum(self.slot_memory_bytes(s.members, demands) for s in layout)
+        return total + self.processes(layout, demands) * demands.process_bytes
+
+    def processes(self, layout: Layout, demands: DemandSet) -> int:
+        """Processes that pay a process cost: workers, and the serving process on a GPU if it runs streams."""
+        workers = sum(1 for s in layout if s.kind != "stream")
+        serving = 1 if demands.is_gpu and any(s.kind == "stream" for s in layout) else 0
+        return workers + serving
+
+    def mps_memory_limit_bytes(self, members: Sequence[str], demands: DemandSet) -> int:
+        """CUDA_MPS_PINNED_DEVICE_MEM_LIMIT for an mps slot, in whole MiB.
+
+        What the plan budgets for that client (its members' memory plus the per-process cost, since
+        library workspaces outside the framework's allocator count against the limit too), with
+        ``mps_limit_headroom`` on top so the limit guards the device without failing a member
+        whose figures were a little low.
+        """
+        budget = self.slot_memory_bytes(members, demands) + demands.process_bytes
+        need = budget * (1.0 + self.mps_limit_headroom)
+        return math.ceil(need / _MIB) * _MIB
+
+    def engine(self, demands: DemandSet) -> Engine:
+        """An evaluator bound to ``demands`` that caches per-member figures (for searches)."""
+        return Engine(self, demands)
+
+    def evaluate(self, layout: Layout, demands: DemandSet) -> Evaluation:
+        """The verdict on one layout."""
+        return Engine(self, demands).evaluate(layout)
+
+    def predict(
+        self,
+        slots: Sequence[Slot] | Layout,
+        demands: DemandSet | Mapping[str, MemberDemand] | Sequence[MemberDemand],
+        device: Device | None = None,
+        batch_size: int | None = None,
+    ) -> Prediction:
+        """Predict a plan: its throughput, latency (median, p99), peak memory and each member.
+
+        Args:
+            slots: the plan's slots (or a layout of :class:`SlotSpec`).
+            demands: a :class:`DemandSet` (from :func:`member_demands`), or member demands by
+                name (then ``device`` and ``batch_size`` are required and the default process
+                cost applies).
+            device: the device, when ``demands`` is not a DemandSet.
+            batch_size: the batch size, when ``demands`` is not a DemandSet.
+        """
+        demand_set_ = _as_demand_set(demands, device, batch_size)
+        layout = as_layout(slots)
+        return Engine(self, demand_set_).prediction(layout)
+
+
+def _as_demand_set(
+    demands: DemandSet | Mapping[str, MemberDemand] | Sequence[MemberDemand],
+    device: Device | None,
+    batch_size: int | None,
+) -> DemandSet:
+    if isinstance(demands, DemandSet):
+        return demands
+    if device is None or batch_size is None:
+        raise InvalidInputError("predict() needs device and batch_size when demands is not a DemandSet")
+    items = list(demands.values()) if isinstance(demands, Mapping) else list(demands)
+    return demand_set(device, batch_size, items)
+
+
+def as_layout(slots: Sequence[Slot] | Layout) -> Layout:
+    """Slots (or slot specs) as a :data:`Layout`."""
+    out: list[SlotSpec] = []
+    for s in slots:
+        if isinstance(s, Slot):
+            out.append(SlotSpec(s.kind, tuple(s.members), s.thread_percentage))
+        elif isinstance(s, SlotSpec):
+            out.append(s)
+        else:
+            raise InvalidInputError(f"expected Slot objects, got {type(s).__name__}")
+    return tuple(out)
+
+
+def mps_percentages(groups: Sequence[Sequence[str]], demands: DemandSet) -> tuple[float, ...]:
+    """MPS thread percentages for slots running ``groups``: proportional to their SM work.
+
+    A slot's weight is its members' ``busy x fill x latency`` (SM-seconds), so GPU-bound parts
+    of the slots finish together (the fork-join balance) and the straggler gets the largest
+    share. No slot gets more than its widest member's fill (more would sit idle) nor less than
+    :data:`MIN_MPS_PERCENT`; what a capped slot leaves goes to the others. The percentages are
+    whole-ish (one decimal) and sum to at most 100.
+    """
+    n = len(groups)
+    if n == 0:
+        return ()
+    floor = min(MIN_MPS_PERCENT, 100.0 / n)
+    weights = [max(sum(demands[m].sm_seconds for m in g), 1e-12) for g in groups]
+    caps = [max(floor, 100.0 * max(demands[m].sm_fill for m in g)) for g in groups]
+    shares = [0.0] * n
+    free = set(range(n))
+    budget = 100.0
+    while free:
+        total = sum(weights[i] for i in free)
+        capped = [i for i in free if budget * weights[i] / total >= caps[i]]
+        if not capped:
+            for i in free:
+                shares[i] = budget * weights[i] / total
+            break
+        for i in capped:
+            shares[i] = caps[i]
+            budget -= caps[i]
+            free.discard(i)
+        if budget <= 0:
+            break
+    shares = [max(floor, s) for s in shares]
+    total = sum(shares)
+    if total > 100.0:
+        shares = [s * 100.0 / total for s in shares]
+    out = [max(floor, math.floor(s * 10.0) / 10.0) for s in shares]
+    while sum(out) > 100.0 + 1e-9:  # the floors pushed it over: trim the largest
+        i = max(range(n), key=lambda k: out[k])
+        out[i] = round(out[i] - 0.1, 1)
+    return tuple(out)
+
+
+class Engine:
+    """Evaluates layouts for one :class:`DemandSet`, caching per-member figures."""
+
+    def __init__(self, model: CostModel, demands: DemandSet) -> None:
+        self.model = model
+        self.demands = demands
+        self.gpu = demands.is_gpu
+        self.limit = model.memory_limit_bytes(demands)
+        self._eff: dict[tuple[str, str, float | None], _Eff] = {}
+        self._pairs: dict[tuple[str, str], float] = {}
+        self._slot_mem: dict[tuple[str, ...], int] = {}
+        table = model.interference or {}
+        unknown = sorted({m for pair in table for m in pair} - set(demands.names))
+        if unknown:
+            raise InvalidInputError(
+                f"interference table names unknown member(s) {unknown}; members: {', '.join(demands.names)}"
+            )
+        self._measured: dict[tuple[str, str], float] = dict(table)
+        self.evaluations = 0
+
+    # -- figures ------------------------------------------------------------------------
+
+    def eff(self, name: str, kind: str, percent: float | None) -> _Eff:
+        key = (name, kind, percent if kind == "mps" else None)
+        cached = self._eff.get(key)
+        if cached is not None:
+            return cached
+        d = self.demands[name]
+        latency = d.latency_s
+        busy = d.busy_s
+        if self.gpu:
+            fill = d.sm_fill
+            if kind == "mps":
+                p = (percent or 100.0) / 100.0
+                e = _Eff(latency, busy, d.host_s, min(fill, p), max(1.0, fill / p), busy * fill, latency)
+            else:
+                e = _Eff(latency, busy, d.host_s, fill, 1.0, busy * fill, latency)
+        else:
+            cores = self.demands.cores
+            if kind == "mps":
+                k = cpu_threads_for(percent, cores)
+                lat_k = d.latency_with_threads(k)
+                g = lat_k * d.busy_fraction
+                fill_k = min(1.0, k / cores)
+                e = _Eff(lat_k, g, 0.0, fill_k, 1.0, g * fill_k, latency)
+            else:
+                e = _Eff(latency, busy, 0.0, d.sm_fill, 1.0, busy * d.sm_fill, latency)
+        self._eff[key] = e
+        return e
+
+    def slot_memory(self, members: tuple[str, ...]) -> int:
+        cached = self._slot_mem.get(members)
+        if cached is None:
+            cached = self.model.slot_memory_bytes(members, self.demands)
+            self._slot_mem[members] = cached
+        return cached
+
+    def peak_memory(self, layout: Layout) -> int:
+        total = sum(self.slot_memory(s.members) for s in layout)
+        return total + self.model.processes(layout, self.demands) * self.demands.process_bytes
+
+    def fits(self, layout: Layout) -> bool:
+        return self.peak_memory(layout) <= self.limit
+
+    # -- pairs --------------------------------------------------------------------------
+
+    def _pair_layout(self, a: str, b: str, kind: str) -> Layout:
+        if kind == "mps":
+            pa, pb = mps_percentages([[a], [b]], self.demands)
+            return (SlotSpec("mps", (a,), pa), SlotSpec("mps", (b,), pb))
+        return (SlotSpec(kind, (a,)), SlotSpec(kind, (b,)))
+
+    def _pair_makespan(self, layout: Layout, factor: float | None) -> float:
+        sim = self._simulate(layout, corrected=False, pair_factor=factor)
+        return max(sim.finishes[0][0], sim.finishes[1][0])
+
+    def pair_slowdown(self, a: str, b: str, kind: str = "stream") -> float:
+        """Model slowdown of ``a`` and ``b`` run side by side in two slots of ``kind`` (>= 1).
+
+        The pair's time (both started together, until both are done) over the slower member's
+        time alone: what a calibration run measures as the pair's request latency over the
+        slower member's. For ``mps`` the two slots get :func:`mps_percentages`. Measured
+        interference is not applied.
+        """
+        cache_key = (min(a, b) + "\0" + max(a, b), kind)
+        cached = self._pairs.get(cache_key)
+        if cached is not None:
+            return cached
+        layout = self._pair_layout(a, b, kind)
+        alone = max(self.demands[a].latency_s, self.demands[b].latency_s)
+        value = max(1.0, self._pair_makespan(layout, None) / alone)
+        self._pairs[cache_key] = value
+        return value
+
+    def measured_pair(self, a: str, b: str) -> float | None:
+        """The measured slowdown of the pair, if the interference table has it."""
+        return self._measured.get((min(a, b), max(a, b)))
+
+    def _correction(self, a: str, b: str) -> float:
+        """The factor on both members' time while side by side that makes the pair take its
+        measured slowdown (found by bisection; 1 when the pair was not measured)."""
+        measured = self.measured_pair(a, b)
+        if measured is None:
+            return 1.0
+        key = (min(a, b) + "\0" + max(a, b), "correction")
+        cached = self._pairs.get(key)
+        if cached is not None:
+            return cached
+        layout = self._pair_layout(a, b, "stream")
+        target = max(1.0, measured) * max(self.demands[a].latency_s, self.demands[b].latency_s)
+        low, high = 0.05, 1.0
+        while self._pair_makespan(layout, high) < target and high < 1e3:
+            high *= 2.0
+        for _ in range(50):
+            mid = 0.5 * (low + high)
+            if self._pair_makespan(layout, mid) < target:
+                low = mid
+            else:
+                high = mid
+        value = 0.5 * (low + high)
+        self._pairs[key] = value
+        return value
+
+    # -- simulation ---------------------------------------------------------------------
+
+    def _simulate(self, layout: Layout, *, corrected: bool = True, pair_factor: float | None = None) -> _Sim:
+        model = self.model
+        n = len(layout)
+        effs = [[self.eff(m, s.kind, s.percent) for m in s.members] for s in layout]
+        names = [s.members for s in layout]
+        stream = [s.kind == "stream" for s in layout]
+        if not self.gpu or any(s.kind == "mps" for s in layout):
+            domain = [0] * n
+            n_domains = 1
+        else:
+            domain = []
+            n_domains = 1
+            for s in layout:
+                if s.kind == "stream":
+                    domain.append(0)
+                else:
+                    domain.append(n_domains)
+                    n_domains += 1
+        multi = n_domains > 1
+        correct = (corrected and bool(self._measured)) or pair_factor is not None
+        beta = model.bandwidth_interference
+        slice_cost = 1.0 + model.time_slice_overhead
+        cap = model.stream_host_capacity
+        host_cores = float(self.demands.host_cores)
+        pos = [0] * n
+        rem = [1.0] * n
+        starts = [[0.0] * len(s.members) for s in layout]
+        finishes = [[0.0] * len(s.members) for s in layout]
+        active = list(range(n))
+        t = 0.0
+        while active:
+            dsum = [0.0] * n_domains
+            occp = [1.0] * n_domains
+            gil = 0.0
+            worker_host = 0.0
+            for k in active:
+                e = effs[k][pos[k]]
+                dm = domain[k]
+                dsum[dm] += e.d
+                occp[dm] *= 1.0 - e.bq
+                if stream[k]:
+                    gil += e.h
+                else:
+                    worker_host += e.h
+            k_gil = gil / cap if gil > cap else 1.0
+            host_load = (gil if gil < cap else cap) + worker_host
+            k_cores = host_load / host_cores if host_load > host_cores else 1.0
+            k_stream_host = k_gil if k_gil > k_cores else k_cores
+            if multi:
+                occ = [1.0 - p for p in occp]
+                total_occ = sum(occ)
+            best = math.inf
+            durations: list[float] = []
+            for k in active:
+                e = effs[k][pos[k]]
+                dm = domain[k]
+                demand = dsum[dm]
+                others = demand - e.d
+                k_gpu = (
+                    e.cap
+                    * (demand if demand > 1.0 else 1.0)
+                    * (1.0 + beta * (others if others < 1.0 else 1.0))
+                )
+                if multi:
+                    k_gpu *= 1.0 + slice_cost * (total_occ - occ[dm])
+                a = e.host * (k_stream_host if stream[k] else k_cores)
+                b = e.g * k_gpu
+                duration = e.rest + (a if a > b else b)
+                if correct:
+                    me = names[k][pos[k]]
+                    for o in active:
+                        if o != k and domain[o] == dm:
+                            if pair_factor is not None:
+                                duration *= pair_factor
+                            else:
+                                duration *= self._correction(me, names[o][pos[o]])
+                if duration < e.latency and pair_factor is None:
+                    duration = e.latency
+                durations.append(duration)
+                left = rem[k] * duration
+                if left < best:
+                    best = left
+            t += best
+            still: list[int] = []
+            for k, duration in zip(active, durations, strict=True):
+                r = rem[k] - best / duration
+                if r <= 1e-9:
+                    finishes[k][pos[k]] = t
+                    pos[k] += 1
+                    if pos[k] < len(effs[k]):
+                        starts[k][pos[k]] = t
+                        rem[k] = 1.0
+                        still.append(k)
+                else:
+                    rem[k] = r
+                    still.append(k)
+            active = still
+        return _Sim(starts, finishes)
+
+    # -- verdicts -----------------------------------------------------------------------
+
+    def _check(self, layout: Layout) -> None:
+        if not layout:
+            raise InvalidInputError("a plan needs at least one slot")
+        if self.gpu:
+            kinds = {s.kind for s in layout}
+            if "process" in kinds and "mps" in kinds:
+                raise InvalidInputError(
+                    "a plan cannot mix 'process' and 'mps' slots on a GPU: under MPS every process "
+                    "is an MPS client; use one kind of worker"
+                )
+
+    def _bounds(self, layout: Layout) -> tuple[list[float], float, list[tuple[str, float]]]:
+        """Per-slot dispatch offsets, the combine time, and the interval bounds that need no simulation."""
+        model = self.model
+        demands = self.demands
+        worker_inputs = [demands[m].input_bytes for s in layout if s.kind != "stream" for m in s.members]
+        copy_s = max(worker_inputs) / model.shm_copy_bytes_per_s if worker_inputs else 0.0
+        offsets = [
+            model.stream_dispatch_s if s.kind == "stream" else model.process_dispatch_s + copy_s
+            for s in layout
+        ]
+        members_n = sum(len(s.members) for s in layout)
+        combine = model.combine_base_s + model.combine_per_member_s * members_n
+        front = sum(offsets) + combine
+        work = 0.0
+        stream_host = 0.0
+        all_host = 0.0
+        serial = 0.0
+        domain_work: list[float] = []
+        domain_busy: list[float] = []
+        main_work = 0.0
+        main_busy = 0.0
+        time_sliced = self.gpu and not any(s.kind == "mps" for s in layout)
+        for i, s in enumerate(layout):
+            slot_work = 0.0
+            host = 0.0
+            busy = 0.0
+            latency = 0.0
+            for m in s.members:
+                e = self.eff(m, s.kind, s.percent)
+                slot_work += e.work
+                host += e.host
+                busy += e.g
+                latency += e.latency
+            serial = max(serial, offsets[i] + latency)
+            work += slot_work
+            all_host += host
+            if s.kind == "stream":
+                stream_host += host
+                main_work += slot_work
+                main_busy = max(main_busy, busy)
+            else:
+                domain_work.append(slot_work)
+                domain_busy.append(busy)
+        bounds: list[tuple[str, float]] = [("critical path", serial)]
+        bounds.append(("SM time" if self.gpu else "core time", work))
+        if time_sliced and len(domain_work) + (1 if main_busy > 0 else 0) > 1:
+            sliced = max(main_work, main_busy) + sum(
+                max(w, b) for w, b in zip(domain_work, domain_busy, strict=True)
+            )
+            bounds.append(("time slicing", sliced * (1.0 + model.time_slice_overhead)))
+        bounds.append(("host (GIL)", (stream_host + front) / model.stream_host_capacity))
+        bounds.append(("host (CPU cores)", (all_host + front) / max(1, demands.host_cores)))
+        return offsets, combine, bounds
+
+    def lower_bound(self, layout: Layout) -> tuple[float, float]:
+        """Throughput and latency no better than which ``layout`` can be predicted (no simulation).
+
+        Returns ``(most throughput, least latency)``: members run at least as long as alone.
+        """
+        _, combine, bounds = self._bounds(layout)
+        interval = max(b for _, b in bounds)
+        return self.demands.batch_size / interval, interval + combine
+
+    def evaluate(self, layout: Layout) -> Evaluation:
+        """Throughput, latency, memory and bounds of ``layout``."""
+        self.evaluations += 1
+        self._check(layout)
+        demands = self.demands
+        sim = self._simulate(layout)
+        offsets, combine, bounds = self._bounds(layout)
+        slot_end = [offsets[i] + sim.finishes[i][-1] for i in range(len(layout))]
+        bounds[0] = ("critical path", max(slot_end))
+        label, interval = max(bounds, key=lambda b: b[1])
+        latency = interval + combine
+        critical_slot = max(range(len(layout)), key=lambda i: slot_end[i])
+        critical = layout[critical_slot].members[-1]
+        latest = slot_end[critical_slot]
+        spread = 0.0  # the tail: independent members' tails add in quadrature along a slot
+        for i, s in enumerate(layout):
+            if slot_end[i] < 0.9 * latest:
+                continue
+            squares = 0.0
+            for j, m in enumerate(s.members):
+                extra = (demands[m].p99_ratio - 1.0) * (sim.finishes[i][j] - sim.starts[i][j])
+                squares += extra * extra
+            spread = max(spread, math.sqrt(squares))
+        return Evaluation(
+            layout=layout,
+            throughput_sps=demands.batch_size / interval,
+            latency_s=latency,
+            latency_p99_s=latency + spread,
+            peak_memory_bytes=self.peak_memory(layout),
+            memory_limit_bytes=self.limit,
+            bound=label,
+            critical_member=critical,
+            slot_end_s=tuple(slot_end),
+            starts_s=tuple(tuple(offsets[i] + t for t in sim.starts[i]) for i in range(len(layout))),
+            finishes_s=tuple(tuple(offsets[i] + t for t in sim.finishes[i]) for i in range(len(layout))),
+            bounds_s=tuple(bounds),
+        )
+
+    def prediction(self, layout: Layout) -> Prediction:
+        """The full :class:`Prediction` of ``layout`` (slots named ``s0``, ``s1``, ...)."""
+        for s in layout:
+            for m in s.members:
+                self.demands[m]  # raises for unknown members
+        ev = self.evaluate(layout)
+        return prediction_from(ev, self)
+
+
+class _Sim(NamedTuple):
+    starts: list[list[float]]
+    finishes: list[list[float]]
+
+
+def cpu_threads_for(percent: float | None, cores: int) -> int:
+    """Threads of a CPU 'mps' slot with ``percent`` % of ``cores`` cores (at least 1)."""
+    if percent is None:
+        return cores
+    return max(1, min(cores, round(percent / 100.0 * cores)))
+
+
+def prediction_from(ev: Evaluation, engine: Engine) -> Prediction:
+    """The :class:`Prediction` for an evaluation."""
+    demands = engine.demands
+    members: list[MemberPrediction] = []
+    for i, s in enumerate(ev.layout):
+        for j, m in enumerate(s.members):
+            d = demands[m]
+            start, finish = ev.starts_s[i][j], ev.finishes_s[i][j]
+            alone = d.latency_s
+            members.append(
+                MemberPrediction(
+                    member=m,
+                    slot=slot_name(i),
+                    alone_s=alone,
+                    start_s=start,
+                    finish_s=finish,
+                    slowdown=max(1.0, (finish - start) / alone) if alone > 0 else 1.0,
+                    memory_bytes=d.memory_bytes,
+                    source=d.source,
+                )
+            )
+    return Prediction(
+        throughput_sps=ev.throughput_sps,
+        latency_s=ev.latency_s,
+        latency_p99_s=ev.latency_p99_s,
+        peak_memory_bytes=ev.peak_memory_bytes,
+        critical_member=ev.critical_member,
+        bound=ev.bound,
+        members=tuple(members),
+    )
+
+
+__all__ = [
+    "CostModel",
+    "Engine",
+    "Evaluation",
+    "Layout",
+    "SlotSpec",
+    "as_layout",
+    "cpu_threads_for",
+    "mps_percentages",
+    "prediction_from",
+    "slot_name",
+]
