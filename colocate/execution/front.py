@@ -60,7 +60,8 @@ from colocate.execution.mps import MpsDaemon, MpsSlot, cpu_share, usable_cores
 from colocate.execution.processes import OnWorkerDeath, ProcessSlot, pickle_members
 from colocate.execution.streams import StreamSlot
 from colocate.execution.types import EnsembleResult, ExecutorStats
-from colocate.planning.types import Plan
+from colocate.planning.cost import cpu_threads_per_slot
+from colocate.planning.types import Plan, Slot
 
 _WATCHDOG_INTERVAL_S = 0.1
 _LATENCY_WINDOW = 100_000
@@ -255,7 +256,7 @@ class Executor:
         if self._uses_shm:
             resources.pool = SharedBatchPool()
         if device.kind == "cpu":
-            threads = [s.cpu_threads for s in plan.slots if s.kind == "stream" and s.cpu_threads]
+            threads = [self._cpu_threads(s) or 0 for s in plan.slots if s.kind == "stream"]
             has_torch = any(
                 self.ensemble.member(m).backend == "torch"
                 for s in plan.slots
@@ -284,7 +285,7 @@ class Executor:
         cores = usable_cores()
         core_offset = 0
         for slot in plan.slots:
-            members = tuple(self._member_for(name, slot.cpu_threads) for name in slot.members)
+            members = tuple(self._member_for(name, self._cpu_threads(slot)) for name in slot.members)
             if slot.kind == "stream":
                 slots.append(
                     StreamSlot(
@@ -304,7 +305,8 @@ class Executor:
                 "stop_grace_s": self.stop_grace_s,
             }
             if slot.kind == "process":
-                slots.append(ProcessSlot(slot, members, device, cpu_threads=slot.cpu_threads, **options))
+                threads = self._cpu_threads(slot)
+                slots.append(ProcessSlot(slot, members, device, cpu_threads=threads, **options))
                 continue
             daemon: MpsDaemon | None = None
             if device.kind == "cuda":
@@ -316,6 +318,15 @@ class Executor:
                 core_offset += len(cpu_share(slot, cores, core_offset))
             slots.append(mps_slot)
         return slots
+
+    def _cpu_threads(self, slot: Slot) -> int | None:
+        """A CPU slot's intra-op threads: the plan's, else a fair share of the cores per slot.
+
+        ``mps`` slots size themselves from their core share; GPU slots leave it to the framework.
+        """
+        if self.plan.device.kind != "cpu" or slot.kind == "mps":
+            return slot.cpu_threads
+        return slot.cpu_threads or cpu_threads_per_slot(len(usable_cores()), len(self.plan.slots))
 
     def _member_for(self, name: str, cpu_threads: int | None) -> Member:
         member = self.ensemble.member(name)

@@ -676,6 +676,15 @@ class _Sim(NamedTuple):
     finishes: list[list[float]]
 
 
+def cpu_threads_per_slot(cores: int, slots: int) -> int:
+    """Threads each of ``slots`` concurrent CPU slots (threads or processes) gets: a fair share.
+
+    Every slot with all the cores would oversubscribe them (each framework thread pool spins up
+    ``cores`` threads), which on a small machine is many times slower than sharing them out.
+    """
+    return max(1, cores // max(1, slots))
+
+
 def cpu_threads_for(percent: float | None, cores: int) -> int:
     """Threads of a CPU 'mps' slot with ``percent`` % of ``cores`` cores (at least 1)."""
     if percent is None:
@@ -723,6 +732,7 @@ __all__ = [
     "SlotSpec",
     "as_layout",
     "cpu_threads_for",
+    "cpu_threads_per_slot",
     "mps_percentages",
     "prediction_from",
     "slot_name",

@@ -28,6 +28,7 @@ from colocate.planning.cost import (
     Layout,
     SlotSpec,
     cpu_threads_for,
+    cpu_threads_per_slot,
     prediction_from,
     slot_name,
 )
@@ -441,9 +442,13 @@ class _Session:
                         if mps and demands.is_gpu
                         else None
                     ),
-                    cpu_threads=cpu_threads_for(s.percent, demands.cores)
-                    if mps and not demands.is_gpu
-                    else None,
+                    cpu_threads=None
+                    if demands.is_gpu
+                    else (
+                        cpu_threads_for(s.percent, demands.cores)
+                        if mps
+                        else cpu_threads_per_slot(demands.cores, len(ev.layout))
+                    ),
                 )
             )
         prediction = prediction_from(ev, self.engine)
