@@ -99,7 +99,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _full_demo(args: argparse.Namespace) -> int:
     """Profile the default ensemble, plan it with every strategy, run and compare the plans."""
     from colocate import demo, devices
-    from colocate.compare import RunSettings, compare, save_report
+    from colocate.compare import RunSettings, compare, dedupe_plans, save_report
     from colocate.planning import plan_all
     from colocate.profiling import profile
     from colocate.report import render_table
@@ -114,15 +114,12 @@ def _full_demo(args: argparse.Namespace) -> int:
     profiles = profile(ensemble, device, (args.batch_size,))
     say("2/3 planning with every strategy")
     plans = plan_all(ensemble, device, profiles, batch_size=args.batch_size)
-    unique: dict[tuple[tuple[str, tuple[str, ...]], ...], Any] = {}
-    for candidate in plans:
-        layout = tuple((slot.kind, slot.members) for slot in candidate.slots)
-        unique.setdefault(layout, candidate)  # strategies that agree are run once
+    unique = dedupe_plans(plans)
     say(f"3/3 running {len(unique)} distinct plans, {args.seconds:g} s each")
     report = compare(
         ensemble,
         device,
-        list(unique.values()),
+        list(unique),
         profiles=profiles,
         batch_size=args.batch_size,
         settings=RunSettings(seconds=args.seconds),

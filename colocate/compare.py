@@ -10,6 +10,7 @@ uses measured slowdowns instead of predicted ones for them.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import gc
 import itertools
@@ -79,6 +80,23 @@ class Calibration:
     def interference(self) -> dict[tuple[str, str], float]:
         """The table the planner takes: ``{(a, b): slowdown}``."""
         return {(p.a, p.b): p.slowdown for p in self.pairs}
+
+
+def dedupe_plans(plans: Sequence[Plan]) -> list[Plan]:
+    """One plan per distinct slot layout; strategies that agree are named together ("a=b").
+
+    The baseline keeps its plain name ``sequential`` so speed-ups stay relative to it.
+    """
+    groups: dict[tuple[tuple[str, tuple[str, ...], float | None], ...], list[Plan]] = {}
+    for candidate in plans:
+        layout = tuple((s.kind, s.members, s.thread_percentage) for s in candidate.slots)
+        groups.setdefault(layout, []).append(candidate)
+    unique = []
+    for group in groups.values():
+        names = [p.strategy for p in group]
+        label = BASELINE if BASELINE in names else "=".join(names)
+        unique.append(dataclasses.replace(group[0], strategy=label))
+    return unique
 
 
 def _fresh_state(device: Device) -> None:
@@ -388,6 +406,7 @@ __all__ = [
     "RunSettings",
     "calibrate",
     "compare",
+    "dedupe_plans",
     "load_calibration",
     "pairs_to_measure",
     "pareto_set",
