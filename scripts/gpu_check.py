@@ -33,16 +33,32 @@ PY = sys.executable
 # <stamp>-<gpu>-<file>, and copied into $OUT). Later issues add theirs here.
 GPU_BENCHMARKS: list[tuple[str, list[str], int]] = [
     ("devices", ["{python}", "-m", "colocate", "devices", "--json"], 60),
-    ("demo", ["{python}", "-m", "colocate", "demo", "--device", "cuda", "--repeats", "10"], 90),
+    ("demo-quick", ["{python}", "-m", "colocate", "demo", "--quick", "--device", "cuda"], 90),
     (
         "profile-default-ensemble",
         [
             "{python}", "benchmarks/profile_default_ensemble.py", "--device", "cuda",
-            "--batch-sizes", "1,8,32,128", "--precisions", "fp32,fp16",
+            "--batch-sizes", "1,8,32,128", "--precisions", "fp32",
             "--out", "{outdir}/profile-default-ensemble.json",
-            "--profiles-out", "{outdir}/profiles-default-large-fp32.json",
+        ],
+        150,
+    ),
+    (
+        "compare",
+        [
+            "{python}", "-m", "colocate", "compare", "--device", "cuda",
+            "--strategies", "sequential,streams,processes,mps,auto", "--batch-sizes", "8",
+            "--seconds", "3", "--allow-mps-start", "--out", "{outdir}/compare",
         ],
         240,
+    ),
+    (
+        "run-auto",
+        [
+            "{python}", "-m", "colocate", "run", "--device", "cuda", "--strategy", "auto",
+            "--batch-size", "8", "--seconds", "3", "--allow-mps-start", "--out", "{outdir}/run-auto.json",
+        ],
+        120,
     ),
 ]
 
@@ -182,7 +198,7 @@ def main() -> int:
             "pytest -m gpu",
             [PY, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
              f"--junitxml={junit}"],
-            200,
+            180,
             env,
         )
     )
@@ -192,37 +208,49 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_dir = os.environ.get("OUT")
     benchmarks: dict[str, list[str]] = {}
+    found_versions = versions()
+    summary = RESULTS / f"{stamp}-{gpu}-gpu-check.json"
+
+    def write_summary(finished: bool) -> dict[str, Any]:
+        # written after every check, so a run cut short still leaves its results behind
+        result = {
+            "kind": "gpu-check",
+            "date": started.isoformat(timespec="seconds"),
+            "command": "make gpu-check",
+            "finished": finished,
+            "device": device,
+            "versions": found_versions,
+            "checks": checks,
+            "tests": parse_junit(junit),
+            "result_files": benchmarks,
+            "passed": finished and all(c["returncode"] == 0 for c in checks),
+        }
+        summary.write_text(json.dumps(result, indent=2) + "\n")
+        if out_dir:
+            shutil.copy(summary, Path(out_dir) / summary.name)
+        return result
+
+    write_summary(False)
     for name, argv, timeout in GPU_BENCHMARKS:
         outdir = work / name
         outdir.mkdir(parents=True, exist_ok=True)
         argv = [a.replace("{outdir}", str(outdir)).replace("{python}", PY) for a in argv]
         checks.append(run_check(name, argv, timeout, env))
         kept = []
-        for produced in sorted(outdir.glob("*.json")):
-            target = RESULTS / f"{stamp}-{gpu}-{produced.name}"
+        produced_files = sorted(p for p in outdir.rglob("*") if p.suffix in (".json", ".png"))
+        for produced in produced_files:
+            flat = "-".join(produced.relative_to(outdir).parts)
+            target = RESULTS / f"{stamp}-{gpu}-{flat}"
             shutil.copy(produced, target)
             if out_dir:
                 shutil.copy(produced, Path(out_dir) / target.name)
             kept.append(target.name)
         benchmarks[name] = kept
+        write_summary(False)
 
-    result = {
-        "kind": "gpu-check",
-        "date": started.isoformat(timespec="seconds"),
-        "command": "make gpu-check",
-        "device": device,
-        "versions": versions(),
-        "checks": checks,
-        "tests": parse_junit(junit),
-        "result_files": benchmarks,
-        "passed": all(c["returncode"] == 0 for c in checks),
-    }
-    name = f"{stamp}-{gpu}-gpu-check.json"
-    target = RESULTS / name
-    target.write_text(json.dumps(result, indent=2) + "\n")
+    result = write_summary(True)
     shutil.rmtree(work, ignore_errors=True)
-    if out_dir:
-        shutil.copy(target, Path(out_dir) / name)
+    target = summary
     counts: dict[str, int] = {}
     for test in result["tests"]:
         counts[test["outcome"]] = counts.get(test["outcome"], 0) + 1
