@@ -145,7 +145,15 @@ class CostModel:
     """
 
     stream_host_capacity: float = 1.0  # host threads' worth of dispatch one interpreter runs at once (GIL)
-    time_slice_overhead: float = 0.10  # GPU time lost to context switches, per unit of contended time
+    # GPU time lost to context switches, per unit of time-sliced time. Calibrated on a lent H200
+    # (benchmarks/results/20261127T0540-nvidia-h200-executor-diagnostic.json): five host-bound
+    # worker processes at batch 8 took 3.2x the sum of their latencies alone.
+    time_slice_overhead: float = 2.2
+    # Whether mps slots overlap on the GPU as MPS documents. False until a measurement shows it:
+    # on the lent H200 five MPS workers ran no faster than five time-sliced processes
+    # (benchmarks/results/20261127T0537-nvidia-h200-compare-report.json), so by default mps
+    # layouts are bounded like time-sliced ones.
+    trust_mps_overlap: bool = False
     bandwidth_interference: float = 0.10  # slowdown per unit of other kernels' concurrent SM demand
     stream_dispatch_s: float = 20e-6  # handing a request to a stream's thread
     process_dispatch_s: float = 150e-6  # handing a request to a worker process and back (IPC)
@@ -582,7 +590,8 @@ class Engine:
         domain_busy: list[float] = []
         main_work = 0.0
         main_busy = 0.0
-        time_sliced = self.gpu and not any(s.kind == "mps" for s in layout)
+        has_mps = any(s.kind == "mps" for s in layout)
+        time_sliced = self.gpu and (not has_mps or not model.trust_mps_overlap)
         for i, s in enumerate(layout):
             slot_work = 0.0
             host = 0.0
@@ -600,10 +609,12 @@ class Engine:
             if s.kind == "stream":
                 stream_host += host
                 main_work += slot_work
-                main_busy = max(main_busy, busy)
+                main_busy = max(main_busy, latency)
             else:
+                # a context holds the GPU while it has work queued: for a host-bound member that is
+                # its whole latency, not only its kernels' busy time
                 domain_work.append(slot_work)
-                domain_busy.append(busy)
+                domain_busy.append(latency)
         bounds: list[tuple[str, float]] = [("critical path", serial)]
         bounds.append(("SM time" if self.gpu else "core time", work))
         if time_sliced and len(domain_work) + (1 if main_busy > 0 else 0) > 1:

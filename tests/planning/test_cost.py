@@ -53,7 +53,7 @@ def test_two_light_streams_predict_the_max_not_the_sum() -> None:
     assert by["b"].slowdown == pytest.approx(dur_b / 8, rel=1e-9)
 
 
-def test_host_bound_members_gain_from_processes_not_streams() -> None:
+def test_host_bound_members_gain_only_where_contexts_overlap() -> None:
     ds = two(host=1.0)
     seq = M.predict((SlotSpec("stream", ("a", "b")),), ds)
     streams = M.predict((SlotSpec("stream", ("a",)), SlotSpec("stream", ("b",))), ds)
@@ -63,9 +63,14 @@ def test_host_bound_members_gain_from_processes_not_streams() -> None:
     assert streams.bound == "host (GIL)"
     assert streams.latency_s == pytest.approx(0.018 + 2 * M.stream_dispatch_s + 2 * COMBINE_2, rel=1e-9)
     assert streams.latency_s >= seq.latency_s
-    # processes: own interpreters; kernels time-slice (3 ms x 1.33) but stay hidden under 10 ms of host work
-    assert procs.latency_s == pytest.approx(0.010 + M.process_dispatch_s + COMBINE_2, rel=1e-9)
-    assert procs.throughput_sps > 1.7 * seq.throughput_sps
+    # processes without MPS: a context holds the GPU for its member's whole (host-bound) latency and
+    # switching costs time_slice_overhead (measured on an H200): slower than one after another
+    assert procs.bound == "time slicing"
+    assert procs.throughput_sps < seq.throughput_sps
+    # where MPS overlaps the clients as documented, their own interpreters pay off
+    trusting = CostModel(trust_mps_overlap=True)
+    mps = trusting.predict((SlotSpec("mps", ("a",), 50.0), SlotSpec("mps", ("b",), 50.0)), ds)
+    assert mps.throughput_sps > 1.7 * trusting.predict((SlotSpec("stream", ("a", "b")),), ds).throughput_sps
 
 
 def test_mps_share_below_the_fill_stretches_the_kernels() -> None:
@@ -96,7 +101,8 @@ def test_time_slicing_bounds_busy_processes() -> None:
     )
     procs = CostModel().evaluate((SlotSpec("process", ("a",)), SlotSpec("process", ("b",))), ds)
     sliced = dict(procs.bounds_s)["time slicing"]
-    assert sliced == pytest.approx(0.018 * (1 + M.time_slice_overhead), rel=1e-9)
+    # each context holds the GPU for its member's latency (10 ms), plus the switching overhead
+    assert sliced == pytest.approx(0.020 * (1 + M.time_slice_overhead), rel=1e-9)
     assert procs.throughput_sps <= 8 / sliced + 1e-9
     streams = CostModel().evaluate((SlotSpec("stream", ("a",)), SlotSpec("stream", ("b",))), ds)
     assert streams.throughput_sps > procs.throughput_sps  # low fill: streams overlap, processes cannot

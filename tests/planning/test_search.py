@@ -58,11 +58,16 @@ def test_recorded_profiles_plan_for_a_simulated_h100(path, batch) -> None:  # ty
     assert any("scaled from NVIDIA H200" in note for note in auto.notes)
 
 
-def test_small_batches_of_host_bound_members_go_to_separate_processes() -> None:
+def test_small_batches_of_host_bound_members_and_the_measured_time_slicing() -> None:
     ps = recorded(EAGER)
+    # as measured on the H200, time-sliced (or MPS) worker processes do not pay: auto keeps streams
     p = plan(ps.members, h100(), ps, batch_size=1)
+    assert {s.kind for s in p.slots} == {"stream"}
+    # where MPS overlaps clients as documented, host-bound members go to their own processes
+    trusting = CostModel(trust_mps_overlap=True)
+    p = plan(ps.members, h100(), ps, batch_size=1, model=trusting)
     assert {s.kind for s in p.slots} & {"process", "mps"}  # eager members are host-bound at batch 1
-    seq = plan(ps.members, h100(), ps, batch_size=1, strategy="sequential")
+    seq = plan(ps.members, h100(), ps, batch_size=1, strategy="sequential", model=trusting)
     assert p.prediction.throughput_sps > 2 * seq.prediction.throughput_sps
     graphed = recorded(GRAPHED)
     streams = plan(graphed.members, h100(), graphed, batch_size=1, strategy="streams")
