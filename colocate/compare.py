@@ -27,7 +27,7 @@ from colocate.execution.types import RunResult
 from colocate.planning import CostModel, member_demands
 from colocate.planning import plan as make_plan
 from colocate.planning.types import Plan, Prediction, Slot
-from colocate.profiling import ProfileSet, profile
+from colocate.profiling import ProfileSet, profile, profile_isolated
 from colocate.report import PlanResult, PlanStatus, Report, plot, render_table, to_csv
 
 #: strategies compared by default: the baselines every user has, and the planner's pick
@@ -170,7 +170,9 @@ def compare(
         entries.insert(0, BASELINE)
     if profiles is None and any(isinstance(e, str) for e in entries):
         say(f"profiling {len(ensemble.members)} members at batch {batch_size}")
-        profiles = profile(ensemble, device, (batch_size,))
+        # on a GPU, profile in a child process: this one goes on to run the plans
+        measure = profile_isolated if device.kind == "cuda" else profile
+        profiles = measure(ensemble, device, (batch_size,))
     interference = calibration.interference() if calibration is not None else None
 
     planned: list[tuple[str, Plan | None, str | None]] = []

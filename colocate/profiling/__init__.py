@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from colocate.profiling.cache import ProfileCache, model_hash
-from colocate.profiling.profiler import ProfileSettings, profile
+from colocate.profiling.profiler import ProfileSettings, profile, profile_isolated
 from colocate.profiling.types import (
     CpuFootprint,
     EnergyFootprint,
@@ -24,4 +24,5 @@ __all__ = [
     "ProfileSettings",
     "model_hash",
     "profile",
+    "profile_isolated",
 ]

@@ -587,3 +587,60 @@ def _nvml_process_bytes(index: int) -> int | None:
     from colocate.profiling.sampler import process_gpu_memory_bytes
 
     return process_gpu_memory_bytes(index)
+
+
+def _profile_child(
+    members: tuple[Member, ...], device: Device, sizes: tuple[int, ...], settings: ProfileSettings,
+    out_path: str,
+) -> None:
+    """Spawned child of :func:`profile_isolated`: profile, write the set, exit."""
+    from colocate import serde
+
+    serde.save(profile(members, device, sizes, settings=settings, cache=True), out_path)
+
+
+def profile_isolated(
+    target: Member | Ensemble | Sequence[Member],
+    device: Device,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    *,
+    settings: ProfileSettings | None = None,
+    timeout_s: float = 1800.0,
+) -> ProfileSet:
+    """:func:`profile` in a spawned child process (results also land in the user cache).
+
+    On a GPU the kernel trace (CUPTI) and the loaded models would otherwise stay with the
+    process that goes on to serve or compare plans; profiling apart keeps that process clean.
+    Falls back to profiling here when the members cannot be sent to a child (they do not pickle).
+    """
+    import multiprocessing
+    import pickle
+    import tempfile
+
+    from colocate import serde
+
+    members = _resolve_members(target)
+    sizes = _check_batch_sizes(batch_sizes)
+    chosen = settings or ProfileSettings()
+    try:
+        pickle.dumps(members)
+    except Exception:
+        return profile(members, device, sizes, settings=chosen)
+    with tempfile.TemporaryDirectory(prefix="colocate-profile-") as tmp:
+        out_path = f"{tmp}/profiles.json"
+        child = multiprocessing.get_context("spawn").Process(
+            target=_profile_child, args=(members, device, sizes, chosen, out_path), daemon=True
+        )
+        child.start()
+        child.join(timeout_s)
+        if child.is_alive():
+            child.kill()
+            raise MeasurementError(f"profiling in a child process took over {timeout_s:g} s; stopped it")
+        if child.exitcode != 0:
+            raise MeasurementError(
+                f"profiling in a child process failed (exit code {child.exitcode}); run "
+                "colocate.profiling.profile(...) in this process to see the error"
+            )
+        from colocate.profiling.types import ProfileSet as _ProfileSet
+
+        return serde.load(_ProfileSet, out_path)

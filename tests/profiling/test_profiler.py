@@ -181,3 +181,18 @@ def test_nvml_fallback_footprint_only_claims_busy_fraction() -> None:
     assert fp is not None and fp.busy_fraction == pytest.approx(0.42)
     assert fp.source.startswith("nvml sampling") and fp.kernels_per_batch == 0 and fp.occupancy_pct is None
     assert nvml_busy_footprint(EnergyFootprint(300.0, 0.1, None, "nvml power samples")) is None
+
+
+def test_profile_isolated_matches_the_cache_of_an_in_process_run(
+    cpu: Device, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from colocate.profiling import profile_isolated
+
+    monkeypatch.setenv("COLOCATE_CACHE_DIR", str(tmp_path))
+    member = zoo.member("mlp", scale="tiny")
+    isolated = profile_isolated(member, cpu, (1, 2), settings=FAST)
+    assert [p.batch_size for p in isolated.profiles] == [1, 2] and all(p.ok for p in isolated.profiles)
+    cache = ProfileCache(tmp_path / "profiles")
+    again = profile(member, cpu, (1, 2), settings=FAST, cache=cache)
+    assert (cache.hits, cache.misses) == (2, 0)  # the child's measurements landed in the user cache
+    assert again == isolated
