@@ -101,7 +101,7 @@ def _full_demo(args: argparse.Namespace) -> int:
     from colocate import demo, devices
     from colocate.compare import RunSettings, compare, dedupe_plans, save_report
     from colocate.planning import plan_all
-    from colocate.profiling import profile, profile_isolated
+    from colocate.profiling import profile_isolated
     from colocate.report import render_table
 
     device = devices.find_device(args.device)
@@ -111,8 +111,7 @@ def _full_demo(args: argparse.Namespace) -> int:
     say(
         f"1/3 profiling {ensemble.name} on {device.name} at batch {args.batch_size} (cached later)"
     )
-    measure = profile_isolated if device.kind == "cuda" else profile
-    profiles = measure(ensemble, device, (args.batch_size,))
+    profiles = profile_isolated(ensemble, device, (args.batch_size,))
     say("2/3 planning with every strategy")
     plans = plan_all(ensemble, device, profiles, batch_size=args.batch_size)
     unique = dedupe_plans(plans)
@@ -287,7 +286,7 @@ def _profiles_for(args: argparse.Namespace, ensemble: Any, device: Any, batch_si
     """Profiles from --profiles files, else measured now (cached) on the device or, for a
     simulated device, on the CPU (the planner then scales them and marks them estimated)."""
     from colocate import devices
-    from colocate.profiling import ProfileSet, profile, profile_isolated
+    from colocate.profiling import ProfileSet, profile_isolated
 
     if getattr(args, "profiles", None):
         loaded: list[Any] = []
@@ -301,9 +300,8 @@ def _profiles_for(args: argparse.Namespace, ensemble: Any, device: Any, batch_si
             "scales those figures to the device and marks them estimated",
             file=sys.stderr,
         )
-    if where.kind == "cuda":  # keep this process, which may go on to run plans, free of the trace
-        return profile_isolated(ensemble, where, batch_sizes)
-    return profile(ensemble, where, batch_sizes)
+    # in a child process: this one may go on to run plans, which framework work done here slows
+    return profile_isolated(ensemble, where, batch_sizes)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -14,6 +14,9 @@ import dataclasses
 import datetime as dt
 import gc
 import itertools
+import multiprocessing
+import pickle
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,7 @@ from colocate.execution.types import RunResult
 from colocate.planning import CostModel, member_demands
 from colocate.planning import plan as make_plan
 from colocate.planning.types import Plan, Prediction, Slot
-from colocate.profiling import ProfileSet, profile, profile_isolated
+from colocate.profiling import ProfileSet, profile_isolated
 from colocate.report import PlanResult, PlanStatus, Report, plot, render_table, to_csv
 
 #: strategies compared by default: the baselines every user has, and the planner's pick
@@ -48,6 +51,7 @@ class RunSettings:
     warmup: int | None = None  # requests first, not counted (None: the executor's default)
     allow_mps_start: bool = False  # mps slots may start a private MPS daemon
     cuda_graphs: bool = False  # torch members replay CUDA graphs on a GPU
+    isolated: bool = True  # run each plan in a fresh child process (see run_plan)
 
     def __post_init__(self) -> None:
         if self.requests is None and self.seconds is None:
@@ -111,7 +115,26 @@ def _fresh_state(device: Device) -> None:
 def run_plan(
     plan: Plan, ensemble: Ensemble, settings: RunSettings, *, name: str | None = None
 ) -> tuple[RunResult | None, str | None]:
-    """Run one plan in a fresh executor; (result, None) or (None, why it failed)."""
+    """Run one plan in a fresh state; (result, None) or (None, why it failed).
+
+    With ``settings.isolated`` (the default) the plan runs in a spawned child process of its
+    own, so no plan inherits threads, thread pools, caches or a CUDA context from the one
+    before (measured on the CPU: a sequential plan ran at a third of its speed in a process
+    whose main thread had run the members before). Members that do not pickle run here.
+    """
+    if settings.isolated:
+        try:
+            pickle.dumps((plan, ensemble, settings))
+        except Exception:
+            pass  # a member made of a lambda or a closure: run it here instead
+        else:
+            return _run_plan_in_child(plan, ensemble, settings)
+    return _run_plan_here(plan, ensemble, settings)
+
+
+def _run_plan_here(
+    plan: Plan, ensemble: Ensemble, settings: RunSettings
+) -> tuple[RunResult | None, str | None]:
     _fresh_state(plan.device)
     try:
         with Executor(
@@ -129,6 +152,41 @@ def run_plan(
     except Exception as exc:  # a plan's crash must not end the comparison
         return None, f"unexpected {type(exc).__name__}: {exc}"
     return result, None
+
+
+def _plan_child(plan: Plan, ensemble: Ensemble, settings: RunSettings, out_path: str) -> None:
+    """Spawned child of :func:`run_plan`: run the plan here, write the result or the failure."""
+    result, failure = _run_plan_here(plan, ensemble, settings)
+    if result is not None:
+        serde.save(result, out_path)
+    else:
+        Path(out_path).with_suffix(".error").write_text(failure or "unknown failure", encoding="utf-8")
+
+
+def _run_plan_in_child(
+    plan: Plan, ensemble: Ensemble, settings: RunSettings
+) -> tuple[RunResult | None, str | None]:
+    budget = (settings.seconds or 0.0) + 600.0  # loading, warm-up and requests, generously
+    with tempfile.TemporaryDirectory(prefix="colocate-run-") as tmp:
+        out_path = Path(tmp) / "result.json"
+        # not a daemon: the plan's own worker processes are this child's children
+        child = multiprocessing.get_context("spawn").Process(
+            target=_plan_child, args=(plan, ensemble, settings, str(out_path)), daemon=False
+        )
+        child.start()
+        child.join(budget)
+        if child.is_alive():
+            child.terminate()
+            child.join(5.0)
+            if child.is_alive():
+                child.kill()
+            return None, f"WorkerFailedError: the plan's process did not finish within {budget:g} s"
+        if out_path.is_file():
+            return serde.load(RunResult, out_path), None
+        error = out_path.with_suffix(".error")
+        if error.is_file():
+            return None, error.read_text(encoding="utf-8")
+        return None, f"WorkerFailedError: the plan's process died (exit code {child.exitcode})"
 
 
 def _status_of(run: RunResult | None) -> PlanStatus:
@@ -170,9 +228,9 @@ def compare(
         entries.insert(0, BASELINE)
     if profiles is None and any(isinstance(e, str) for e in entries):
         say(f"profiling {len(ensemble.members)} members at batch {batch_size}")
-        # on a GPU, profile in a child process: this one goes on to run the plans
-        measure = profile_isolated if device.kind == "cuda" else profile
-        profiles = measure(ensemble, device, (batch_size,))
+        # profile in a child process: this one goes on to run the plans, and framework work done
+        # here first slows its stream slots (docs/execution.md, "Keep the serving process clean")
+        profiles = profile_isolated(ensemble, device, (batch_size,))
     interference = calibration.interference() if calibration is not None else None
 
     planned: list[tuple[str, Plan | None, str | None]] = []

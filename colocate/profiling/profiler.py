@@ -609,8 +609,10 @@ def profile_isolated(
 ) -> ProfileSet:
     """:func:`profile` in a spawned child process (results also land in the user cache).
 
-    On a GPU the kernel trace (CUPTI) and the loaded models would otherwise stay with the
-    process that goes on to serve or compare plans; profiling apart keeps that process clean.
+    Framework work done in a process slows the stream slots it runs afterwards (measured on the
+    CPU: a sequential plan at a third of its speed after the members ran once in the main
+    thread; on a GPU the CUPTI trace stays attached too), so a process that goes on to serve or
+    compare plans should profile apart.
     Falls back to profiling here when the members cannot be sent to a child (they do not pickle).
     """
     import multiprocessing
