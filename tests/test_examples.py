@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
     [
         ("examples/quickstart.py", ["--scale", "tiny", "--batch-sizes", "1,2"], "default-tiny on"),
         ("examples/custom_ensemble.py", [], "vote shares per sample"),
+        ("examples/serve.py", ["--scale", "tiny", "--batch-size", "2"], "8 concurrent requests"),
     ],
 )
 def test_example_runs(script: str, args: list[str], expected: str) -> None:
