@@ -7,6 +7,7 @@ and executor). Every subcommand takes ``--json`` for machine-readable output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -21,6 +22,21 @@ def _console() -> Any:
 
     # Piped output (logs, CI) gets a wide table instead of rich's 80-column default.
     return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+
+
+def _progress_bar(console: Any, label: str, *, disable: bool) -> Any:
+    """A transient rich progress bar: label, bar, done/total, elapsed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn(f"[bold]{label}[/bold] {{task.description}}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=disable,
+    )
 
 
 def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> Any:
@@ -108,9 +124,7 @@ def _full_demo(args: argparse.Namespace) -> int:
     ensemble = demo.default_ensemble_for(device, args.scale, args.backend)
     console = _console()
     say = (lambda line: None) if args.json else (lambda line: console.print(f"[dim]{line}[/dim]"))
-    say(
-        f"1/3 profiling {ensemble.name} on {device.name} at batch {args.batch_size} (cached later)"
-    )
+    say(f"1/3 profiling {ensemble.name} on {device.name} at batch {args.batch_size} (cached later)")
     profiles = profile_isolated(ensemble, device, (args.batch_size,))
     say("2/3 planning with every strategy")
     plans = plan_all(ensemble, device, profiles, batch_size=args.batch_size)
@@ -212,7 +226,6 @@ def profile_rows(profiles: Sequence[Any]) -> list[list[str]]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from colocate import devices
     from colocate.profiling import ProfileCache, ProfileSettings, profile
@@ -227,15 +240,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     )
     cache: ProfileCache | bool = False if args.no_cache else ProfileCache(args.cache_dir)
     console = _console()
-    with Progress(
-        TextColumn("[bold]profiling[/bold] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=args.json,
-    ) as bar:
+    with _progress_bar(console, "profiling", disable=args.json) as bar:
         task = bar.add_task(ensemble.name, total=len(ensemble.members) * len(args.batch_sizes))
         result = profile(
             ensemble,
@@ -350,10 +355,8 @@ def _run_settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from colocate import devices
-    from colocate.execution import Executor, run_requests
+    from colocate.compare import execute
     from colocate.planning import plan
     from colocate.planning.types import Plan
 
@@ -362,7 +365,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         device = chosen.device
         if not device.can_execute:
             device = devices.find_device(args.device)
-            chosen = type(chosen)(**{**chosen.__dict__, "device": device})
+            chosen = dataclasses.replace(chosen, device=device)
     else:
         device = devices.find_device(args.device)
         ensemble_for_plan = _load_ensemble(args, device)
@@ -375,26 +378,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"running plan '{chosen.strategy}' on {device.name}: "
         + "; ".join(f"{s.name} {s.kind}: {', '.join(s.members)}" for s in chosen.slots)
     )
-    with Progress(
-        TextColumn("[bold]requests[/bold]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=args.json,
-    ) as bar:
+    with _progress_bar(console, "requests", disable=args.json) as bar:
         task = bar.add_task("run", total=settings.requests)
-        with Executor(
-            chosen, ensemble, allow_mps_start=settings.allow_mps_start, cuda_graphs=settings.cuda_graphs
-        ) as executor:
-            result = run_requests(
-                executor,
-                requests=settings.requests,
-                seconds=settings.seconds,
-                concurrency=settings.concurrency,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
-            )
+        result = execute(
+            chosen,
+            ensemble,
+            settings,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
     if args.out:
         serde.save(result, args.out)
     if args.json:

@@ -132,21 +132,34 @@ def run_plan(
     return _run_plan_here(plan, ensemble, settings)
 
 
+def execute(
+    plan: Plan,
+    ensemble: Ensemble,
+    settings: RunSettings,
+    *,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> RunResult:
+    """Start an executor for ``plan`` in this process, run the requests ``settings`` asks for,
+    close it, and return what was measured (errors propagate)."""
+    with Executor(
+        plan, ensemble, allow_mps_start=settings.allow_mps_start, cuda_graphs=settings.cuda_graphs
+    ) as executor:
+        return run_requests(
+            executor,
+            requests=settings.requests,
+            seconds=settings.seconds,
+            concurrency=settings.concurrency,
+            warmup=settings.warmup,
+            progress=progress,
+        )
+
+
 def _run_plan_here(
     plan: Plan, ensemble: Ensemble, settings: RunSettings
 ) -> tuple[RunResult | None, str | None]:
     _fresh_state(plan.device)
     try:
-        with Executor(
-            plan, ensemble, allow_mps_start=settings.allow_mps_start, cuda_graphs=settings.cuda_graphs
-        ) as executor:
-            result = run_requests(
-                executor,
-                requests=settings.requests,
-                seconds=settings.seconds,
-                concurrency=settings.concurrency,
-                warmup=settings.warmup,
-            )
+        result = execute(plan, ensemble, settings)
     except ColocateError as exc:
         return None, f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # a plan's crash must not end the comparison
@@ -244,7 +257,11 @@ def compare(
             try:
                 assert profiles is not None
                 made = make_plan(
-                    ensemble, device, profiles, strategy=entry, batch_size=batch_size,
+                    ensemble,
+                    device,
+                    profiles,
+                    strategy=entry,
+                    batch_size=batch_size,
                     interference=interference,
                 )
                 planned_entry = (label, made, None)
@@ -293,9 +310,7 @@ def compare(
         calibrated=calibration is not None,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         versions=versions_for(ensemble.members[0], device),
-        notes=(
-            (f"auto used {len(calibration.pairs)} measured pair slowdown(s)",) if calibration else ()
-        ),
+        notes=((f"auto used {len(calibration.pairs)} measured pair slowdown(s)",) if calibration else ()),
     )
 
 
@@ -341,9 +356,7 @@ def pairs_to_measure(chosen: Plan, limit: int) -> list[tuple[str, str]]:
         for a, b in itertools.combinations(sorted(chosen.members), 2)
         if chosen.slot_of(a).name != chosen.slot_of(b).name
     ]
-    candidates.sort(
-        key=lambda ab: (critical not in ab, -(finish.get(ab[0], 0.0) + finish.get(ab[1], 0.0)))
-    )
+    candidates.sort(key=lambda ab: (critical not in ab, -(finish.get(ab[0], 0.0) + finish.get(ab[1], 0.0))))
     return candidates[:limit]
 
 
@@ -378,18 +391,24 @@ def calibrate(
                 say(f"calibrating: '{name}' alone")
                 alone[name] = _median_latency(
                     _single_slot_plan(device, batch_size, [[name]]),
-                    Ensemble((sub[name],), name=f"{ensemble.name}:{name}"), settings,
+                    Ensemble((sub[name],), name=f"{ensemble.name}:{name}"),
+                    settings,
                 )
         say(f"calibrating: '{a}' beside '{b}'")
         together = _median_latency(
             _single_slot_plan(device, batch_size, [[a], [b]]),
-            Ensemble((sub[a], sub[b]), name=f"{ensemble.name}:{a}+{b}"), settings,
+            Ensemble((sub[a], sub[b]), name=f"{ensemble.name}:{a}+{b}"),
+            settings,
         )
         slowdown = max(1.0, together / max(alone[a], alone[b]))
         measured.append(
             PairMeasurement(
-                a=min(a, b), b=max(a, b), alone_a_s=alone[min(a, b)], alone_b_s=alone[max(a, b)],
-                together_s=together, slowdown=slowdown,
+                a=min(a, b),
+                b=max(a, b),
+                alone_a_s=alone[min(a, b)],
+                alone_b_s=alone[max(a, b)],
+                together_s=together,
+                slowdown=slowdown,
                 predicted_slowdown=engine.pair_slowdown(a, b, "stream"),
             )
         )
@@ -420,7 +439,8 @@ def load_calibration(path: str | Path) -> Calibration:
 def pareto_set(report: Report) -> list[str]:
     """Plans not dominated on (higher throughput, lower p99 latency, lower peak memory)."""
     ran = [
-        r for r in report.results
+        r
+        for r in report.results
         if r.run is not None and r.run.latency is not None and r.measured_sps is not None
     ]
 
@@ -467,6 +487,7 @@ __all__ = [
     "calibrate",
     "compare",
     "dedupe_plans",
+    "execute",
     "load_calibration",
     "pairs_to_measure",
     "pareto_set",
