@@ -414,7 +414,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from colocate import devices
-    from colocate.compare import calibrate, compare, load_calibration, regime_rows, save_report
+    from colocate.compare import compare, load_calibration, regime_rows, save_report
     from colocate.report import render_table
 
     device = devices.find_device(args.device)
@@ -425,11 +425,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     settings = _run_settings(args)
     reports = []
     for batch_size in args.batch_sizes:
-        calibration = None
+        calibration: Any = None if args.no_calibrate else "auto"
         if args.calibration:
             calibration = load_calibration(args.calibration)
-        elif args.calibrate:
-            calibration = calibrate(ensemble, device, profiles, batch_size=batch_size, progress=say)
         report = compare(
             ensemble,
             device,
@@ -444,12 +442,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if args.out:
             out = args.out if len(args.batch_sizes) == 1 else f"{args.out}/batch-{batch_size}"
             written = save_report(report, out)
-            if calibration is not None:
-                serde.save(calibration, f"{out}/calibration.json")
+            if report.calibrated and report.calibration is not None:
+                serde.save(report.calibration, f"{out}/calibration.json")
             if not args.json:
                 console.print(f"wrote {', '.join(str(p) for p in written.values())}")
         if not args.json:
             console.print(render_table(report))
+            for note in report.notes:
+                console.print(note)
+            after, before = report.model_error(), report.model_error(calibrated=False)
+            if after is not None:
+                line = f"cost model median throughput error: {after:.0%}"
+                console.print(line + (f" (before calibration {before:.0%})" if before is not None else ""))
     if args.json:
         print(json.dumps([serde.to_dict(r) for r in reports], indent=2))
         return 0
@@ -593,7 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-sizes", type=_batch_sizes, default=[8], help="e.g. 1,8,64 for a regime map")
     add_run_args(p, seconds=3.0)
-    p.add_argument("--calibrate", action="store_true", help="measure a few pairs first (auto uses them)")
+    p.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="plan 'auto' from the model alone (default: measure a few pairs first)",
+    )
     p.add_argument("--calibration", default=None, help="reuse a saved calibration JSON")
     p.add_argument("--out", default=None, help="folder for report.json/.csv/.txt/.png")
     p.add_argument("--json", action="store_true")

@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from colocate import serde
 from colocate.devices import Device
@@ -31,7 +32,16 @@ from colocate.planning import CostModel, member_demands
 from colocate.planning import plan as make_plan
 from colocate.planning.types import Plan, Prediction, Slot
 from colocate.profiling import ProfileSet, profile_isolated
-from colocate.report import PlanResult, PlanStatus, Report, plot, render_table, to_csv
+from colocate.report import (
+    Calibration,
+    PairMeasurement,
+    PlanResult,
+    PlanStatus,
+    Report,
+    plot,
+    render_table,
+    to_csv,
+)
 
 #: strategies compared by default: the baselines every user has, and the planner's pick
 DEFAULT_STRATEGIES: tuple[str, ...] = ("sequential", "streams", "processes", "auto")
@@ -56,34 +66,6 @@ class RunSettings:
     def __post_init__(self) -> None:
         if self.requests is None and self.seconds is None:
             raise InvalidInputError("give requests or seconds for each plan's run")
-
-
-@dataclass(frozen=True)
-class PairMeasurement:
-    """Two members measured alone and side by side (two stream slots). Times in seconds."""
-
-    a: str
-    b: str
-    alone_a_s: float  # median request latency with only `a`
-    alone_b_s: float  # median request latency with only `b`
-    together_s: float  # median request latency with both, each in its own stream slot
-    slowdown: float  # together / max(alone): how much the pair stretches the slower of the two
-    predicted_slowdown: float  # what the cost model predicted for the pair
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Measured pair slowdowns for one ensemble, device and batch size; reusable (JSON)."""
-
-    ensemble: str
-    device: Device
-    batch_size: int
-    pairs: tuple[PairMeasurement, ...]
-    created: str = ""
-
-    def interference(self) -> dict[tuple[str, str], float]:
-        """The table the planner takes: ``{(a, b): slowdown}``."""
-        return {(p.a, p.b): p.slowdown for p in self.pairs}
 
 
 def dedupe_plans(plans: Sequence[Plan]) -> list[Plan]:
@@ -216,7 +198,7 @@ def compare(
     profiles: ProfileSet | None = None,
     batch_size: int = 8,
     settings: RunSettings | None = None,
-    calibration: Calibration | None = None,
+    calibration: Calibration | Literal["auto"] | None = "auto",
     progress: Progress | None = None,
 ) -> Report:
     """Plan (where given strategy names) and run every plan the same way; report side by side.
@@ -229,7 +211,9 @@ def compare(
         profiles: the members' profiles; measured now (cached) at ``batch_size`` when None.
         batch_size: samples per request (used when planning from strategy names).
         settings: how each plan runs (defaults: 3 s per plan, two requests in flight per slot).
-        calibration: measured pair slowdowns for the planner (see :func:`calibrate`).
+        calibration: measured pair slowdowns for the planner (see :func:`calibrate`); ``"auto"``
+            (the default) measures a few pairs now when the ``auto`` strategy is compared, so
+            the planner's pick rests on measured interference; None plans from the model alone.
         progress: called with a line before each step.
     """
     chosen = settings or RunSettings()
@@ -244,6 +228,13 @@ def compare(
         # profile in a child process: this one goes on to run the plans, and framework work done
         # here first slows its stream slots (docs/execution.md, "Keep the serving process clean")
         profiles = profile_isolated(ensemble, device, (batch_size,))
+    calibrated_now = False
+    if calibration == "auto":
+        calibration = None
+        if "auto" in entries and profiles is not None:
+            say("calibrating the planner: measuring the member pairs that matter most to 'auto'")
+            calibration = calibrate(ensemble, device, profiles, batch_size=batch_size, progress=say)
+            calibrated_now = True
     interference = calibration.interference() if calibration is not None else None
 
     planned: list[tuple[str, Plan | None, str | None]] = []
@@ -292,8 +283,16 @@ def compare(
         speedup = None
         if run is not None and run.requests_completed and baseline_sps:
             speedup = run.throughput_sps / baseline_sps
-        results.append(PlanResult(label, status, why, plan, run, speedup))
+        uncalibrated = None
+        if interference is not None and profiles is not None:
+            uncalibrated = _uncalibrated_sps(plan, ensemble, profiles)
+        results.append(PlanResult(label, status, why, plan, run, speedup, uncalibrated))
     from colocate.profiling.profiler import versions_for
+
+    notes: list[str] = []
+    if calibration is not None:
+        how = "measured now" if calibrated_now else "given"
+        notes.append(f"the planner used {len(calibration.pairs)} measured pair slowdown(s) ({how})")
 
     return Report(
         ensemble=ensemble.name,
@@ -310,8 +309,18 @@ def compare(
         calibrated=calibration is not None,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         versions=versions_for(ensemble.members[0], device),
-        notes=((f"auto used {len(calibration.pairs)} measured pair slowdown(s)",) if calibration else ()),
+        notes=tuple(notes),
+        calibration=calibration,
     )
+
+
+def _uncalibrated_sps(plan: Plan, ensemble: Ensemble, profiles: ProfileSet) -> float | None:
+    """What the cost model without measured pairs predicts for ``plan``'s slots."""
+    try:
+        demands = member_demands(ensemble, plan.device, profiles, plan.batch_size)
+        return CostModel().predict(plan.slots, demands).throughput_sps
+    except ColocateError:
+        return None
 
 
 def save_report(report: Report, out_dir: str | Path) -> dict[str, Path]:

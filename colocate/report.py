@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,34 @@ PlanStatus = Literal["ok", "errors", "failed", "rejected"]
 
 
 @dataclass(frozen=True)
+class PairMeasurement:
+    """Two members measured alone and side by side (two stream slots). Times in seconds."""
+
+    a: str
+    b: str
+    alone_a_s: float  # median request latency with only `a`
+    alone_b_s: float  # median request latency with only `b`
+    together_s: float  # median request latency with both, each in its own stream slot
+    slowdown: float  # together / max(alone): how much the pair stretches the slower of the two
+    predicted_slowdown: float  # what the cost model predicted for the pair
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured pair slowdowns for one ensemble, device and batch size; reusable (JSON)."""
+
+    ensemble: str
+    device: Device
+    batch_size: int
+    pairs: tuple[PairMeasurement, ...]
+    created: str = ""
+
+    def interference(self) -> dict[tuple[str, str], float]:
+        """The table the planner takes: ``{(a, b): slowdown}``."""
+        return {(p.a, p.b): p.slowdown for p in self.pairs}
+
+
+@dataclass(frozen=True)
 class PlanResult:
     """One plan in a comparison: the plan, what running it measured, or why it did not run."""
 
@@ -33,6 +62,7 @@ class PlanResult:
     plan: Plan | None  # None when no plan could be made
     run: RunResult | None  # None when it did not run
     speedup: float | None  # measured throughput / the baseline's measured throughput
+    uncalibrated_sps: float | None = None  # the model's prediction without measured pairs, if used
 
     @property
     def measured_sps(self) -> float | None:
@@ -65,12 +95,29 @@ class Report:
     created: str = ""  # ISO date-time
     versions: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    calibration: Calibration | None = None  # the measured pairs the planner used, if any
 
     def result(self, name: str) -> PlanResult | None:
         for r in self.results:
             if r.name == name:
                 return r
         return None
+
+    def model_error(self, *, calibrated: bool = True) -> float | None:
+        """Median |predicted - measured| / measured throughput over the plans that ran.
+
+        ``calibrated=False`` uses the predictions without measured pair slowdowns (None when
+        the report was not calibrated).
+        """
+        errors = []
+        for r in self.results:
+            measured = r.measured_sps
+            predicted = r.predicted_sps if calibrated else r.uncalibrated_sps
+            if measured and predicted is not None:
+                errors.append(abs(predicted - measured) / measured)
+        if not errors or (not calibrated and not self.calibrated):
+            return None
+        return float(statistics.median(errors))
 
     @property
     def best(self) -> PlanResult | None:
@@ -80,8 +127,17 @@ class Report:
 
 
 COLUMNS = (
-    "plan", "slots", "status", "pred. samples/s", "meas. samples/s", "pred. err",
-    "p50 ms", "p99 ms", "peak MiB", "GPU busy", "speed-up",
+    "plan",
+    "slots",
+    "status",
+    "pred. samples/s",
+    "meas. samples/s",
+    "pred. err",
+    "p50 ms",
+    "p99 ms",
+    "peak MiB",
+    "GPU busy",
+    "speed-up",
 )
 
 
@@ -102,8 +158,10 @@ def table_rows(report: Report) -> list[list[str]]:
     for r in report.results:
         run = r.run
         latency = run.latency if run is not None else None
-        slots = "; ".join(run.slots) if run is not None else (
-            "; ".join(f"{s.kind}: {', '.join(s.members)}" for s in r.plan.slots) if r.plan else "-"
+        slots = (
+            "; ".join(run.slots)
+            if run is not None
+            else ("; ".join(f"{s.kind}: {', '.join(s.members)}" for s in r.plan.slots) if r.plan else "-")
         )
         peak = run.peak_memory_bytes if run is not None else None
         err = r.prediction_error
@@ -148,9 +206,19 @@ def to_csv(report: Report) -> str:
     writer = csv.writer(out)
     writer.writerow(
         [
-            "plan", "status", "reason", "batch_size", "predicted_sps", "measured_sps",
-            "prediction_error", "latency_p50_s", "latency_p99_s", "peak_memory_bytes",
-            "utilization_pct", "speedup", "slots",
+            "plan",
+            "status",
+            "reason",
+            "batch_size",
+            "predicted_sps",
+            "measured_sps",
+            "prediction_error",
+            "latency_p50_s",
+            "latency_p99_s",
+            "peak_memory_bytes",
+            "utilization_pct",
+            "speedup",
+            "slots",
         ]
     )
     for r in report.results:
@@ -158,11 +226,18 @@ def to_csv(report: Report) -> str:
         latency = run.latency if run is not None else None
         writer.writerow(
             [
-                r.name, r.status, r.reason or "", report.batch_size, r.predicted_sps or "",
-                r.measured_sps or "", "" if r.prediction_error is None else r.prediction_error,
-                latency.median_s if latency else "", latency.p99_s if latency else "",
+                r.name,
+                r.status,
+                r.reason or "",
+                report.batch_size,
+                r.predicted_sps or "",
+                r.measured_sps or "",
+                "" if r.prediction_error is None else r.prediction_error,
+                latency.median_s if latency else "",
+                latency.p99_s if latency else "",
                 (run.peak_memory_bytes if run else None) or "",
-                (run.utilization_pct if run else None) or "", r.speedup or "",
+                (run.utilization_pct if run else None) or "",
+                r.speedup or "",
                 " | ".join(run.slots) if run else "",
             ]
         )

@@ -130,3 +130,38 @@ def test_pareto_and_regime_rows_on_a_recorded_report(tmp_path: Path) -> None:
     assert best is not None and best.name in front
     (row,) = regime_rows([report])
     assert row[0] == "2" and row[1] == best.name
+
+
+def test_compare_calibrates_auto_by_default_and_reports_model_error(
+    cpu: Device, tiny_profiles: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import colocate.compare as compare_module
+    from tests.test_compare import FAST
+
+    ensemble = zoo.default_ensemble(scale="tiny")
+    profiles = serde.load(ProfileSet, tiny_profiles)
+    given = Calibration(
+        ensemble=ensemble.name,
+        device=cpu,
+        batch_size=2,
+        pairs=(PairMeasurement("mlp", "resnet", 0.001, 0.002, 0.004, 2.0, 1.1),),
+    )
+    calls: list[int] = []
+
+    def fake_calibrate(*args: object, **kwargs: object) -> Calibration:
+        calls.append(1)
+        return given
+
+    monkeypatch.setattr(compare_module, "calibrate", fake_calibrate)
+    report = compare_module.compare(
+        ensemble, cpu, ["sequential", "auto"], profiles=profiles, batch_size=2, settings=FAST
+    )
+    assert calls == [1] and report.calibrated and report.calibration == given
+    assert any("measured now" in note for note in report.notes)
+    assert all(r.uncalibrated_sps is not None for r in report.results if r.plan is not None)
+    assert report.model_error() is not None and report.model_error(calibrated=False) is not None
+    # without 'auto' among the strategies, or with calibration=None, nothing is measured first
+    plain = compare_module.compare(
+        ensemble, cpu, ["sequential"], profiles=profiles, batch_size=2, settings=FAST, calibration=None
+    )
+    assert calls == [1] and not plain.calibrated and plain.model_error(calibrated=False) is None
