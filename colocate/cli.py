@@ -346,6 +346,7 @@ def _run_settings(args: argparse.Namespace) -> Any:
 
     seconds = args.seconds if args.requests is None else None
     return RunSettings(
+        rates=tuple(getattr(args, "rates", ()) or ()),
         requests=args.requests,
         seconds=seconds,
         concurrency=args.concurrency,
@@ -385,7 +386,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             ensemble,
             settings,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
+        ).run
     if args.out:
         serde.save(result, args.out)
     if args.json:
@@ -415,7 +416,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from colocate import devices
     from colocate.compare import compare, load_calibration, regime_rows, save_report
-    from colocate.report import render_table
+    from colocate.report import rate_rows, render_table
 
     device = devices.find_device(args.device)
     ensemble = _load_ensemble(args, device)
@@ -448,6 +449,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 console.print(f"wrote {', '.join(str(p) for p in written.values())}")
         if not args.json:
             console.print(render_table(report))
+            columns, rows = rate_rows(report)
+            if rows:
+                title = f"Latency p50 / p99 ms versus offered load, batch {report.batch_size}"
+                console.print(_table(title, columns, rows))
             for note in report.notes:
                 console.print(note)
             after, before = report.model_error(), report.model_error(calibrated=False)
@@ -597,6 +602,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-sizes", type=_batch_sizes, default=[8], help="e.g. 1,8,64 for a regime map")
     add_run_args(p, seconds=3.0)
+    p.add_argument(
+        "--rates",
+        type=lambda t: tuple(float(x) for x in t.split(",") if x),
+        default=(),
+        help="offered loads in requests/s for a latency sweep after each run, e.g. 5,20,50",
+    )
     p.add_argument(
         "--no-calibrate",
         action="store_true",

@@ -26,7 +26,7 @@ from colocate import serde
 from colocate.devices import Device
 from colocate.ensemble import Ensemble
 from colocate.errors import ColocateError, InvalidInputError
-from colocate.execution import Executor, run_requests
+from colocate.execution import Executor, run_at_rate, run_requests
 from colocate.execution.types import RunResult
 from colocate.planning import CostModel, member_demands
 from colocate.planning import plan as make_plan
@@ -36,7 +36,9 @@ from colocate.report import (
     Calibration,
     PairMeasurement,
     PlanResult,
+    PlanRun,
     PlanStatus,
+    RatePoint,
     Report,
     plot,
     render_table,
@@ -62,6 +64,8 @@ class RunSettings:
     allow_mps_start: bool = False  # mps slots may start a private MPS daemon
     cuda_graphs: bool = False  # torch members replay CUDA graphs on a GPU
     isolated: bool = True  # run each plan in a fresh child process (see run_plan)
+    rates: tuple[float, ...] = ()  # offered loads (requests/s) for a latency sweep after the run
+    rate_seconds: float = 2.0  # how long each offered load lasts
 
     def __post_init__(self) -> None:
         if self.requests is None and self.seconds is None:
@@ -96,7 +100,7 @@ def _fresh_state(device: Device) -> None:
 
 def run_plan(
     plan: Plan, ensemble: Ensemble, settings: RunSettings, *, name: str | None = None
-) -> tuple[RunResult | None, str | None]:
+) -> tuple[PlanRun | None, str | None]:
     """Run one plan in a fresh state; (result, None) or (None, why it failed).
 
     With ``settings.isolated`` (the default) the plan runs in a spawned child process of its
@@ -120,13 +124,14 @@ def execute(
     settings: RunSettings,
     *,
     progress: Callable[[int, int | None], None] | None = None,
-) -> RunResult:
-    """Start an executor for ``plan`` in this process, run the requests ``settings`` asks for,
-    close it, and return what was measured (errors propagate)."""
+) -> PlanRun:
+    """Start an executor for ``plan`` in this process, run the requests ``settings`` asks for
+    (then the offered loads of ``settings.rates``), close it, and return what was measured.
+    Errors propagate."""
     with Executor(
         plan, ensemble, allow_mps_start=settings.allow_mps_start, cuda_graphs=settings.cuda_graphs
     ) as executor:
-        return run_requests(
+        run = run_requests(
             executor,
             requests=settings.requests,
             seconds=settings.seconds,
@@ -134,11 +139,24 @@ def execute(
             warmup=settings.warmup,
             progress=progress,
         )
+        points = []
+        for rate in settings.rates:
+            done, failed, latency = run_at_rate(executor, rate, settings.rate_seconds)
+            points.append(
+                RatePoint(
+                    rate_rps=rate,
+                    completed=done,
+                    failed=failed,
+                    latency_p50_s=latency.median_s if latency else None,
+                    latency_p99_s=latency.p99_s if latency else None,
+                )
+            )
+    return PlanRun(run, tuple(points))
 
 
 def _run_plan_here(
     plan: Plan, ensemble: Ensemble, settings: RunSettings
-) -> tuple[RunResult | None, str | None]:
+) -> tuple[PlanRun | None, str | None]:
     _fresh_state(plan.device)
     try:
         result = execute(plan, ensemble, settings)
@@ -160,8 +178,9 @@ def _plan_child(plan: Plan, ensemble: Ensemble, settings: RunSettings, out_path:
 
 def _run_plan_in_child(
     plan: Plan, ensemble: Ensemble, settings: RunSettings
-) -> tuple[RunResult | None, str | None]:
-    budget = (settings.seconds or 0.0) + 600.0  # loading, warm-up and requests, generously
+) -> tuple[PlanRun | None, str | None]:
+    # loading, warm-up and requests, generously
+    budget = (settings.seconds or 0.0) + settings.rate_seconds * len(settings.rates) + 600.0
     with tempfile.TemporaryDirectory(prefix="colocate-run-") as tmp:
         out_path = Path(tmp) / "result.json"
         # not a daemon: the plan's own worker processes are this child's children
@@ -177,7 +196,7 @@ def _run_plan_in_child(
                 child.kill()
             return None, f"WorkerFailedError: the plan's process did not finish within {budget:g} s"
         if out_path.is_file():
-            return serde.load(RunResult, out_path), None
+            return serde.load(PlanRun, out_path), None
         error = out_path.with_suffix(".error")
         if error.is_file():
             return None, error.read_text(encoding="utf-8")
@@ -263,21 +282,23 @@ def compare(
         seen.add(label)
         planned.append((label, planned_entry[1], planned_entry[2]))
 
-    runs: dict[str, tuple[RunResult | None, str | None]] = {}
+    runs: dict[str, tuple[PlanRun | None, str | None]] = {}
     for label, plan, _ in planned:
         if plan is None:
             continue
         say(f"running plan '{label}' ({len(plan.slots)} slot(s))")
         runs[label] = run_plan(plan, ensemble, chosen, name=label)
 
-    baseline_run = runs.get(BASELINE, (None, None))[0]
+    baseline_measured = runs.get(BASELINE, (None, None))[0]
+    baseline_run = baseline_measured.run if baseline_measured is not None else None
     baseline_sps = baseline_run.throughput_sps if baseline_run and baseline_run.requests_completed else None
     results = []
     for label, plan, reason in planned:
         if plan is None:
             results.append(PlanResult(label, "rejected", reason, None, None, None))
             continue
-        run, failure = runs[label]
+        measured, failure = runs[label]
+        run = measured.run if measured is not None else None
         status = _status_of(run)
         why = failure or (run.errors[0] if run is not None and run.errors else None)
         speedup = None
@@ -286,7 +307,8 @@ def compare(
         uncalibrated = None
         if interference is not None and profiles is not None:
             uncalibrated = _uncalibrated_sps(plan, ensemble, profiles)
-        results.append(PlanResult(label, status, why, plan, run, speedup, uncalibrated))
+        rates = measured.rates if measured is not None else ()
+        results.append(PlanResult(label, status, why, plan, run, speedup, uncalibrated, rates))
     from colocate.profiling.profiler import versions_for
 
     notes: list[str] = []
@@ -431,7 +453,8 @@ def calibrate(
 
 
 def _median_latency(plan: Plan, ensemble: Ensemble, settings: RunSettings) -> float:
-    run, failure = run_plan(plan, ensemble, settings)
+    measured, failure = run_plan(plan, ensemble, settings)
+    run = measured.run if measured is not None else None
     if run is None or run.latency is None:
         raise ColocateError(f"calibration run of {', '.join(plan.members)} failed: {failure}")
     return run.latency.median_s

@@ -53,6 +53,25 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class RatePoint:
+    """One plan under an offered load: requests arriving at a fixed rate (open loop)."""
+
+    rate_rps: float  # offered requests per second
+    completed: int  # answered with a prediction
+    failed: int  # answered with an error
+    latency_p50_s: float | None  # median request latency at this load
+    latency_p99_s: float | None  # tail request latency at this load
+
+
+@dataclass(frozen=True)
+class PlanRun:
+    """What running one plan measured: the closed-loop run and the latency-versus-load points."""
+
+    run: RunResult
+    rates: tuple[RatePoint, ...] = ()
+
+
+@dataclass(frozen=True)
 class PlanResult:
     """One plan in a comparison: the plan, what running it measured, or why it did not run."""
 
@@ -63,6 +82,7 @@ class PlanResult:
     run: RunResult | None  # None when it did not run
     speedup: float | None  # measured throughput / the baseline's measured throughput
     uncalibrated_sps: float | None = None  # the model's prediction without measured pairs, if used
+    rates: tuple[RatePoint, ...] = ()  # latency at offered loads, when a rate sweep was asked for
 
     @property
     def measured_sps(self) -> float | None:
@@ -182,6 +202,27 @@ def table_rows(report: Report) -> list[list[str]]:
             ]
         )
     return rows
+
+
+def rate_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    """Latency versus offered load: columns "plan" then one per rate, cells "p50 / p99 ms"."""
+    rates = sorted({p.rate_rps for r in report.results for p in r.rates})
+    columns = ["plan"] + [f"{rate:g} req/s" for rate in rates]
+    rows = []
+    for r in report.results:
+        if not r.rates:
+            continue
+        by_rate = {p.rate_rps: p for p in r.rates}
+        cells = [r.name]
+        for rate in rates:
+            point = by_rate.get(rate)
+            if point is None or point.latency_p99_s is None or point.latency_p50_s is None:
+                cells.append("-")
+                continue
+            failed = f", {point.failed} failed" if point.failed else ""
+            cells.append(f"{point.latency_p50_s * 1e3:.1f} / {point.latency_p99_s * 1e3:.1f}{failed}")
+        rows.append(cells)
+    return columns, rows
 
 
 def render_table(report: Report) -> Any:

@@ -165,3 +165,22 @@ def test_compare_calibrates_auto_by_default_and_reports_model_error(
         ensemble, cpu, ["sequential"], profiles=profiles, batch_size=2, settings=FAST, calibration=None
     )
     assert calls == [1] and not plain.calibrated and plain.model_error(calibrated=False) is None
+
+
+def test_compare_rate_sweep(tiny_profiles: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from colocate.report import Report
+
+    out = tmp_path / "rates"
+    args = [
+        "compare", *TINY, "--profiles", str(tiny_profiles), "--strategies", "sequential",
+        "--batch-sizes", "2", "--requests", "4", "--rates", "10,40", "--out", str(out),
+    ]  # fmt: skip
+    assert main(args) == 0
+    assert "versus offered load" in capsys.readouterr().out
+    report = serde.load(Report, out / "report.json")
+    points = report.results[0].rates
+    assert [p.rate_rps for p in points] == [10.0, 40.0]
+    for p in points:
+        assert p.completed + p.failed == int(p.rate_rps * 2.0)  # evenly spaced arrivals for 2 s
+        assert p.latency_p50_s is not None and p.latency_p99_s is not None
+        assert p.latency_p50_s <= p.latency_p99_s

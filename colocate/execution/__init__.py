@@ -13,7 +13,7 @@ Nothing here imports a framework until a slot loads its members.
 from __future__ import annotations
 
 from colocate.execution.front import Executor
-from colocate.execution.measure import default_batch, run_requests
+from colocate.execution.measure import default_batch, run_at_rate, run_requests
 from colocate.execution.mps import MpsDaemon
 from colocate.execution.types import EnsembleResult, ExecutorStats, ProcessMemory, RunResult
 
@@ -25,5 +25,6 @@ __all__ = [
     "ProcessMemory",
     "RunResult",
     "default_batch",
+    "run_at_rate",
     "run_requests",
 ]

@@ -266,6 +266,42 @@ def _drive(
     return outcome
 
 
+def run_at_rate(
+    executor: Executor,
+    rate_rps: float,
+    seconds: float,
+    *,
+    batch: Array | None = None,
+) -> tuple[int, int, LatencyStats | None]:
+    """Offer requests at a fixed rate (open loop) for ``seconds``; (completed, failed, latency).
+
+    Unlike :func:`run_requests`, which keeps a fixed number of requests in flight, arrivals here
+    do not wait for answers: past the plan's capacity requests queue up and latency grows, which
+    is what a latency-versus-load curve shows. Requests arrive evenly spaced.
+    """
+    if not rate_rps > 0 or not seconds > 0:
+        raise InvalidInputError(f"need a positive rate and duration, got {rate_rps} req/s for {seconds} s")
+    executor.start()
+    data = batch if batch is not None else default_batch(executor.ensemble, executor.plan.batch_size)
+    futures: list[Future[EnsembleResult]] = []
+    start = time.perf_counter()
+    count = max(1, int(rate_rps * seconds))
+    for i in range(count):
+        due = start + i / rate_rps
+        delay = due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        futures.append(executor.submit(data))
+    latencies: list[float] = []
+    failed = 0
+    for future in futures:
+        try:
+            latencies.append(future.result(timeout=executor.request_timeout_s + 10.0).latency_s)
+        except Exception:  # every failure counts; the comparison reports the counts
+            failed += 1
+    return len(latencies), failed, _latency(latencies)
+
+
 def _latency(samples: list[float]) -> LatencyStats | None:
     return LatencyStats.from_samples(samples) if samples else None
 
