@@ -283,7 +283,10 @@ class Executor:
         plan, device = self.plan, self.plan.device
         slots: list[SlotExecutor] = []
         cores = usable_cores()
-        core_offset = 0
+        core_offset: int | None = 0
+        cpu_mps = [s for s in plan.slots if s.kind == "mps"] if device.kind == "cpu" else []
+        if sum(len(cpu_share(s, cores)) for s in cpu_mps) > len(cores):
+            core_offset = None  # partitions oversubscribe the cores: leave placement to the OS
         for slot in plan.slots:
             members = tuple(self._member_for(name, self._cpu_threads(slot)) for name in slot.members)
             if slot.kind == "stream":
@@ -314,7 +317,7 @@ class Executor:
                     self._resources.daemon = MpsDaemon(allow_start=self.allow_mps_start).start()
                 daemon = self._resources.daemon
             mps_slot = MpsSlot(slot, members, device, daemon=daemon, cpu_offset=core_offset, **options)
-            if device.kind == "cpu":
+            if device.kind == "cpu" and core_offset is not None:
                 core_offset += len(cpu_share(slot, cores, core_offset))
             slots.append(mps_slot)
         return slots

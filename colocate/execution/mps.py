@@ -300,7 +300,7 @@ class MpsSlot(ProcessSlot):
         device: Device,
         *,
         daemon: MpsDaemon | None = None,
-        cpu_offset: int = 0,
+        cpu_offset: int | None = 0,
         on_worker_death: OnWorkerDeath = "fail",
         max_restarts: int = 3,
         start_timeout_s: float = 300.0,
@@ -315,6 +315,10 @@ class MpsSlot(ProcessSlot):
                 )
             options["env"] = mps_worker_env(slot, device, daemon.client_env())
             options["cpu_threads"] = slot.cpu_threads
+        elif cpu_offset is None:
+            # the plan's partitions need more cores than there are: pinned, some would share a
+            # core while another idles, so the OS balances them; each keeps its thread count
+            options["cpu_threads"] = len(cpu_share(slot, usable_cores()))
         else:
             cores = cpu_share(slot, usable_cores(), cpu_offset)
             options["cpu_affinity"] = cores

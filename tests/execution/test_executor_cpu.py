@@ -279,3 +279,17 @@ def test_a_member_failing_on_the_warm_up_batch_fails_start_naming_it(kind: str) 
         executor.start()
     assert not executor.alive
     assert [c for c in multiprocessing.active_children() if c.name.endswith("-x0")] == []
+
+
+def test_mps_partitions_that_oversubscribe_the_cores_are_not_pinned() -> None:
+    cores = usable_cores()
+    ensemble = zoo.default_ensemble(scale="tiny")
+    names = ensemble.member_names[: len(cores) + 1]  # one partition more than there are cores
+    share = 100.0 / len(names)
+    plan = make_plan(*(Slot(f"m{i}", "mps", (n,), thread_percentage=share) for i, n in enumerate(names)))
+    sub = Ensemble(tuple(ensemble.member(n) for n in names), name="oversubscribed")
+    with Executor(plan, sub) as executor:
+        slots = [s for s in executor.slots if isinstance(s, MpsSlot)]
+        assert all(s.cpu_cores is None for s in slots)  # the OS balances them
+        assert all(s.spec.cpu_threads == 1 for s in slots)
+        assert executor.predict(sub.members[0].input.example(4)).shape == (4, 10)
