@@ -473,6 +473,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ensemble_args(
+    p: argparse.ArgumentParser, *, simulated: bool = True, ensemble: bool = True, profiles: bool = True
+) -> None:
+    """The arguments that choose the device and the ensemble (and, optionally, its profiles)."""
+    where = "best (default), cpu, cuda, cuda:N"
+    if simulated:
+        where += ", or a simulated GPU: sim:h100, h100, spec.json"
+    p.add_argument("--device", default="best", help=where)
+    if ensemble:
+        p.add_argument(
+            "--ensemble",
+            default=None,
+            help="module:function returning a colocate.Ensemble (default: the embedded default ensemble)",
+        )
+    p.add_argument(
+        "--scale",
+        choices=("tiny", "small", "large"),
+        default=None,
+        help="default-ensemble model size (default: large on a GPU, small on the CPU)",
+    )
+    p.add_argument(
+        "--backend", choices=("torch", "onnxruntime"), default="torch", help="default-ensemble backend"
+    )
+    if profiles:
+        p.add_argument(
+            "--profiles",
+            nargs="*",
+            default=None,
+            help="profile JSON files (from colocate profile --out) instead of measuring now",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="colocate", description="Profile, plan and run an ensemble of models on one GPU."
@@ -484,15 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simulated", action="store_true", help="also list the simulated GPU presets")
     p.set_defaults(func=cmd_devices)
 
-    p = sub.add_parser("demo", help="run the default ensemble once on the best device")
-    p.add_argument("--device", default="best", help="best (default), cpu, cuda, cuda:N")
-    p.add_argument(
-        "--scale",
-        choices=("tiny", "small", "large"),
-        default=None,
-        help="model size (default: large on a GPU, small on the CPU)",
-    )
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
+    p = sub.add_parser("demo", help="profile, plan, run and compare the default ensemble")
+    _add_ensemble_args(p, simulated=False, ensemble=False, profiles=False)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=10, help="timed runs per member (--quick)")
     p.add_argument(
@@ -506,21 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("profile", help="profile each member per batch size (memory, latency, kernels)")
-    p.add_argument("--device", default="best", help="best (default), cpu, cuda, cuda:N")
-    p.add_argument(
-        "--ensemble",
-        default=None,
-        help="module:function returning a colocate.Ensemble (default: the embedded default ensemble)",
-    )
-    p.add_argument(
-        "--scale",
-        choices=("tiny", "small", "large"),
-        default=None,
-        help="default-ensemble model size (default: large on a GPU, small on the CPU)",
-    )
-    p.add_argument(
-        "--backend", choices=("torch", "onnxruntime"), default="torch", help="default-ensemble backend"
-    )
+    _add_ensemble_args(p, simulated=False, profiles=False)
     p.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 8, 32], help="e.g. 1,8,32")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
@@ -535,27 +546,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the profiles to this JSON file")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_profile)
-
-    def add_ensemble_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--device",
-            default="best",
-            help="best (default), cpu, cuda, cuda:N, or a simulated GPU: sim:h100, h100, spec.json",
-        )
-        p.add_argument("--ensemble", default=None, help="module:function returning a colocate.Ensemble")
-        p.add_argument(
-            "--scale",
-            choices=("tiny", "small", "large"),
-            default=None,
-            help="default-ensemble model size (default: large on a GPU, small on the CPU)",
-        )
-        p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
-        p.add_argument(
-            "--profiles",
-            nargs="*",
-            default=None,
-            help="profile JSON files (from colocate profile --out) instead of measuring now",
-        )
 
     def add_run_args(p: argparse.ArgumentParser, seconds: float) -> None:
         p.add_argument("--requests", type=int, default=None, help="requests per run (default: by time)")
@@ -573,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     from colocate.planning import OBJECTIVES, STRATEGIES
 
     p = sub.add_parser("plan", help="plan how to co-locate the members (and why)")
-    add_ensemble_args(p)
+    _add_ensemble_args(p)
     p.add_argument("--strategy", choices=STRATEGIES, default="auto")
     p.add_argument("--all", action="store_true", help="one plan per strategy, side by side")
     p.add_argument("--batch-size", type=int, default=None)
@@ -584,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="run a plan for real and measure it")
-    add_ensemble_args(p)
+    _add_ensemble_args(p)
     p.add_argument("--plan", default=None, help="a plan JSON file from colocate plan --out")
     p.add_argument("--strategy", choices=STRATEGIES, default="auto", help="plan with this if no --plan")
     p.add_argument("--batch-size", type=int, default=8)
@@ -594,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="run several plans the same way and compare them")
-    add_ensemble_args(p)
+    _add_ensemble_args(p)
     p.add_argument(
         "--strategies",
         type=lambda t: [x for x in t.split(",") if x],

@@ -15,13 +15,14 @@ from __future__ import annotations
 import time
 import warnings
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from colocate.devices import Device
 from colocate.ensemble import Array, Member
-from colocate.errors import DeviceError, InternalError, InvalidInputError
+from colocate.errors import DeviceError, InternalError, InvalidInputError, ModelLoadError
 
 
 def stream_handle(stream: Any) -> int:
@@ -149,6 +150,15 @@ class MemberRunner(ABC):
                 ResourceWarning,
                 stacklevel=2,
             )
+
+    def _model_file(self, hint: str) -> Path:
+        """The member's model file, or a ModelLoadError naming the member, the path and ``hint``."""
+        path = self.member.source_path
+        if path is None or not path.is_file():
+            raise ModelLoadError(
+                f"member '{self.member.name}': model file {str(path)!r} does not exist; {hint}"
+            )
+        return path
 
     def _require_active(self, what: str) -> None:
         if not self.is_active:

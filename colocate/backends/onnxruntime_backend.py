@@ -89,12 +89,7 @@ class OnnxRuntimeRunner(MemberRunner):
     def _activate(self) -> None:
         member = self.member
         ort = optional_import("onnxruntime", purpose=f"backend 'onnxruntime' of member '{member.name}'")
-        path = member.source_path
-        if path is None or not path.is_file():
-            raise ModelLoadError(
-                f"member '{member.name}': model file {str(path)!r} does not exist; "
-                "check the path (export ONNX files with colocate.zoo.export_onnx)"
-            )
+        path = self._model_file("check the path (export ONNX files with colocate.zoo.export_onnx)")
         on_gpu = self.device.kind == "cuda"
         options = ort.SessionOptions()
         options.intra_op_num_threads = self._intra_op_threads(default=1 if on_gpu else 0)

@@ -282,12 +282,7 @@ class TensorRTRunner(MemberRunner):
     def _activate(self) -> None:
         member = self.member
         trt = optional_import("tensorrt", purpose=f"backend 'tensorrt' of member '{member.name}'")
-        path = member.source_path
-        if path is None or not path.is_file():
-            raise ModelLoadError(
-                f"member '{member.name}': model file {str(path)!r} does not exist; give a "
-                "serialized engine (.engine/.plan) or an .onnx file"
-            )
+        path = self._model_file("give a serialized engine (.engine/.plan) or an .onnx file")
         workspace = self._positive_int_option("workspace_bytes", DEFAULT_WORKSPACE_BYTES)
         max_batch = self._positive_int_option("max_batch_size", DEFAULT_MAX_BATCH_SIZE)
         if self.stream is not None and stream_handle(self.stream) == 0:
