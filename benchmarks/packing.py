@@ -1,0 +1,866 @@
+#!/usr/bin/env python3
+"""Packing strategies against each other and against hand-made baselines; planner quality.
+
+    python benchmarks/packing.py                       # best device, the full matrix
+    python benchmarks/packing.py --device cpu --sizes 2,4 --batch-sizes 1,8 --seconds 1
+    python benchmarks/packing.py --smoke --device cpu --out /tmp/p.json   # the CI smoke run
+
+For each case (an ensemble at a batch size) the ensemble's plans run one after another, each
+in a fresh process, the same way (same batch, warm-up, duration and requests in flight), and
+throughput and p99 request latency are reported as ratios against ``sequential``. The
+baselines a user would write by hand are strategies too: a Python loop over the members is
+``sequential``, one thread per member is ``streams`` (on a GPU each thread has its own CUDA
+stream), one process per member is ``processes``.
+
+The ensembles are the default ensemble ("default": ``small`` on the CPU, ``large`` on a GPU)
+and synthetic ensembles of ``--sizes`` members cycling through the zoo's architectures with
+alternating sizes (``--scale`` and half of it, so every member takes the same input shape;
+``tiny`` and ``large`` have no same-shape partner and do not alternate), distinct seeds and
+names such as ``resnet-0``, ``mobilenet-1``. The ensemble of N members is the first N of the
+largest one.
+
+Planner quality comes from the same run: when ``auto`` is compared, a few member pairs are
+measured first (:func:`colocate.compare.calibrate`) and every plan is predicted with and
+without those measurements. ``regret`` is how much slower the plan ``auto`` chose ran than
+the best plan measured; the cost model's error is the median over the plans that ran of
+``|predicted - measured| / measured`` throughput (and peak memory), before and after
+calibration. Plans with the same slots are run once and share the measurement.
+
+The JSON (default ``benchmarks/results/<UTC stamp>-<device>-packing.json``) holds the
+device, versions, date and command, one record per case, and a summary; a PNG beside it
+plots speed-up and p99 ratio per case and strategy, and regret and model error per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import math
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import ROOT, write_result
+from colocate import devices, serde, zoo
+from colocate.compare import BASELINE, RunSettings, calibrate, compare
+from colocate.devices import Device
+from colocate.ensemble import Ensemble, Member
+from colocate.errors import ColocateError
+from colocate.planning import STRATEGIES
+from colocate.planning import plan as make_plan
+from colocate.planning.types import Plan
+from colocate.profiling import ProfileCache, ProfileSet, ProfileSettings, model_hash, profile_isolated
+from colocate.profiling.cache import cache_key
+from colocate.report import Calibration, PlanResult, Report
+
+KIND = "packing"
+DEFAULT_STRATEGIES = ("sequential", "streams", "processes", "mps", "coloring", "packing", "auto")
+SMOKE_STRATEGIES = ("sequential", "streams", "auto")
+#: what a user would write by hand, and the strategy that is the same thing
+BY_HAND = {
+    "sequential": "a Python loop over the members",
+    "streams": "one thread per member",
+    "processes": "one process per member",
+}
+_MIB = float(1 << 20)
+
+
+def device_tag(device: Device) -> str:
+    """``cpu`` or the GPU's name as a file-name slug (e.g. ``nvidia-h200``)."""
+    if device.kind == "cpu":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device.name.lower()).strip("-") or device.kind
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _words(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _scale(text: str) -> str | float:
+    """A zoo preset name, or a float scale."""
+    if text in zoo.SCALES:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise SystemExit(
+            f"--scale: {text!r} is neither one of {', '.join(zoo.SCALES)} nor a number"
+        ) from None
+
+
+def alternating_scales(scale: str | float) -> tuple[str | float, ...]:
+    """The sizes a synthetic ensemble alternates between: ``scale`` and half of it.
+
+    Every member must take the same input shape: ``small`` and float scales are all 64x64
+    (a float multiplies the widths of ``small``), so ``small`` alternates with 0.5 and a
+    float ``s`` with ``s / 2``; ``tiny`` (32x32) and ``large`` (224x224) are alone at their
+    shape, so their members differ only in architecture and seed.
+    """
+    if scale == "small":
+        return ("small", 0.5)
+    if isinstance(scale, float):
+        return (scale, scale / 2)
+    return (scale,)
+
+
+def synthetic_members(count: int, scale: str | float) -> list[Member]:
+    """``count`` zoo members: architectures in turn, sizes alternating, seed = position."""
+    sizes = alternating_scales(scale)
+    members = []
+    for i in range(count):
+        arch = zoo.ARCHITECTURES[i % len(zoo.ARCHITECTURES)]
+        members.append(zoo.member(arch, scale=sizes[i % len(sizes)], seed=i, name=f"{arch}-{i}"))
+    return members
+
+
+def _scale_label(scale: str | float) -> str:
+    return scale if isinstance(scale, str) else f"x{scale:g}"
+
+
+def _layout_key(plan: Plan) -> tuple[Any, ...]:
+    return tuple(
+        (s.kind, s.members, s.thread_percentage, s.cpu_threads, s.memory_limit_bytes) for s in plan.slots
+    )
+
+
+def _slots_text(plan: Plan | None) -> str:
+    if plan is None:
+        return "-"
+    parts = []
+    for s in plan.slots:
+        extra = f" {s.thread_percentage:.0f}%" if s.thread_percentage is not None else ""
+        threads = f" {s.cpu_threads}t" if s.cpu_threads is not None else ""
+        parts.append(f"{s.kind}{extra}{threads}: {', '.join(s.members)}")
+    return "; ".join(parts)
+
+
+def _rel_error(predicted: float | None, measured: float | None) -> float | None:
+    if predicted is None or measured is None or measured <= 0:
+        return None
+    return (predicted - measured) / measured
+
+
+def _median_abs(values: Sequence[float | None]) -> float | None:
+    known = [abs(v) for v in values if v is not None and math.isfinite(v)]
+    return float(statistics.median(known)) if known else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+def relabel(profiles: ProfileSet, members: Sequence[Member], batch_sizes: Sequence[int]) -> ProfileSet:
+    """Name each profile after the member it was measured for.
+
+    The profile cache is keyed by the model, not the name: a member whose model was profiled
+    before under another name (``resnet`` of the default ensemble and ``resnet-0`` at the same
+    scale and seed) comes back under the old name. Profiles come member by member, each at
+    every batch size in ascending order.
+    """
+    items = profiles.profiles
+    per_member = len(set(batch_sizes))
+    if len(items) != per_member * len(members):
+        return profiles
+    return ProfileSet(
+        tuple(dataclasses.replace(p, member=members[i // per_member].name) for i, p in enumerate(items))
+    )
+
+
+def _profiled_latency(profiles: ProfileSet, member: str, batch_size: int) -> float | None:
+    found = profiles.get(member, batch_size)
+    return found.latency.median_s if found is not None and found.latency is not None else None
+
+
+def suspect_profiles(profiles: ProfileSet, factor: float = 3.0) -> list[tuple[str, int, str]]:
+    """Profiles that look disturbed by other work on the machine: (member, batch size, why).
+
+    Two signs, each ``factor`` x or more: the time at the profile's thread count against its
+    time at one thread (more intra-op threads are rarely that much slower on their own), and
+    the time per sample against the member's time per sample at its smallest profiled batch
+    (a larger batch is rarely slower per sample). On this project's 2-core machine, with another
+    process busy on one core, torch at 2 threads took 0.5 s a call instead of 2 ms at 1; such a
+    profile misleads the planner in every case its member is in.
+    """
+    smallest: dict[str, tuple[int, float]] = {}
+    for p in profiles.profiles:
+        if p.latency is not None and (p.member not in smallest or p.batch_size < smallest[p.member][0]):
+            smallest[p.member] = (p.batch_size, p.latency.median_s / p.batch_size)
+    found = []
+    for p in profiles.profiles:
+        reasons = []
+        if p.cpu is not None and p.cpu.thread_scaling:
+            times = dict(p.cpu.thread_scaling)
+            one, used = times.get(1), times.get(p.cpu.threads)
+            if one and used and used > factor * one:
+                reasons.append(f"{used * 1e3:.1f} ms at {p.cpu.threads} threads, {one * 1e3:.1f} ms at 1")
+        base = smallest.get(p.member)
+        if p.latency is not None and base is not None and p.batch_size > base[0]:
+            per_sample = p.latency.median_s / p.batch_size
+            if per_sample > factor * base[1]:
+                reasons.append(
+                    f"{per_sample * 1e3:.2f} ms a sample, {base[1] * 1e3:.2f} ms at batch {base[0]}"
+                )
+        if reasons:
+            found.append(
+                (p.member, p.batch_size, f"{p.member} at batch {p.batch_size}: " + "; ".join(reasons))
+            )
+    return found
+
+
+def reprofile(
+    profiles: ProfileSet,
+    members: dict[str, Member],
+    suspects: Sequence[tuple[str, int, str]],
+    device: Device,
+    settings: ProfileSettings,
+) -> ProfileSet:
+    """Measure the suspect (member, batch size) profiles again, dropping their cache entries first."""
+    cache = ProfileCache()
+    names = list(dict.fromkeys(name for name, _, _ in suspects))
+    sizes = sorted({b for _, b, _ in suspects})
+    for name, batch, _ in suspects:
+        member = members[name]
+        cache.path_for(cache_key(member, device, batch, model_hash(member))).unlink(missing_ok=True)
+    chosen = [members[name] for name in names]
+    fresh = relabel(profile_isolated(chosen, device, sizes, settings=settings), chosen, sizes)
+    again = {(name, batch) for name, batch, _ in suspects}
+    replaced = {(p.member, p.batch_size): p for p in fresh.profiles if (p.member, p.batch_size) in again}
+    return ProfileSet(tuple(replaced.get((p.member, p.batch_size), p) for p in profiles.profiles))
+
+
+# --- one case ------------------------------------------------------------------------------------
+
+
+def run_case(
+    ensemble: Ensemble,
+    label: str,
+    device: Device,
+    profiles: ProfileSet,
+    batch_size: int,
+    strategies: Sequence[str],
+    settings: RunSettings,
+    *,
+    calibrate_pairs: int,
+    calibrate_seconds: float,
+    say: Any,
+) -> tuple[dict[str, Any], Report | None]:
+    """Plan every strategy, run the distinct plans once each, and measure the planner."""
+    started = time.perf_counter()
+    record: dict[str, Any] = {
+        "ensemble": label,
+        "ensemble_name": ensemble.name,
+        "members": [
+            {
+                "name": m.name,
+                "arch": getattr(m.source, "arch", None),
+                "scale": getattr(m.source, "scale", None),
+                "seed": getattr(m.source, "seed", None),
+                "profiled_latency_s": _profiled_latency(profiles, m.name, batch_size),
+            }
+            for m in ensemble.members
+        ],
+        "member_count": len(ensemble.members),
+        "batch_size": batch_size,
+        # the machine's load before the case: other work on the CPU distorts every figure
+        "loadavg_before": list(os.getloadavg()),
+    }
+
+    calibration: Calibration | None = None
+    calibration_error = None
+    calibration_s = 0.0
+    if "auto" in strategies and calibrate_pairs > 0:
+        say(f"calibrating: up to {calibrate_pairs} member pair(s) that matter most to 'auto'")
+        t0 = time.perf_counter()
+        try:
+            calibration = calibrate(
+                ensemble,
+                device,
+                profiles,
+                batch_size=batch_size,
+                max_pairs=calibrate_pairs,
+                seconds=calibrate_seconds,
+                progress=say,
+            )
+        except ColocateError as exc:
+            calibration_error = f"{type(exc).__name__}: {exc}"
+            say(f"calibration failed, planning from the model alone: {calibration_error}")
+        calibration_s = time.perf_counter() - t0
+    interference = calibration.interference() if calibration is not None else None
+    record["calibration"] = {
+        "ran": calibration is not None,
+        "error": calibration_error,
+        "wall_s": calibration_s,
+        "pairs": serde.to_dict(calibration.pairs) if calibration is not None else [],
+    }
+
+    # plan every strategy; identical slot layouts run once under a joined label
+    planned: dict[str, Plan | None] = {}
+    rejected: dict[str, str] = {}
+    for name in strategies:
+        try:
+            planned[name] = make_plan(
+                ensemble, device, profiles, strategy=name, batch_size=batch_size, interference=interference
+            )
+        except ColocateError as exc:
+            planned[name] = None
+            rejected[name] = f"{type(exc).__name__}: {exc}"
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for name, made in planned.items():
+        if made is not None:
+            groups.setdefault(_layout_key(made), []).append(name)
+    run_label: dict[str, str] = {}
+    unique: list[Plan] = []
+    for names in groups.values():
+        joined = BASELINE if BASELINE in names else "=".join(names)
+        for name in names:
+            run_label[name] = joined
+        first = planned[names[0]]
+        assert first is not None
+        unique.append(dataclasses.replace(first, strategy=joined))
+
+    # what auto picks without the measured pairs (not run unless another strategy has its slots)
+    auto_uncalibrated: Plan | None = None
+    if "auto" in strategies and interference is not None:
+        try:
+            auto_uncalibrated = make_plan(ensemble, device, profiles, strategy="auto", batch_size=batch_size)
+        except ColocateError:
+            auto_uncalibrated = None
+
+    report: Report | None = None
+    results: dict[str, PlanResult] = {}
+    if unique:
+        report = compare(
+            ensemble,
+            device,
+            unique,
+            profiles=profiles,
+            batch_size=batch_size,
+            settings=settings,
+            calibration=calibration,
+            progress=say,
+        )
+        results = {r.name: r for r in report.results}
+
+    base = results.get(BASELINE)
+    base_sps = base.measured_sps if base is not None else None
+    base_p99 = base.run.latency.p99_s if base is not None and base.run and base.run.latency else None
+    rows: list[dict[str, Any]] = []
+    for name in strategies:
+        made = planned.get(name)
+        result = results.get(run_label.get(name, ""))
+        run = result.run if result is not None else None
+        latency = run.latency if run is not None else None
+        measured = result.measured_sps if result is not None else None
+        predicted = made.prediction.throughput_sps if made is not None else None
+        uncalibrated = (
+            result.uncalibrated_sps if result is not None and interference is not None else predicted
+        )
+        mem_pred = made.prediction.peak_memory_bytes if made is not None else None
+        mem_meas = run.peak_memory_bytes if run is not None else None
+        p99 = latency.p99_s if latency is not None else None
+        status: str
+        reason: str | None
+        if result is None:
+            status, reason = "rejected", rejected.get(name, "not run")
+        else:
+            status, reason = result.status, result.reason
+        rows.append(
+            {
+                "strategy": name,
+                "by_hand": BY_HAND.get(name),
+                "ran_as": run_label.get(name),
+                "status": status,
+                "reason": reason,
+                "slots": _slots_text(made),
+                "slot_count": len(made.slots) if made is not None else None,
+                "slot_kinds": sorted({s.kind for s in made.slots}) if made is not None else [],
+                "measured_sps": measured,
+                "latency_p50_s": latency.median_s if latency is not None else None,
+                "latency_p99_s": p99,
+                "latency_high_variance": latency.high_variance if latency is not None else None,
+                "requests_completed": run.requests_completed if run is not None else None,
+                "concurrency": run.concurrency if run is not None else None,
+                "speedup": _ratio(measured, base_sps),
+                "p99_ratio": _ratio(p99, base_p99),
+                "predicted_sps": predicted,
+                "predicted_uncalibrated_sps": uncalibrated,
+                "throughput_error": _rel_error(predicted, measured),
+                "throughput_error_uncalibrated": _rel_error(uncalibrated, measured),
+                "predicted_latency_p99_s": made.prediction.latency_p99_s if made is not None else None,
+                "predicted_peak_memory_bytes": mem_pred,
+                "measured_peak_memory_bytes": mem_meas,
+                "memory_error": _rel_error(
+                    float(mem_pred) if mem_pred is not None else None,
+                    float(mem_meas) if mem_meas is not None else None,
+                ),
+            }
+        )
+    record["strategies"] = rows
+
+    # planner quality: one entry per distinct run (shared runs counted once)
+    distinct = {r["ran_as"]: r for r in rows if r["ran_as"] is not None}.values()
+    best = report.best if report is not None else None
+    best_sps = best.measured_sps if best is not None else None
+    auto_row = next((r for r in rows if r["strategy"] == "auto"), None)
+    auto_sps = auto_row["measured_sps"] if auto_row is not None else None
+    regret = None
+    if auto_row is not None and best_sps and auto_sps is not None:
+        regret = max(0.0, (best_sps - auto_sps) / best_sps)
+    uncal_regret = None
+    uncal_same_as = None
+    if auto_uncalibrated is not None and best_sps:
+        key = _layout_key(auto_uncalibrated)
+        for names in groups.values():
+            made = planned[names[0]]
+            if made is not None and _layout_key(made) == key:
+                uncal_same_as = run_label[names[0]]
+        if uncal_same_as is not None:
+            same = results.get(uncal_same_as)
+            if same is not None and same.measured_sps is not None:
+                uncal_regret = max(0.0, (best_sps - same.measured_sps) / best_sps)
+    error_after = _median_abs([r["throughput_error"] for r in distinct]) if interference else None
+    error_before = _median_abs([r["throughput_error_uncalibrated"] for r in distinct])
+    record["planner"] = {
+        "best": best.name if best is not None else None,
+        "best_sps": best_sps,
+        "auto": auto_row["ran_as"] if auto_row is not None else None,
+        "auto_slots": auto_row["slots"] if auto_row is not None else None,
+        "auto_sps": auto_sps,
+        "auto_status": auto_row["status"] if auto_row is not None else None,
+        "regret": regret,
+        "auto_uncalibrated_slots": _slots_text(auto_uncalibrated) if auto_uncalibrated is not None else None,
+        "auto_uncalibrated_same_as": uncal_same_as,
+        "regret_uncalibrated": uncal_regret,
+        "calibrated": bool(interference),
+        "calibration_pairs": len(interference or {}),
+        "model_error_before": error_before,
+        "model_error_after": error_after,
+        "report_model_error": report.model_error(calibrated=True) if report is not None else None,
+        "report_model_error_uncalibrated": (
+            report.model_error(calibrated=False) if report is not None else None
+        ),
+        "memory_error": _median_abs([r["memory_error"] for r in distinct]),
+    }
+    record["wall_s"] = time.perf_counter() - started
+    return record, report
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def _pct(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.0%}" if signed else f"{value:.0%}"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def case_table(record: dict[str, Any], device: Device) -> Any:
+    from rich.table import Table
+
+    title = (
+        f"{record['ensemble']} ({record['member_count']} members), batch {record['batch_size']} "
+        f"on {device.name}: ratios vs sequential"
+    )
+    table = Table(title=title)
+    for column in (
+        "strategy",
+        "slots",
+        "status",
+        "samples/s",
+        "speed-up",
+        "p99 ms",
+        "p99 ratio",
+        "pred. (calib.)",
+        "pred. (model)",
+        "err after",
+        "err before",
+        "peak MiB pred/meas",
+    ):
+        table.add_column(column, justify="left" if column in ("strategy", "slots", "status") else "right")
+    best = record["planner"]["best"]
+    for r in record["strategies"]:
+        name = r["strategy"]
+        if r["by_hand"]:
+            name += f"\n({r['by_hand']})"
+        if r["ran_as"] and r["ran_as"] == best:
+            name += " *"
+        status = r["status"] if not r["reason"] else f"{r['status']}: {r['reason'][:50]}"
+        if r["ran_as"] and r["ran_as"] != r["strategy"]:
+            status += f" (ran as {r['ran_as']})"
+        mem_pred, mem_meas = r["predicted_peak_memory_bytes"], r["measured_peak_memory_bytes"]
+        memory = " / ".join(_num(v / _MIB if v else None, 0) for v in (mem_pred, mem_meas))
+        table.add_row(
+            name,
+            r["slots"],
+            status,
+            _num(r["measured_sps"]),
+            "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+            _num(r["latency_p99_s"] * 1e3 if r["latency_p99_s"] is not None else None, 2)
+            + (" (!)" if r["latency_high_variance"] else ""),
+            "-" if r["p99_ratio"] is None else f"{r['p99_ratio']:.2f}x",
+            _num(r["predicted_sps"]),
+            _num(r["predicted_uncalibrated_sps"]),
+            _pct(r["throughput_error"], signed=True),
+            _pct(r["throughput_error_uncalibrated"], signed=True),
+            memory,
+        )
+    return table
+
+
+def summary_rows(cases: Sequence[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for c in cases:
+        p = c["planner"]
+        best_row = next((r for r in c["strategies"] if r["ran_as"] == p["best"]), None)
+        speedup = best_row["speedup"] if best_row is not None else None
+        before, after = p["model_error_before"], p["model_error_after"]
+        rows.append(
+            [
+                f"{c['ensemble']} b{c['batch_size']}",
+                (p["best"] or "-") + (f" ({speedup:.2f}x)" if speedup is not None else ""),
+                p["auto"] or "-",
+                _pct(p["regret"]) if p["regret"] is not None else (p["auto_status"] or "-"),
+                _pct(p["regret_uncalibrated"])
+                if p["regret_uncalibrated"] is not None
+                else ("not run" if p["auto_uncalibrated_slots"] else "-"),
+                f"{_pct(before)} -> {_pct(after)}" if after is not None else _pct(before),
+                _pct(p["memory_error"]),
+            ]
+        )
+    return rows
+
+
+SUMMARY_COLUMNS = (
+    "case",
+    "best measured (vs seq.)",
+    "auto chose",
+    "regret",
+    "regret uncalib.",
+    "model err before -> after",
+    "mem err",
+)
+
+
+def summary_table(cases: Sequence[dict[str, Any]], device: Device) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"planner quality on {device.name} (regret: best measured vs auto's plan)")
+    for column in SUMMARY_COLUMNS:
+        table.add_column(
+            column, justify="left" if column in ("case", "best measured (vs seq.)", "auto chose") else "right"
+        )
+    for row in summary_rows(cases):
+        table.add_row(*row)
+    return table
+
+
+def plot(cases: Sequence[dict[str, Any]], strategies: Sequence[str], device: Device, path: Path) -> Path:
+    """Speed-up and p99 ratio vs sequential per case and strategy; regret and model error per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    labels = [f"{c['ensemble']}\nb{c['batch_size']}" for c in cases]
+    x = list(range(len(cases)))
+    shown = [s for s in strategies if s != BASELINE]
+    width = 0.8 / max(1, len(shown))
+    fig, axes = plt.subplots(3, 1, figsize=(min(30.0, max(10.0, 0.2 * len(cases) * len(shown) + 5)), 12))
+    colours = plt.get_cmap("tab10")
+    for panel, field, title in (
+        (axes[0], "speedup", "throughput vs sequential (higher is better)"),
+        (axes[1], "p99_ratio", "p99 latency vs sequential (lower is better)"),
+    ):
+        for k, name in enumerate(shown):
+            values = []
+            for c in cases:
+                row = next((r for r in c["strategies"] if r["strategy"] == name), None)
+                values.append(row[field] if row is not None and row[field] is not None else float("nan"))
+            offsets = [i - 0.4 + width * (k + 0.5) for i in x]
+            legend = name + (f" ({BY_HAND[name]})" if name in BY_HAND else "")
+            panel.bar(offsets, values, width, label=legend, color=colours(k % 10))
+        panel.axhline(1.0, color="black", linewidth=0.8)
+        panel.set_xticks(x, labels, fontsize=8)
+        panel.set_title(title)
+        panel.set_ylabel("ratio (sequential = 1)")
+    axes[1].set_yscale("log", base=2)
+    axes[1].yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axes[1].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0))
+    quality = axes[2]
+    series = (
+        ("regret", "auto's regret", "#d62728"),
+        ("model_error_before", "model error, uncalibrated", "#9ecae1"),
+        ("model_error_after", "model error, calibrated", "#3182bd"),
+    )
+    w = 0.8 / len(series)
+    for k, (field, legend, colour) in enumerate(series):
+        values = [
+            100 * c["planner"][field] if c["planner"][field] is not None else float("nan") for c in cases
+        ]
+        quality.bar([i - 0.4 + w * (k + 0.5) for i in x], values, w, label=legend, color=colour)
+    quality.set_xticks(x, labels, fontsize=8)
+    quality.set_ylabel("%")
+    quality.set_title("planner quality: regret of auto, median throughput error of the cost model")
+    quality.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0))
+    fig.suptitle(f"packing strategies on {device.name}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="best", help="cpu, cuda, cuda:N or best")
+    parser.add_argument("--sizes", default="2,4,8,16", help="synthetic ensemble sizes (plus 'default')")
+    parser.add_argument("--no-default", action="store_true", help="leave out the default ensemble")
+    parser.add_argument("--batch-sizes", default="1,8,64")
+    parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES))
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="measured seconds per plan (default 2 on a GPU, 1.5 on the CPU)",
+    )
+    parser.add_argument("--requests", type=int, default=None, help="counted requests per plan instead")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="requests in flight, the same for every plan (0: the executor's default, two per slot)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="uncounted requests first (default: concurrency)"
+    )
+    parser.add_argument(
+        "--scale",
+        default=None,
+        help="synthetic members' size: they alternate between it and half of it "
+        "(default 0.5 on the CPU, small on a GPU; tiny and large do not alternate)",
+    )
+    parser.add_argument(
+        "--default-scale", default=None, help="default ensemble's scale (small on CPU, large on GPU)"
+    )
+    parser.add_argument(
+        "--calibrate-pairs",
+        type=int,
+        default=None,
+        help="pairs measured for auto (0: none; default 3 on a GPU, 2 on the CPU)",
+    )
+    parser.add_argument("--calibrate-seconds", type=float, default=1.0, help="seconds per calibration run")
+    parser.add_argument("--smoke", action="store_true", help="tiny and quick: the CI check that it works")
+    parser.add_argument("--out", default=None, help="result JSON; the PNG goes beside it")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    load_at_start = os.getloadavg()
+    device = devices.find_device(args.device)
+    if not device.can_execute:
+        raise SystemExit(f"{device.name} cannot run members; give --device cpu or cuda")
+    gpu = device.kind == "cuda"
+    sizes = _ints(args.sizes)
+    batch_sizes = _ints(args.batch_sizes)
+    strategies = _words(args.strategies)
+    seconds: float | None = args.seconds if args.seconds is not None else (2.0 if gpu else 1.5)
+    requests: int | None = args.requests
+    synth_scale = _scale(args.scale) if args.scale else ("small" if gpu else 0.5)
+    default_scale = _scale(args.default_scale) if args.default_scale else ("large" if gpu else "small")
+    calibrate_pairs = args.calibrate_pairs if args.calibrate_pairs is not None else (3 if gpu else 2)
+    profile_settings = ProfileSettings()
+    smoke_cache: str | None = None
+    if args.smoke:
+        sizes, batch_sizes, strategies = [2], [1], list(SMOKE_STRATEGIES)
+        seconds, requests = None, 4
+        synth_scale = default_scale = "tiny"
+        calibrate_pairs = 0
+        profile_settings = ProfileSettings(
+            warmup=1,
+            repeats=3,
+            max_time_s=0.2,
+            trace_batches=1,
+            kernels=False,
+            thread_scaling=False,
+            energy=False,
+        )
+        # quick profiles must not land in the user's cache, where a full run would find them
+        smoke_cache = tempfile.mkdtemp(prefix="colocate-packing-smoke-")
+        os.environ["COLOCATE_CACHE_DIR"] = smoke_cache
+    if requests is not None:
+        seconds = None
+    for name in strategies:
+        if name not in STRATEGIES:
+            raise SystemExit(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    if BASELINE not in strategies:
+        strategies.insert(0, BASELINE)
+    settings = RunSettings(
+        requests=requests,
+        seconds=seconds,
+        concurrency=args.concurrency or None,
+        warmup=args.warmup,
+    )
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M")
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT / "benchmarks" / "results" / f"{stamp}-{device_tag(device)}-packing.json"
+    )
+    png = out.with_suffix(".png")
+
+    from rich.console import Console
+
+    console = Console(width=220)
+
+    def say(line: str) -> None:
+        console.print(f"[dim]{time.perf_counter() - started:7.1f}s[/dim] {line}", highlight=False)
+
+    ensembles: list[tuple[str, Ensemble]] = []
+    if not args.no_default:
+        ensembles.append(("default", zoo.default_ensemble(scale=default_scale)))
+    pool = synthetic_members(max(sizes), synth_scale) if sizes else []
+    for n in sizes:
+        ensembles.append(
+            (f"mixed-{n}", Ensemble(tuple(pool[:n]), name=f"mixed-{n}-{_scale_label(synth_scale)}"))
+        )
+    console.print(
+        f"packing on {device.name}: {len(ensembles)} ensemble(s) x batch {batch_sizes}; "
+        f"strategies {', '.join(strategies)}; "
+        + "; ".join(f"{k} = {v}" for k, v in BY_HAND.items() if k in strategies),
+        highlight=False,
+    )
+
+    # profile every member once (at every batch size) in a child process
+    unique_members: dict[str, Member] = {}
+    for _, ens in ensembles:
+        for m in ens.members:
+            unique_members.setdefault(m.name, m)
+    say(f"profiling {len(unique_members)} member(s) at batch {batch_sizes}")
+    t0 = time.perf_counter()
+    profiles = relabel(
+        profile_isolated(list(unique_members.values()), device, batch_sizes, settings=profile_settings),
+        list(unique_members.values()),
+        batch_sizes,
+    )
+    profile_s = time.perf_counter() - t0
+    say(f"profiled in {profile_s:.1f}s")
+    suspects = suspect_profiles(profiles)
+    for _, _, line in suspects:
+        say(f"[yellow]suspect profile (is other work running on this machine?)[/yellow] {line}")
+    still_suspect = suspects
+    if suspects:
+        say(f"profiling the {len(suspects)} suspect profile(s) again")
+        t0 = time.perf_counter()
+        profiles = reprofile(profiles, unique_members, suspects, device, profile_settings)
+        profile_s += time.perf_counter() - t0
+        still_suspect = suspect_profiles(profiles)
+        for _, _, line in still_suspect:
+            say(f"[yellow]still suspect, kept:[/yellow] {line}")
+
+    cases: list[dict[str, Any]] = []
+    payload: dict[str, Any] = {}
+
+    def save(finished: bool) -> None:
+        payload.update(
+            {
+                "finished": finished,
+                "smoke": args.smoke,
+                "by_hand": BY_HAND,
+                "strategies": strategies,
+                "ensemble_sizes": sizes,
+                "batch_sizes": batch_sizes,
+                "synthetic_scale": synth_scale,
+                "default_scale": default_scale,
+                "settings": {
+                    "seconds": settings.seconds,
+                    "requests": settings.requests,
+                    "concurrency": settings.concurrency or "2 per slot",
+                    "warmup": settings.warmup if settings.warmup is not None else "concurrency (at least 2)",
+                    "isolated": settings.isolated,
+                    "calibrate_pairs": calibrate_pairs,
+                    "calibrate_seconds": args.calibrate_seconds,
+                    "profile": serde.to_dict(profile_settings),
+                },
+                "profile_wall_s": profile_s,
+                "loadavg_at_start": list(load_at_start),
+                "suspect_profiles": [line for _, _, line in suspects],
+                "suspect_profiles_after_retry": [line for _, _, line in still_suspect],
+                "wall_s": time.perf_counter() - started,
+                "cases": cases,
+                "summary": {
+                    "columns": list(SUMMARY_COLUMNS),
+                    "rows": summary_rows(cases),
+                },
+            }
+        )
+        write_result(out, KIND, device, payload)
+
+    try:
+        for label, ens in ensembles:
+            for batch in batch_sizes:
+                say(f"case {label} ({len(ens.members)} members), batch {batch}")
+                record, _ = run_case(
+                    ens,
+                    label,
+                    device,
+                    profiles,
+                    batch,
+                    strategies,
+                    settings,
+                    calibrate_pairs=calibrate_pairs,
+                    calibrate_seconds=args.calibrate_seconds,
+                    say=say,
+                )
+                cases.append(record)
+                console.print(case_table(record, device))
+                save(finished=False)  # a run cut short keeps the cases done
+        save(finished=True)
+        if cases:
+            plot(cases, strategies, device, png)
+    finally:
+        if smoke_cache is not None:
+            shutil.rmtree(smoke_cache, ignore_errors=True)
+    console.print(summary_table(cases, device))
+    console.print(
+        "regret = (best measured - auto measured) / best measured; model error = median over the plans "
+        "that ran of |predicted - measured| / measured throughput (before -> after calibration)",
+        highlight=False,
+    )
+    if still_suspect:
+        console.print(
+            f"[yellow]{len(still_suspect)} profile(s) still look disturbed by other work on the machine; "
+            "the predictions for cases with those members are suspect:[/yellow] "
+            + "; ".join(line for _, _, line in still_suspect),
+            highlight=False,
+        )
+    console.print(f"wrote {out} and {png} in {time.perf_counter() - started:.0f}s", highlight=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Smoke run of ``benchmarks/packing.py``: it runs end to end on tiny sizes and writes its JSON and PNG.
+
+Timings are never asserted: only that the script exits 0, that its JSON carries the metadata
+every result carries (kind, date, command, device, versions), one record per case with the
+per-strategy fields, auto's regret and the cost model's error, and that the PNG is a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+METADATA = ("kind", "date", "command", "device", "versions")
+STRATEGY_FIELDS = (
+    "strategy",
+    "by_hand",
+    "ran_as",
+    "status",
+    "reason",
+    "slots",
+    "measured_sps",
+    "latency_p99_s",
+    "speedup",
+    "p99_ratio",
+    "predicted_sps",
+    "predicted_uncalibrated_sps",
+    "throughput_error",
+    "throughput_error_uncalibrated",
+    "predicted_peak_memory_bytes",
+    "measured_peak_memory_bytes",
+    "memory_error",
+)
+PLANNER_FIELDS = (
+    "best",
+    "best_sps",
+    "auto",
+    "auto_sps",
+    "regret",
+    "regret_uncalibrated",
+    "calibrated",
+    "model_error_before",
+    "model_error_after",
+    "memory_error",
+)
+
+pytestmark = pytest.mark.slow
+
+
+def test_packing_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "packing.py"), "--smoke", "--device", "cpu"]
+    proc = subprocess.run(
+        [*command, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, f"exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "planner quality" in proc.stdout
+    assert "a Python loop over the members" in proc.stdout
+
+    png = out.with_suffix(".png")
+    assert png.is_file()
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+    data: dict[str, Any] = json.loads(out.read_text())
+    for key in METADATA:
+        assert key in data, f"result JSON has no '{key}'"
+    assert data["kind"] == "packing"
+    assert data["device"]["kind"] == "cpu"
+    assert data["versions"]["python"] and data["versions"]["torch"]
+    assert "--smoke" in data["command"]
+    assert data["finished"] is True
+    assert data["by_hand"]["streams"] == "one thread per member"
+
+    cases = data["cases"]
+    assert [(c["ensemble"], c["batch_size"]) for c in cases] == [("default", 1), ("mixed-2", 1)]
+    for case in cases:
+        names = [row["strategy"] for row in case["strategies"]]
+        assert names == ["sequential", "streams", "auto"]
+        for row in case["strategies"]:
+            for key in STRATEGY_FIELDS:
+                assert key in row, f"{case['ensemble']}/{row['strategy']}: no '{key}'"
+            assert row["status"] in ("ok", "errors", "failed", "rejected")
+        baseline = case["strategies"][0]
+        assert baseline["status"] == "ok", baseline["reason"]
+        assert baseline["speedup"] == pytest.approx(1.0)
+        for key in PLANNER_FIELDS:
+            assert key in case["planner"], f"{case['ensemble']}: planner has no '{key}'"
+        planner = case["planner"]
+        assert planner["best"] is not None
+        if planner["regret"] is not None:
+            assert 0.0 <= planner["regret"] <= 1.0
+        assert planner["model_error_before"] is None or planner["model_error_before"] >= 0.0
+        members = case["members"]
+        assert len(members) == case["member_count"]
+        assert len({m["name"] for m in members}) == len(members)
+    assert len(data["summary"]["rows"]) == len(cases)

@@ -1,0 +1,114 @@
+"""Smoke runs of the study benchmarks: each script runs end to end on tiny sizes and writes its JSON and PNG.
+
+Timings are never asserted: only that the script exits 0, that its JSON carries the metadata
+every result carries (kind, date, command, device, versions) and its per-configuration fields,
+and that the PNG beside it is a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+METADATA = ("kind", "date", "command", "device", "versions")
+
+pytestmark = pytest.mark.slow
+
+
+def _run(script: str, out: Path, *extra: str) -> dict[str, Any]:
+    command = [sys.executable, str(BENCHMARKS / script), "--smoke", "--out", str(out), *extra]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, (
+        f"{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    assert out.is_file(), f"{script} wrote no {out.name}"
+    png = out.with_suffix(".png")
+    assert png.is_file(), f"{script} wrote no {png.name}"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    data: dict[str, Any] = json.loads(out.read_text())
+    for key in METADATA:
+        assert key in data, f"{script}: result JSON has no '{key}'"
+    assert data["device"]["kind"] in ("cpu", "cuda", "simulated")
+    assert data["versions"]["python"]
+    assert "--smoke" in data["command"]
+    return data
+
+
+def test_framework_study_smoke(tmp_path: Path) -> None:
+    data = _run("framework_study.py", tmp_path / "x.json", "--device", "cpu")
+    assert data["kind"] == "framework-study"
+    assert data["device"]["kind"] == "cpu"
+    assert data["batch_sizes"] == [1, 2]
+    assert len(data["archs"]) == 2
+    rows = data["results"]
+    assert rows
+    for row in rows:
+        for key in (
+            "arch",
+            "backend",
+            "precision",
+            "threads",
+            "batch_size",
+            "status",
+            "throughput_sps",
+            "latency_p50_s",
+            "latency_p95_s",
+            "latency_p99_s",
+            "load_time_s",
+            "weights_bytes",
+            "peak_activation_bytes",
+        ):
+            assert key in row, f"framework-study row has no '{key}'"
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert any(r["backend"] == "torch" for r in ok), "no torch configuration ran"
+    for r in ok:
+        assert r["throughput_sps"] > 0
+        assert r["latency_p50_s"] <= r["latency_p95_s"] <= r["latency_p99_s"]
+    # GPU-only backends are skipped on the CPU with a reason, not silently
+    skipped = {s["backend"] for s in data["skipped"]}
+    assert {"torch-cudagraph", "tensorrt"} <= skipped
+    assert {w["arch"] for w in data["winners"]} == set(data["archs"])
+
+
+def test_executor_overhead_smoke(tmp_path: Path) -> None:
+    data = _run("executor_overhead.py", tmp_path / "x.json", "--device", "cpu")
+    assert data["kind"] == "executor-overhead"
+    assert data["device"]["kind"] == "cpu"
+    summary = {row["mode"]: row for row in data["summary"]}
+    assert set(summary) == {"direct", "stream", "process", "mps"}
+    for row in summary.values():
+        for key in ("per_request_s", "throughput_sps", "overhead_per_member_us", "throughput_loss_pct"):
+            assert key in row, f"executor-overhead summary has no '{key}'"
+        assert row["per_request_s"] is not None, f"{row['mode']} failed: {row['errors']}"
+    for mode in ("stream", "process", "mps"):
+        assert summary[mode]["overhead_per_member_us"] is not None
+        assert summary[mode]["throughput_loss_pct"] is not None
+    assert all(run["status"] == "ok" for run in data["runs"])
+
+
+def test_plan_speed_smoke(tmp_path: Path) -> None:
+    # plans for the simulated H100 (its default device); the planning itself runs on this CPU
+    data = _run("plan_speed.py", tmp_path / "x.json")
+    assert data["kind"] == "plan-speed"
+    assert [r["members"] for r in data["results"]] == [16]
+    result = data["results"][0]
+    for key in (
+        "median_s",
+        "times_s",
+        "target_s",
+        "within_target",
+        "phases_s",
+        "dominant_phase",
+        "plan_slots",
+    ):
+        assert key in result, f"plan-speed result has no '{key}'"
+    assert result["runs"] == 1
+    assert "coloring" in result["phases_s"]
