@@ -43,6 +43,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -244,6 +245,119 @@ def reprofile(
     return ProfileSet(tuple(replaced.get((p.member, p.batch_size), p) for p in profiles.profiles))
 
 
+class OtherLoad:
+    """CPU time used by processes outside this one's process tree, sampled from ``/proc``.
+
+    Other work on the machine distorts every figure here (see :func:`suspect_profiles`), so
+    each case records how much CPU other processes took while it ran. Linux only (elsewhere
+    ``available`` is False and every figure is None); kernel threads are left out, and a
+    process that starts and ends between two samples is missed, so it is a lower bound.
+    """
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.available = os.path.isfile("/proc/self/stat") and os.path.isfile("/proc/uptime")
+        self.interval_s = interval_s
+        self.total_s = 0.0
+        self.by_command: dict[str, float] = {}
+        self._tick = os.sysconf("SC_CLK_TCK") if self.available else 100
+        self._root = os.getpid()
+        self._last: dict[int, float] = {}
+        self._last_uptime = self._uptime()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _uptime(self) -> float:
+        try:
+            with open("/proc/uptime", encoding="ascii") as f:
+                return float(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def _scan(self) -> None:
+        now = self._uptime()
+        procs: dict[int, tuple[int, float, float]] = {}  # pid -> (ppid, cpu s, start s since boot)
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", encoding="utf-8", errors="replace") as f:
+                    text = f.read()
+                fields = text[text.rindex(")") + 2 :].split()
+                ppid, cpu = int(fields[1]), (int(fields[11]) + int(fields[12])) / self._tick
+                procs[int(entry.name)] = (ppid, cpu, int(fields[19]) / self._tick)
+            except (OSError, ValueError, IndexError):
+                continue
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _, _) in procs.items():
+            children.setdefault(ppid, []).append(pid)
+        inside, frontier = {self._root}, [self._root]
+        while frontier:
+            for child in children.get(frontier.pop(), []):
+                if child not in inside:
+                    inside.add(child)
+                    frontier.append(child)
+        current: dict[int, float] = {}
+        with self._lock:
+            for pid, (ppid, cpu, start) in procs.items():
+                if pid in inside or pid == 2 or ppid == 2:  # this run, and kernel threads
+                    continue
+                current[pid] = cpu
+                before = self._last.get(pid)
+                if before is None:
+                    before = 0.0 if start >= self._last_uptime else cpu  # new since the last scan
+                used = cpu - before
+                if used > 0:
+                    self.total_s += used
+                    command = self._command(pid)
+                    self.by_command[command] = self.by_command.get(command, 0.0) + used
+            self._last = current
+            self._last_uptime = now
+
+    @staticmethod
+    def _command(pid: int) -> str:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:100] or f"pid {pid}"
+        except OSError:
+            return f"pid {pid}"
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._scan()
+
+    def start(self) -> OtherLoad:
+        if self.available:
+            self._scan()
+            self.total_s, self.by_command = 0.0, {}
+            self._thread = threading.Thread(target=self._loop, name="other-load", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._scan()
+
+    def mark(self) -> tuple[float, dict[str, float]]:
+        """The totals so far, to subtract later with :meth:`since`."""
+        with self._lock:
+            return self.total_s, dict(self.by_command)
+
+    def since(self, mark: tuple[float, dict[str, float]], wall_s: float, cores: int) -> dict[str, Any]:
+        """Other processes' CPU since ``mark``: seconds, share of the cores, the top commands."""
+        if not self.available:
+            return {"cpu_s": None, "share": None, "top": []}
+        self._scan()
+        with self._lock:
+            used = self.total_s - mark[0]
+            top = {c: v - mark[1].get(c, 0.0) for c, v in self.by_command.items()}
+        ranked = sorted(((v, c) for c, v in top.items() if v >= 0.05), reverse=True)[:5]
+        share = used / (wall_s * max(1, cores)) if wall_s > 0 else None
+        return {"cpu_s": used, "share": share, "top": [{"command": c, "cpu_s": v} for v, c in ranked]}
+
+
 # --- one case ------------------------------------------------------------------------------------
 
 
@@ -259,9 +373,11 @@ def run_case(
     calibrate_pairs: int,
     calibrate_seconds: float,
     say: Any,
+    other: OtherLoad | None = None,
 ) -> tuple[dict[str, Any], Report | None]:
     """Plan every strategy, run the distinct plans once each, and measure the planner."""
     started = time.perf_counter()
+    other_mark = other.mark() if other is not None else None
     record: dict[str, Any] = {
         "ensemble": label,
         "ensemble_name": ensemble.name,
@@ -458,6 +574,8 @@ def run_case(
         "memory_error": _median_abs([r["memory_error"] for r in distinct]),
     }
     record["wall_s"] = time.perf_counter() - started
+    if other is not None and other_mark is not None:
+        record["other_load"] = other.since(other_mark, record["wall_s"], device.cpu_cores)
     return record, report
 
 
@@ -545,6 +663,7 @@ def summary_rows(cases: Sequence[dict[str, Any]]) -> list[list[str]]:
                 else ("not run" if p["auto_uncalibrated_slots"] else "-"),
                 f"{_pct(before)} -> {_pct(after)}" if after is not None else _pct(before),
                 _pct(p["memory_error"]),
+                _other_text(c),
             ]
         )
     return rows
@@ -558,7 +677,24 @@ SUMMARY_COLUMNS = (
     "regret uncalib.",
     "model err before -> after",
     "mem err",
+    "other CPU",
 )
+
+#: other processes' share of the cores above which a case is flagged as disturbed
+OTHER_LOAD_FLAG = 0.05
+
+
+def _other_share(case: dict[str, Any]) -> float | None:
+    load = case.get("other_load") or {}
+    share = load.get("share")
+    return float(share) if share is not None else None
+
+
+def _other_text(case: dict[str, Any]) -> str:
+    share = _other_share(case)
+    if share is None:
+        return "-"
+    return f"{share:.0%}" + (" (!)" if share > OTHER_LOAD_FLAG else "")
 
 
 def summary_table(cases: Sequence[dict[str, Any]], device: Device) -> Any:
@@ -582,7 +718,11 @@ def plot(cases: Sequence[dict[str, Any]], strategies: Sequence[str], device: Dev
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    labels = [f"{c['ensemble']}\nb{c['batch_size']}" for c in cases]
+    labels = [
+        f"{c['ensemble']}\nb{c['batch_size']}"
+        + (f"\nother CPU {_other_share(c):.0%}" if (_other_share(c) or 0.0) > OTHER_LOAD_FLAG else "")
+        for c in cases
+    ]
     x = list(range(len(cases)))
     shown = [s for s in strategies if s != BASELINE]
     width = 0.8 / max(1, len(shown))
@@ -761,6 +901,8 @@ def main() -> int:
         for m in ens.members:
             unique_members.setdefault(m.name, m)
     say(f"profiling {len(unique_members)} member(s) at batch {batch_sizes}")
+    other = OtherLoad().start()
+    other_mark = other.mark()
     t0 = time.perf_counter()
     profiles = relabel(
         profile_isolated(list(unique_members.values()), device, batch_sizes, settings=profile_settings),
@@ -781,6 +923,7 @@ def main() -> int:
         still_suspect = suspect_profiles(profiles)
         for _, _, line in still_suspect:
             say(f"[yellow]still suspect, kept:[/yellow] {line}")
+    other_profiling = other.since(other_mark, profile_s, device.cpu_cores)
 
     cases: list[dict[str, Any]] = []
     payload: dict[str, Any] = {}
@@ -810,6 +953,8 @@ def main() -> int:
                 "loadavg_at_start": list(load_at_start),
                 "suspect_profiles": [line for _, _, line in suspects],
                 "suspect_profiles_after_retry": [line for _, _, line in still_suspect],
+                "other_load_profiling": other_profiling,
+                "other_load_flag": OTHER_LOAD_FLAG,
                 "wall_s": time.perf_counter() - started,
                 "cases": cases,
                 "summary": {
@@ -835,6 +980,7 @@ def main() -> int:
                     calibrate_pairs=calibrate_pairs,
                     calibrate_seconds=args.calibrate_seconds,
                     say=say,
+                    other=other,
                 )
                 cases.append(record)
                 console.print(case_table(record, device))
@@ -843,6 +989,7 @@ def main() -> int:
         if cases:
             plot(cases, strategies, device, png)
     finally:
+        other.stop()
         if smoke_cache is not None:
             shutil.rmtree(smoke_cache, ignore_errors=True)
     console.print(summary_table(cases, device))
@@ -851,6 +998,14 @@ def main() -> int:
         "that ran of |predicted - measured| / measured throughput (before -> after calibration)",
         highlight=False,
     )
+    disturbed = [c for c in cases if (_other_share(c) or 0.0) > OTHER_LOAD_FLAG]
+    if disturbed:
+        console.print(
+            f"[yellow]other processes used over {OTHER_LOAD_FLAG:.0%} of the cores during "
+            f"{len(disturbed)} case(s), marked (!): their figures are disturbed[/yellow] "
+            + ", ".join(f"{c['ensemble']} b{c['batch_size']}" for c in disturbed),
+            highlight=False,
+        )
     if still_suspect:
         console.print(
             f"[yellow]{len(still_suspect)} profile(s) still look disturbed by other work on the machine; "

@@ -96,7 +96,10 @@ def test_packing_smoke(tmp_path: Path) -> None:
         if planner["regret"] is not None:
             assert 0.0 <= planner["regret"] <= 1.0
         assert planner["model_error_before"] is None or planner["model_error_before"] >= 0.0
+        assert set(case["other_load"]) == {"cpu_s", "share", "top"}
         members = case["members"]
         assert len(members) == case["member_count"]
         assert len({m["name"] for m in members}) == len(members)
     assert len(data["summary"]["rows"]) == len(cases)
+    assert "other_load_profiling" in data
+    assert "suspect_profiles" in data
