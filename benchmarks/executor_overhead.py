@@ -22,10 +22,17 @@ answers ``--requests`` requests of ``--batch-size`` at concurrency 1, in these w
 Every configuration runs in a fresh child process, so that no earlier work in the same
 process (loaded models, torch's thread pools) affects it: docs/results.md records a plan run
 slowed by the profiling done before it in the same process. Each runs ``--rounds`` times, in
-a rotating order; the medians are compared. Per request: time = wall time / requests;
-overhead = executor time - direct time, also per member (divided by the number of members);
-throughput loss = 1 - executor throughput / direct throughput. Targets: at most 50 µs per
-member per request and 3 % throughput.
+a rotating order. Per request: time = wall time / requests; overhead = executor time - direct
+time, also per member (divided by the number of members); throughput loss = 1 - executor
+throughput / direct throughput. Targets: at most 50 µs per member per request and 3 %.
+
+Two estimates are reported. *Separate processes*: the medians over rounds of each
+configuration's own run, compared; on a small shared machine their run-to-run spread (printed
+as "noise") can be far above the target. *Interleaved*: after its own run, each executor's
+child loads the members' runners itself (after the executor started, so no torch work precedes
+it) and alternates ``--interleave`` blocks of executor requests and direct requests; the
+median of the per-block differences, then over rounds. Both sides then run seconds apart in
+the same process, which resolves overheads far below the separate-process noise.
 
 Writes JSON with the device, versions, date and command (default
 ``benchmarks/results/<UTC stamp>-<device>-executor-overhead.json``) and a PNG beside it:
@@ -83,54 +90,64 @@ def _latency_fields(samples: list[float]) -> dict[str, Any]:
     }
 
 
-def _direct(
-    device: Device, ensemble: Any, batch: Any, requests: int, warmup: int, threads: int | None
-) -> dict[str, Any]:
-    """The members' runners called in a loop of this thread: the same work as one stream slot."""
-    from colocate.backends import create_runner
-    from colocate.execution.base import make_slot_stream, set_torch_threads
+def _direct_threads(device: Device, threads: int | None) -> None:
+    """Give torch in this process the threads one stream slot gets (--threads, else the executor's share)."""
+    from colocate.execution.base import set_torch_threads
     from colocate.execution.mps import usable_cores
     from colocate.planning.cost import cpu_threads_per_slot
 
     if device.kind == "cpu":
-        # what one stream slot gets: --threads, else the executor's share of the cores for one slot
         set_torch_threads(threads or cpu_threads_per_slot(len(usable_cores()), 1))
+
+
+def _load_runners(device: Device, ensemble: Any) -> list[Any]:
+    """Every member's runner, activated, on one slot-like stream (None on the CPU)."""
+    from colocate.backends import create_runner
+    from colocate.execution.base import make_slot_stream
+
     stream = make_slot_stream(device)
     runners = [create_runner(m, device, stream=stream) for m in ensemble.members]
-    t0 = time.perf_counter()
     for runner in runners:
         runner.activate()
+    return runners
+
+
+def _direct_request(runners: list[Any], ensemble: Any, batch: Any, prepared: list[Any] | None = None) -> None:
+    """One request without colocate: prepare + run every member (all enqueued first), then sync and fetch."""
+    if prepared is None:
+        launched = [(r, r.run(r.prepare(batch))) for r in runners]
+    else:
+        launched = [(r, r.run(p)) for r, p in zip(runners, prepared, strict=True)]
+    outputs = {}
+    for r, handle in launched:
+        r.synchronize()
+        outputs[r.member.name] = r.to_numpy(handle)
+    ensemble.combine_outputs(outputs)
+
+
+def _direct(
+    device: Device, ensemble: Any, batch: Any, requests: int, warmup: int, threads: int | None
+) -> dict[str, Any]:
+    """The members' runners called in a loop of this thread: the same work as one stream slot."""
+    _direct_threads(device, threads)
+    t0 = time.perf_counter()
+    runners = _load_runners(device, ensemble)
     load_s = time.perf_counter() - t0
     try:
-
-        def one_request() -> None:
-            launched = [(r, r.run(r.prepare(batch))) for r in runners]
-            outputs = {}
-            for r, handle in launched:
-                r.synchronize()
-                outputs[r.member.name] = r.to_numpy(handle)
-            ensemble.combine_outputs(outputs)
-
         for _ in range(warmup):
-            one_request()
+            _direct_request(runners, ensemble, batch)
         latencies = []
         start = time.perf_counter()
         for _ in range(requests):
             t = time.perf_counter()
-            one_request()
+            _direct_request(runners, ensemble, batch)
             latencies.append(time.perf_counter() - t)
         wall = time.perf_counter() - start
-
-        # the same loop with each batch prepared once (no per-request input check and staging)
+        # the same loop with the batch prepared once (no per-request input check and staging)
         prepared = [r.prepare(batch) for r in runners]
         once_start = time.perf_counter()
         for _ in range(requests):
-            handles = [(r, r.run(p)) for r, p in zip(runners, prepared, strict=True)]
-            outs = {}
-            for r, handle in handles:
-                r.synchronize()
-                outs[r.member.name] = r.to_numpy(handle)
-            ensemble.combine_outputs(outs)
+            _direct_request(runners, ensemble, batch, prepared)
         once_wall = time.perf_counter() - once_start
     finally:
         for runner in runners:
@@ -147,6 +164,44 @@ def _direct(
     }
 
 
+def _interleaved(
+    executor: Any, device: Device, ensemble: Any, batch: Any, blocks: int, per_block: int, threads: int | None
+) -> dict[str, Any]:
+    """Blocks of executor requests and of direct requests, alternating, in the executor's process.
+
+    The direct runners are loaded only now, after the executor has started and been measured,
+    so no torch work precedes the executor's own start. Both sides see the same machine state
+    within seconds, which removes most of the run-to-run noise of comparing separate processes.
+    """
+    _direct_threads(device, threads)
+    runners = _load_runners(device, ensemble)
+    try:
+        for _ in range(3):
+            _direct_request(runners, ensemble, batch)
+            executor.predict(batch)
+        executor_s, direct_s = [], []
+        for _ in range(blocks):
+            t = time.perf_counter()
+            for _ in range(per_block):
+                executor.predict(batch)
+            executor_s.append((time.perf_counter() - t) / per_block)
+            t = time.perf_counter()
+            for _ in range(per_block):
+                _direct_request(runners, ensemble, batch)
+            direct_s.append((time.perf_counter() - t) / per_block)
+    finally:
+        for runner in runners:
+            runner.deactivate()
+    diffs = [e - d for e, d in zip(executor_s, direct_s, strict=True)]
+    return {
+        "interleaved_blocks": blocks,
+        "interleaved_requests_per_block": per_block,
+        "interleaved_executor_s_blocks": executor_s,
+        "interleaved_direct_s_blocks": direct_s,
+        "interleaved_overhead_s": statistics.median(diffs),
+    }
+
+
 def _executor(
     kind: str,
     device: Device,
@@ -156,6 +211,7 @@ def _executor(
     warmup: int,
     allow_mps_start: bool,
     threads: int | None,
+    interleave_blocks: int,
 ) -> dict[str, Any]:
     from colocate.execution import Executor, run_requests
     from colocate.execution.mps import usable_cores
@@ -179,6 +235,10 @@ def _executor(
     with Executor(plan, ensemble, allow_mps_start=allow_mps_start) as executor:
         load_s = time.perf_counter() - t0
         result = run_requests(executor, requests=requests, batch=batch, concurrency=1, warmup=warmup)
+        paired: dict[str, Any] = {}
+        if interleave_blocks > 0 and result.status == "ok":
+            per_block = max(5, requests // interleave_blocks)
+            paired = _interleaved(executor, device, ensemble, batch, interleave_blocks, per_block, threads)
     samples = list(result.latency.samples_s) if result.latency is not None else []
     return {
         "status": result.status,
@@ -188,6 +248,7 @@ def _executor(
         "wall_s": result.wall_s,
         "load_s": load_s,
         **_latency_fields(samples),
+        **paired,
     }
 
 
@@ -211,6 +272,7 @@ def child(args: argparse.Namespace) -> int:
                 args.warmup,
                 args.allow_mps_start,
                 args.threads,
+                args.interleave,
             )
     except Exception as exc:
         got = {
@@ -251,6 +313,7 @@ def _run_child(mode: str, args: argparse.Namespace, scale: str, requests: int, w
             command.append("--allow-mps-start")
         if args.threads is not None:
             command.extend(["--threads", str(args.threads)])
+        command.extend(["--interleave", str(args.interleave)])
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(
@@ -288,12 +351,16 @@ def _per_request(run: dict[str, Any]) -> float | None:
 def summarise(
     runs: list[dict[str, Any]], modes: list[str], members: int, batch_size: int
 ) -> list[dict[str, Any]]:
-    """Per mode: median per-request time and throughput over rounds, overhead against ``direct``.
+    """Per mode, two estimates of the overhead against ``direct``.
 
-    The overhead is the difference of the medians over rounds; ``paired_*`` is the median of
-    each round's difference (the executor run against the direct run of the same round, minutes
-    apart at most). ``noise_per_member_us`` is half the range of the direct runs' per-request
-    times over the rounds, per member: an overhead below it is not resolved by this run.
+    Separate processes (the configurations' own runs): the difference of the medians over rounds
+    of the per-request time; ``paired_*`` is the median of each round's difference (the executor
+    run against the direct run of the same round). ``noise_per_member_us`` is half the range of
+    the direct runs over the rounds, per member: a difference below it is not resolved.
+
+    Interleaved (``interleaved_*``): in each executor's process, blocks of executor requests and
+    of direct requests alternated; the median over blocks of (executor - direct), then the
+    median over rounds. Both sides run seconds apart, in the same process: the precise figure.
     """
     per_mode: dict[str, dict[str, Any]] = {}
     direct_by_round = {r["round"]: _per_request(r) for r in runs if r["mode"] == "direct"}
@@ -306,6 +373,13 @@ def summarise(
             t, base = _per_request(r), direct_by_round.get(r["round"])
             if t is not None and base is not None:
                 paired.append(t - base)
+        inter = [r for r in mine if r.get("interleaved_overhead_s") is not None]
+        inter_overhead = [r["interleaved_overhead_s"] for r in inter]
+        inter_loss = []
+        for r in inter:
+            e = statistics.median(r["interleaved_executor_s_blocks"])
+            d = statistics.median(r["interleaved_direct_s_blocks"])
+            inter_loss.append((1.0 - d / e) * 100.0 if e > 0 else 0.0)
         per_mode[mode] = {
             "mode": mode,
             "rounds_ok": len(per_request),
@@ -315,6 +389,12 @@ def summarise(
             "throughput_sps": batch_size / statistics.median(per_request) if per_request else None,
             "latency_p50_s": statistics.median(p50) if p50 else None,
             "paired_overhead_s_rounds": paired,
+            "interleaved_overhead_s_rounds": inter_overhead,
+            "interleaved_overhead_per_member_us": (
+                statistics.median(inter_overhead) / members * 1e6 if inter_overhead else None
+            ),
+            "interleaved_overhead_per_member_us_rounds": [x / members * 1e6 for x in inter_overhead],
+            "interleaved_throughput_loss_pct": statistics.median(inter_loss) if inter_loss else None,
             "errors": sorted({r["error"] for r in mine if r.get("error")}),
         }
     direct = per_mode.get("direct", {})
@@ -326,6 +406,15 @@ def summarise(
     for mode in modes:
         row = per_mode[mode]
         row["noise_per_member_us"] = noise_us
+        inter_us, inter_loss_pct = (
+            row["interleaved_overhead_per_member_us"],
+            row["interleaved_throughput_loss_pct"],
+        )
+        row["interleaved_within_target"] = (
+            None
+            if inter_us is None or inter_loss_pct is None
+            else inter_us <= TARGET_US_PER_MEMBER and inter_loss_pct <= TARGET_LOSS_PCT
+        )
         t = row["per_request_s"]
         if mode == "direct" or t is None or base is None:
             row.update(
@@ -367,43 +456,102 @@ def _fmt(value: float | None, scale_by: float, spec: str) -> str:
     return "-".rjust(int(spec.split(".")[0])) if value is None else format(value * scale_by, spec)
 
 
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(
+        f"{'mode':<8} {'ms/request':>10} {'samples/s':>9} | {'µs/member':>9} {'paired':>7} {'p50':>7} "
+        f"{'noise':>6} {'loss %':>7} | {'µs/member':>9} {'loss %':>7}  "
+        f"target ≤{TARGET_US_PER_MEMBER:.0f} µs and ≤{TARGET_LOSS_PCT:.0f} %"
+    )
+    print(f"{'':<8} {'':>10} {'':>9} | {'separate processes, medians over rounds':<41} | {'interleaved':<17}")
+    for row in rows:
+        if row["per_request_s"] is None:
+            verdict = "failed: " + "; ".join(row["errors"])[:80]
+        elif row["interleaved_within_target"] is not None:
+            verdict = "interleaved: " + ("ok" if row["interleaved_within_target"] else "MISSED")
+        else:
+            verdict = ""
+        if row["within_target"] is not None:
+            separate = "ok" if row["within_target"] else "MISSED"
+            if row["resolved"] is False:
+                separate += ", within the noise"
+            verdict += f"; separate: {separate}"
+        cells = [
+            _fmt(row["per_request_s"], 1e3, "10.3f"),
+            _fmt(row["throughput_sps"], 1, "9.1f"),
+            "|",
+            _fmt(row["overhead_per_member_us"], 1, "9.1f"),
+            _fmt(row["paired_overhead_per_member_us"], 1, "7.1f"),
+            _fmt(row["p50_overhead_per_member_us"], 1, "7.1f"),
+            _fmt(row["noise_per_member_us"], 1, "6.0f"),
+            _fmt(row["throughput_loss_pct"], 1, "7.2f"),
+            "|",
+            _fmt(row["interleaved_overhead_per_member_us"], 1, "9.1f"),
+            _fmt(row["interleaved_throughput_loss_pct"], 1, "7.2f"),
+        ]
+        print(f"{row['mode']:<8} " + " ".join(cells) + f"  {verdict}")
+
+
 def plot(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
-    """Bars: overhead µs per member per request (rounds as error bars), and throughput loss %."""
+    """Bars by slot kind: overhead µs per member per request and throughput loss, both estimates."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     kinds = [r for r in rows if r["mode"] != "direct"]
-    names = [r["mode"] for r in kinds]
-    values = [r["overhead_per_member_us"] or 0.0 for r in kinds]
-    low = [
-        max(0.0, v - min(r["overhead_per_member_us_rounds"] or [v]))
-        for v, r in zip(values, kinds, strict=True)
-    ]
-    high = [
-        max(0.0, max(r["overhead_per_member_us_rounds"] or [v]) - v)
-        for v, r in zip(values, kinds, strict=True)
-    ]
-    loss = [r["throughput_loss_pct"] or 0.0 for r in kinds]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
-    x = list(range(len(names)))
-    left.bar(x, values, yerr=[low, high], capsize=4, color="#3182bd")
+    x = list(range(len(kinds)))
+    width = 0.38
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for offset, key, rounds_key, label, color in (
+        (
+            -width / 2,
+            "overhead_per_member_us",
+            "overhead_per_member_us_rounds",
+            "separate processes",
+            "#9ecae1",
+        ),
+        (
+            width / 2,
+            "interleaved_overhead_per_member_us",
+            "interleaved_overhead_per_member_us_rounds",
+            "interleaved",
+            "#3182bd",
+        ),
+    ):
+        values = [r[key] or 0.0 for r in kinds]
+        low = [max(0.0, v - min(r[rounds_key] or [v])) for v, r in zip(values, kinds, strict=True)]
+        high = [max(0.0, max(r[rounds_key] or [v]) - v) for v, r in zip(values, kinds, strict=True)]
+        left.bar(
+            [i + offset for i in x], values, width, yerr=[low, high], capsize=3, color=color, label=label
+        )
     left.axhline(
         TARGET_US_PER_MEMBER, color="#e6550d", linestyle="--", label=f"target {TARGET_US_PER_MEMBER:.0f} µs"
     )
     left.axhline(0.0, color="black", linewidth=0.8)
-    left.set_xticks(x, names)
+    left.set_xticks(x, [r["mode"] for r in kinds])
     left.set_ylabel("µs per member per request")
-    left.set_title("overhead over calling the runners directly")
-    left.legend()
-    right.bar(x, loss, color="#9ecae1")
+    left.set_title("overhead over calling the runners directly\n(bars: median; whiskers: range over rounds)")
+    left.legend(fontsize=8)
+    right.bar(
+        [i - width / 2 for i in x],
+        [r["throughput_loss_pct"] or 0.0 for r in kinds],
+        width,
+        color="#9ecae1",
+        label="separate processes",
+    )
+    right.bar(
+        [i + width / 2 for i in x],
+        [r["interleaved_throughput_loss_pct"] or 0.0 for r in kinds],
+        width,
+        color="#3182bd",
+        label="interleaved",
+    )
     right.axhline(TARGET_LOSS_PCT, color="#e6550d", linestyle="--", label=f"target {TARGET_LOSS_PCT:.0f} %")
     right.axhline(0.0, color="black", linewidth=0.8)
-    right.set_xticks(x, names)
+    right.set_xticks(x, [r["mode"] for r in kinds])
     right.set_ylabel("%")
     right.set_title("throughput loss")
-    right.legend()
+    right.legend(fontsize=8)
     for i, r in enumerate(kinds):
         if r["per_request_s"] is None:
             left.annotate("failed", (i, 0), ha="center", va="bottom", rotation=90)
@@ -431,9 +579,18 @@ def main() -> int:
         help="CPU: torch threads of the loop and of every slot (mps: that many cores); "
         "default: what the executor gives one slot (all usable cores)",
     )
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=None,
+        help="blocks of executor and direct requests alternated in each executor's process after its "
+        "run (default 10; 0: none)",
+    )
     parser.add_argument("--allow-mps-start", action="store_true", help="GPU: run the mps slot, starting MPS")
     parser.add_argument("--child-timeout", type=float, default=600.0)
-    parser.add_argument("--smoke", action="store_true", help="tiny ensemble, few requests, one round")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny ensemble, few requests, one round (CPU: 1 thread)"
+    )
     parser.add_argument("--out", default=None, help="result JSON (the PNG goes beside it)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -441,6 +598,7 @@ def main() -> int:
     if args.child is not None:
         args.requests = args.requests or 1
         args.warmup = args.warmup if args.warmup is not None else 0
+        args.interleave = args.interleave or 0
         return child(args)
 
     device = devices.find_device(args.device)
@@ -451,6 +609,9 @@ def main() -> int:
     requests = args.requests or (20 if args.smoke else 300)
     warmup = args.warmup if args.warmup is not None else (3 if args.smoke else 20)
     rounds = args.rounds or (1 if args.smoke else 5)
+    args.interleave = args.interleave if args.interleave is not None else (2 if args.smoke else 10)
+    if args.smoke and args.threads is None and device.kind == "cpu":
+        args.threads = 1  # smoke runs check the plumbing; one thread is robust to a busy machine
     modes = [m.strip() for m in args.modes.split(",")] if args.modes else list(MODES)
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -460,6 +621,9 @@ def main() -> int:
     notes = [
         "each configuration runs in a fresh child process; the direct baseline never shares a "
         "process with an executor",
+        "interleaved: in each executor's child, after its own run, direct runners are loaded and "
+        "blocks of executor.predict and of the direct loop alternate; the direct side there runs in a "
+        "process that holds a started executor",
         "direct: prepare + run per member (all enqueued first), then synchronize + to_numpy, then "
         "combine_outputs, per request; 'prepared_once_per_request_s' is the same loop with the batch "
         "prepared once",
@@ -514,28 +678,7 @@ def main() -> int:
         f"\ndefault ensemble '{scale}' ({members} members) on {device.name}, batch {args.batch_size}, "
         f"{requests} requests x {rounds} round(s), concurrency 1, medians over rounds"
     )
-    print(
-        f"{'mode':<8} {'ms/request':>11} {'samples/s':>10} {'overhead ms':>12} {'µs/member':>10} "
-        f"{'paired µs/m.':>12} {'p50 µs/m.':>10} {'noise µs/m.':>11} {'loss %':>7}  "
-        f"target (≤{TARGET_US_PER_MEMBER:.0f} µs, ≤{TARGET_LOSS_PCT:.0f} %)"
-    )
-    for row in rows:
-        verdict = "" if row["within_target"] is None else ("ok" if row["within_target"] else "MISSED")
-        if row["resolved"] is False:
-            verdict += " (within the run-to-run noise)"
-        if row["per_request_s"] is None:
-            verdict = "failed: " + "; ".join(row["errors"])[:80]
-        cells = [
-            _fmt(row["per_request_s"], 1e3, "11.3f"),
-            _fmt(row["throughput_sps"], 1, "10.1f"),
-            _fmt(row["overhead_per_request_s"], 1e3, "12.3f"),
-            _fmt(row["overhead_per_member_us"], 1, "10.1f"),
-            _fmt(row["paired_overhead_per_member_us"], 1, "12.1f"),
-            _fmt(row["p50_overhead_per_member_us"], 1, "10.1f"),
-            _fmt(row["noise_per_member_us"], 1, "11.1f"),
-            _fmt(row["throughput_loss_pct"], 1, "7.2f"),
-        ]
-        print(f"{row['mode']:<8} " + " ".join(cells) + f"  {verdict}")
+    print_table(rows)
     png = plot(
         rows,
         f"executor overhead: '{scale}' ensemble on {device.name}, batch {args.batch_size}"

@@ -245,6 +245,24 @@ def reprofile(
     return ProfileSet(tuple(replaced.get((p.member, p.batch_size), p) for p in profiles.profiles))
 
 
+def short_command(args: Sequence[str]) -> str:
+    """A process's program and script, without the rest of its command line (which may hold
+    paths, options or an environment): ``python executor_overhead.py``, ``python -c``,
+    ``python -m pytest``, ``bash``."""
+    if not args:
+        return ""
+    program = os.path.basename(args[0])
+    if not program.startswith("python"):
+        return program[:40]
+    for i, arg in enumerate(args[1:], start=1):
+        if arg in ("-c", "-m"):
+            module = args[i + 1] if arg == "-m" and i + 1 < len(args) else ""
+            return f"{program} {arg} {module}".strip()[:60]
+        if not arg.startswith("-"):
+            return f"{program} {os.path.basename(arg)}"[:60]
+    return program[:40]
+
+
 class OtherLoad:
     """CPU time used by processes outside this one's process tree, sampled from ``/proc``.
 
@@ -318,9 +336,10 @@ class OtherLoad:
     def _command(pid: int) -> str:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:100] or f"pid {pid}"
+                args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
         except OSError:
-            return f"pid {pid}"
+            args = []
+        return short_command(args) or f"pid {pid}"
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -147,6 +147,9 @@ def profile(
         fresh = _profile_member(member, device, missing, digest, chosen) if missing else {}
         for b in sizes:
             found = cached.get(b)
+            if found is not None and found.member != member.name:
+                # the cache is keyed by the model, not the name: the same model under another name
+                found = dataclasses.replace(found, member=member.name)
             if found is None:
                 found = fresh[b]
                 if store is not None and found.status != "failed":

@@ -196,3 +196,10 @@ def test_profile_isolated_matches_the_cache_of_an_in_process_run(
     again = profile(member, cpu, (1, 2), settings=FAST, cache=cache)
     assert (cache.hits, cache.misses) == (2, 0)  # the child's measurements landed in the user cache
     assert again == isolated
+
+
+def test_cached_profile_takes_the_asking_members_name(cpu: Device, tmp_path: Path) -> None:
+    cache = ProfileCache(tmp_path)
+    profile(zoo.member("mlp", scale="tiny"), cpu, (1,), settings=FAST, cache=cache)
+    renamed = profile(zoo.member("mlp", scale="tiny", name="mlp-0"), cpu, (1,), settings=FAST, cache=cache)
+    assert cache.hits == 1 and renamed.profiles[0].member == "mlp-0"
