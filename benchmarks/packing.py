@@ -834,6 +834,11 @@ def main() -> int:
     )
     parser.add_argument("--calibrate-seconds", type=float, default=1.0, help="seconds per calibration run")
     parser.add_argument("--smoke", action="store_true", help="tiny and quick: the CI check that it works")
+    parser.add_argument(
+        "--allow-mps-start",
+        action="store_true",
+        help="GPU: mps plans may start a private MPS daemon (else they fail when none runs)",
+    )
     parser.add_argument("--out", default=None, help="result JSON; the PNG goes beside it")
     args = parser.parse_args()
 
@@ -882,6 +887,7 @@ def main() -> int:
         seconds=seconds,
         concurrency=args.concurrency or None,
         warmup=args.warmup,
+        allow_mps_start=args.allow_mps_start,
     )
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M")
