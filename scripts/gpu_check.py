@@ -94,6 +94,19 @@ GPU_BENCHMARKS: list[tuple[str, list[str], int]] = [
 ]
 
 
+def timeout_within_budget(timeout: int, left_s: float | None, reserve_s: float = 30.0) -> int | None:
+    """The timeout a check gets with ``left_s`` of the budget left, or None to skip it.
+
+    A check needs at least ``reserve_s`` to be worth starting; it is then cut to what is
+    left, less 5 s for writing the summary.
+    """
+    if left_s is None:
+        return timeout
+    if left_s < reserve_s:
+        return None
+    return int(min(timeout, left_s - 5))
+
+
 def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
@@ -287,18 +300,17 @@ def main(argv: list[str] | None = None) -> int:
         outdir = work / name
         outdir.mkdir(parents=True, exist_ok=True)
         command = [a.replace("{outdir}", str(outdir)).replace("{python}", PY) for a in command]
-        if deadline is not None:
-            left = deadline - time.perf_counter()
-            if left < 30:
-                print(f"== {name}: skipped, {left:.0f}s of the budget left", flush=True)
-                checks.append(
-                    {"name": name, "command": " ".join(command), "returncode": None, "seconds": 0.0,
-                     "outcome": "skipped", "output_tail": f"skipped: {left:.0f}s of --budget-s left"}
-                )
-                write_summary(False)
-                continue
-            timeout = int(min(timeout, left - 5))
-        checks.append(run_check(name, command, timeout, env))
+        left = None if deadline is None else deadline - time.perf_counter()
+        allowed = timeout_within_budget(timeout, left)
+        if allowed is None:
+            print(f"== {name}: skipped, {left:.0f}s of the budget left", flush=True)
+            checks.append(
+                {"name": name, "command": " ".join(command), "returncode": None, "seconds": 0.0,
+                 "outcome": "skipped", "output_tail": f"skipped: {left:.0f}s of --budget-s left"}
+            )
+            write_summary(False)
+            continue
+        checks.append(run_check(name, command, allowed, env))
         kept = []
         produced_files = sorted(p for p in outdir.rglob("*") if p.suffix in (".json", ".png"))
         for produced in produced_files:
