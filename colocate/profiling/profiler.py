@@ -41,6 +41,7 @@ from colocate.profiling.types import (
     MemoryFootprint,
     Profile,
     ProfileSet,
+    VariantProfiles,
 )
 
 #: called as progress(done, total, description) after each (member, batch size)
@@ -649,3 +650,58 @@ def profile_isolated(
         from colocate.profiling.types import ProfileSet as _ProfileSet
 
         return serde.load(_ProfileSet, out_path)
+
+
+def profile_variants(
+    target: Member | Ensemble | Sequence[Member],
+    device: Device,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    *,
+    backends: str | Sequence[str] = "auto",
+    settings: ProfileSettings | None = None,
+    isolated: bool = True,
+    cache: ProfileCache | bool = True,
+    onnx_dir: str | None = None,
+) -> VariantProfiles:
+    """Profile each member under each of its backend variants (:mod:`colocate.variants`).
+
+    Every variant usable on ``device`` (``backends="auto"``) or named (``"torch,onnxruntime"``;
+    the member as given is always profiled too) is profiled at every batch size. Torch members
+    are exported to ONNX once for the ONNX-based variants (cached on disk). Profiles are cached
+    like :func:`profile`'s: the key holds the backend and its options, so the variants of one
+    model never share an entry.
+
+    Args:
+        isolated: profile in a spawned child process (:func:`profile_isolated`, the user cache);
+            False profiles here with ``cache``.
+
+    Raises:
+        UnknownBackendError: an unknown label in ``backends``.
+        ExportError: a named ONNX-based variant for a member that cannot be exported.
+    """
+    from colocate.variants import backend_variants, variant_label
+
+    members = _resolve_members(target)
+    sizes = _check_batch_sizes(batch_sizes)
+    flat: list[tuple[str, Member]] = []
+    for member in members:
+        flat.extend((v.label, v.member) for v in backend_variants(member, device, backends, onnx_dir=onnx_dir))
+    variants = [m for _, m in flat]
+    if isolated:
+        measured = profile_isolated(variants, device, sizes, settings=settings)
+    else:
+        measured = profile(variants, device, sizes, settings=settings, cache=cache)
+    per_member = len(sizes)
+    if len(measured.profiles) != per_member * len(flat):
+        raise MeasurementError(
+            f"profiling {len(flat)} variant(s) at {len(sizes)} batch size(s) gave "
+            f"{len(measured.profiles)} profiles; this is a bug in colocate"
+        )
+    grouped: dict[str, list[Profile]] = {}
+    for i, (label, member) in enumerate(flat):
+        chunk = measured.profiles[i * per_member : (i + 1) * per_member]
+        grouped.setdefault(label, []).extend(dataclasses.replace(p, member=member.name) for p in chunk)
+    return VariantProfiles(
+        sets={label: ProfileSet(tuple(found)) for label, found in grouped.items()},
+        defaults={m.name: variant_label(m) for m in members},
+    )
