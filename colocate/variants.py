@@ -149,9 +149,7 @@ def source_problem(member: Member, label: str) -> str | None:
     if member.backend in _ONNX_LABELS and path is not None and path.suffix == ".onnx":
         return None
     if member.backend != "torch":
-        return (
-            f"it is a {member.backend} member with no ONNX file; only torch members are exported to ONNX"
-        )
+        return f"it is a {member.backend} member with no ONNX file; only torch members are exported to ONNX"
     if path is not None:
         return "its source is a TorchScript file; export it to ONNX yourself and give that file"
     if member.input.dtype != "float32":

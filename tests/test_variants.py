@@ -1,4 +1,4 @@
-"""Backend variants of a member: listing, building (ONNX export, cached), profiling, and running a plan's choice."""
+"""Backend variants: listing, building (ONNX export, cached), profiling, running a plan's choice."""
 
 from __future__ import annotations
 
@@ -64,11 +64,15 @@ def test_a_gpu_lists_cuda_graphs(cache: Path) -> None:
 
 
 def test_bad_backends_name_the_member_value_and_fix() -> None:
-    with pytest.raises(UnknownBackendError, match="unknown backend 'jax'; choose from torch, torch\\+cudagraph"):
+    with pytest.raises(
+        UnknownBackendError, match="unknown backend 'jax'; choose from torch, torch\\+cudagraph"
+    ):
         parse_backends("torch,jax")
     assert parse_backends("auto") is None
     assert parse_backends(["onnxruntime", "torch"]) == ("onnxruntime", "torch")
-    with pytest.raises(ExportError, match="member 'gpuonly' cannot run as 'onnxruntime': it is a cupy member"):
+    with pytest.raises(
+        ExportError, match="member 'gpuonly' cannot run as 'onnxruntime': it is a cupy member"
+    ):
         backend_variants(_cupy_member(), cpu_device(), "onnxruntime")
     # "auto" leaves out what does not apply instead
     assert [v.label for v in backend_variants(_cupy_member(), cpu_device())] == ["cupy"]
@@ -101,7 +105,10 @@ def test_executor_runs_the_plans_variant_with_the_same_prediction(cache: Path, k
     as_given = make_plan(*slots, batch_size=3)
     onnx_plan = make_plan(*slots, batch_size=3)
     onnx_plan = type(onnx_plan)(
-        **{**onnx_plan.__dict__, "backends": (MemberBackend("mlp", "onnxruntime", "onnxruntime", (), "torch"),)}
+        **{
+            **onnx_plan.__dict__,
+            "backends": (MemberBackend("mlp", "onnxruntime", "onnxruntime", (), "torch"),),
+        }
     )
     with Executor(as_given, ensemble, warmup=False) as executor:
         expected = executor.submit(batch, return_members=True).result(timeout=120)

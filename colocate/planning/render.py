@@ -84,7 +84,16 @@ def render_plan(plan: Plan) -> str:
             extra = f"  [{slot.cpu_threads} threads]"
         out.append(f"  {slot.name:<4} {slot_kind_text(slot):<{width}}  {', '.join(members)}{extra}")
     out.append("")
-    header: tuple[str, ...] = ("member", "slot", "alone ms", "start ms", "finish ms", "slowdown", "memory", "source")
+    header: tuple[str, ...] = (
+        "member",
+        "slot",
+        "alone ms",
+        "start ms",
+        "finish ms",
+        "slowdown",
+        "memory",
+        "source",
+    )
     if plan.backends:
         header = (*header[:2], "backend", *header[2:])
     rows = [

@@ -565,7 +565,15 @@ def plan(
     chosen_model = _model_for(model, interference)
     if backends is not None:
         return _plan_with_backends(
-            ensemble, device, profiles, backends, strategy, batch_size, objective, latency_bound_s, chosen_model
+            ensemble,
+            device,
+            profiles,
+            backends,
+            strategy,
+            batch_size,
+            objective,
+            latency_bound_s,
+            chosen_model,
         )
     session = _Session(
         ensemble, device, _single_set(profiles), batch_size, objective, latency_bound_s, chosen_model

@@ -257,10 +257,10 @@ class _Chooser:
                     speedup_alone=speedup,
                 )
             )
-            if label != default:
+            if label != default and d is not None and base is not None:
                 lines.append(
                     f"{m}: {label}, {speedup:.1f}x {default}'s predicted throughput at batch {b} "
-                    f"({_ms(d.latency_s) if d else '?'} alone instead of {_ms(base.latency_s) if base else '?'})"
+                    f"({_ms(d.latency_s)} alone instead of {_ms(base.latency_s)})"
                 )
             fastest = min(options, key=lambda k: options[k].latency_s)
             if fastest != label and options[fastest].latency_s < 0.97 * options[label].latency_s:
@@ -274,8 +274,8 @@ class _Chooser:
                     f"({options[label].latency_s / options[fastest].latency_s:.1f}x) but {why}"
                 )
         notes = list(chosen.notes)
-        for m, why in self.skipped.items():
-            for label, text in why.items():
+        for m, reasons in self.skipped.items():
+            for label, text in reasons.items():
                 notes.append(f"{m}: variant {label} not considered: {text}")
         if self.model.interference:
             notes.append("measured pair slowdowns apply to members whatever their backend variant")

@@ -662,6 +662,7 @@ def profile_variants(
     isolated: bool = True,
     cache: ProfileCache | bool = True,
     onnx_dir: str | None = None,
+    progress: ProgressFn | None = None,
 ) -> VariantProfiles:
     """Profile each member under each of its backend variants (:mod:`colocate.variants`).
 
@@ -673,7 +674,7 @@ def profile_variants(
 
     Args:
         isolated: profile in a spawned child process (:func:`profile_isolated`, the user cache);
-            False profiles here with ``cache``.
+            False profiles here with ``cache`` (and reports ``progress``).
 
     Raises:
         UnknownBackendError: an unknown label in ``backends``.
@@ -685,12 +686,13 @@ def profile_variants(
     sizes = _check_batch_sizes(batch_sizes)
     flat: list[tuple[str, Member]] = []
     for member in members:
-        flat.extend((v.label, v.member) for v in backend_variants(member, device, backends, onnx_dir=onnx_dir))
+        variants_of = backend_variants(member, device, backends, onnx_dir=onnx_dir)
+        flat.extend((v.label, v.member) for v in variants_of)
     variants = [m for _, m in flat]
     if isolated:
         measured = profile_isolated(variants, device, sizes, settings=settings)
     else:
-        measured = profile(variants, device, sizes, settings=settings, cache=cache)
+        measured = profile(variants, device, sizes, settings=settings, cache=cache, progress=progress)
     per_member = len(sizes)
     if len(measured.profiles) != per_member * len(flat):
         raise MeasurementError(

@@ -32,7 +32,13 @@ def _variant_profiles(**sets: dict[str, dict[str, float]]) -> VariantProfiles:
 
 
 def _figures(latency_ms: float, weights_mib: float = 100.0) -> dict[str, float]:
-    return {"latency_s": latency_ms / 1e3, "busy": 0.5, "sm_fill": 0.5, "host_share": 0.9, "weights_mib": weights_mib}
+    return {
+        "latency_s": latency_ms / 1e3,
+        "busy": 0.5,
+        "sm_fill": 0.5,
+        "host_share": 0.9,
+        "weights_mib": weights_mib,
+    }
 
 
 def test_planner_picks_the_faster_variant_and_records_it() -> None:
@@ -115,7 +121,14 @@ def test_plan_all_adds_auto_with_backends() -> None:
         torch={"a": _figures(8.0), "b": _figures(1.0)},
         torch_cudagraph={"a": _figures(2.0), "b": _figures(1.0)},
     )
-    plans = plan_all(["a", "b"], find_device("sim:h100"), profiles, strategies=["sequential", "auto"], batch_size=1, backends="auto")
+    plans = plan_all(
+        ["a", "b"],
+        find_device("sim:h100"),
+        profiles,
+        strategies=["sequential", "auto"],
+        batch_size=1,
+        backends="auto",
+    )
     assert [p.strategy for p in plans] == ["sequential", "auto", "auto+backends"]
     assert plans[1].backends == ()
 
