@@ -311,6 +311,28 @@ def backend_variants(
     wanted = parse_backends(backends)
     own = variant_label(member)
     found = [Variant(own, member)]
+    for label in variant_labels(member, device, backends)[1:]:
+        try:
+            found.append(Variant(label, variant_member(member, label, onnx_dir=onnx_dir)))
+        except ExportError:
+            if wanted is not None:
+                raise
+    return tuple(found)
+
+
+def variant_labels(member: Member, device: Device, backends: BackendChoice = AUTO) -> tuple[str, ...]:
+    """The labels :func:`backend_variants` would list, checked without building anything.
+
+    Nothing is exported and no framework is imported, so a process that goes on to serve can
+    check its input before profiling the variants in a child process.
+
+    Raises:
+        UnknownBackendError: an unknown label.
+        ExportError: an asked-for variant that the member's model cannot take.
+    """
+    wanted = parse_backends(backends)
+    own = variant_label(member)
+    labels = [own]
     for label in VARIANT_LABELS:
         if label == own or (wanted is not None and label not in wanted):
             continue
@@ -324,12 +346,8 @@ def backend_variants(
                 f"member '{member.name}' cannot run as '{label}': {problem}; leave '{label}' out of "
                 "backends= (or use backends='auto', which skips what does not apply)"
             )
-        try:
-            found.append(Variant(label, variant_member(member, label, onnx_dir=onnx_dir)))
-        except ExportError:
-            if wanted is not None:
-                raise
-    return tuple(found)
+        labels.append(label)
+    return tuple(labels)
 
 
 __all__ = [
@@ -346,5 +364,6 @@ __all__ = [
     "parse_backends",
     "source_problem",
     "variant_label",
+    "variant_labels",
     "variant_member",
 ]

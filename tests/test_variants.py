@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -81,11 +82,12 @@ def test_bad_backends_name_the_member_value_and_fix() -> None:
         variant_member(half, "onnxruntime")
 
 
-def test_profile_plan_and_run_an_onnxruntime_variant(cache: Path) -> None:
+@pytest.mark.parametrize("isolated", [False, True])
+def test_profile_variants_then_plan(cache: Path, isolated: bool) -> None:
     member = zoo.member("mlp", scale="tiny")
     ensemble = Ensemble((member,), name="one")
     profiles = profile_variants(
-        ensemble, cpu_device(), (2,), settings=QUICK, isolated=False, cache=ProfileCache(cache / "p")
+        ensemble, cpu_device(), (2,), settings=QUICK, isolated=isolated, cache=ProfileCache(cache / "p")
     )
     assert profiles.labels == ("torch", "onnxruntime")
     assert profiles.defaults == {"mlp": "torch"}
@@ -94,6 +96,23 @@ def test_profile_plan_and_run_an_onnxruntime_variant(cache: Path) -> None:
     chosen = plan(ensemble, cpu_device(), profiles, batch_size=2, backends=("onnxruntime",))
     assert chosen.backend_of("mlp") is not None
     assert chosen.strategy == "auto+backends"
+
+
+def test_profile_variants_checks_its_input_before_profiling() -> None:
+    with pytest.raises(UnknownBackendError, match="'tflite'"):
+        profile_variants(zoo.member("mlp", scale="tiny"), cpu_device(), (1,), backends="tflite")
+    with pytest.raises(ExportError, match="member 'gpuonly'"):
+        profile_variants(_cupy_member(), cpu_device(), (1,), backends="onnxruntime")
+
+
+def test_a_plan_variant_the_device_cannot_run_fails_start_naming_the_member() -> None:
+    ensemble = Ensemble((zoo.member("mlp", scale="tiny"),), name="one")
+    graphed = dataclasses.replace(
+        make_plan(Slot("s0", "stream", ("mlp",)), batch_size=1),
+        backends=(MemberBackend("mlp", "torch+cudagraph", "torch", ("cuda_graph",)),),
+    )
+    with pytest.raises(DeviceError, match="member 'mlp': backend variant 'torch\\+cudagraph'.*need a GPU"):
+        Executor(graphed, ensemble).start()
 
 
 @pytest.mark.parametrize("kind", ["stream", "process"])
