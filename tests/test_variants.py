@@ -111,7 +111,7 @@ def test_a_plan_variant_the_device_cannot_run_fails_start_naming_the_member() ->
         make_plan(Slot("s0", "stream", ("mlp",)), batch_size=1),
         backends=(MemberBackend("mlp", "torch+cudagraph", "torch", ("cuda_graph",)),),
     )
-    with pytest.raises(DeviceError, match="member 'mlp': backend variant 'torch\\+cudagraph'.*need a GPU"):
+    with pytest.raises(DeviceError, match=r"member 'mlp': backend variant 'torch\+cudagraph'.*need a GPU"):
         Executor(graphed, ensemble).start()
 
 
@@ -137,3 +137,27 @@ def test_executor_runs_the_plans_variant_with_the_same_prediction(cache: Path, k
     assert got.members is not None and expected.members is not None
     np.testing.assert_allclose(got.members["mlp"], expected.members["mlp"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got.combined, expected.combined, rtol=1e-4, atol=1e-5)
+
+
+def test_plans_with_other_variants_are_not_deduplicated() -> None:
+    from colocate.compare import dedupe_plans, profiles_for_plan
+
+    base = make_plan(Slot("s0", "stream", ("mlp",)), batch_size=1)
+    onnx = dataclasses.replace(
+        base,
+        strategy="auto+backends",
+        backends=(MemberBackend("mlp", "onnxruntime", "onnxruntime", (), "torch"),),
+    )
+    same = dataclasses.replace(
+        base, strategy="other+backends", backends=(MemberBackend("mlp", "torch", "torch", (), "torch"),)
+    )
+    assert [p.strategy for p in dedupe_plans([base, onnx, same])] == ["test=other+backends", "auto+backends"]
+    cpu = cpu_device()
+    from colocate.planning.synthetic import synthetic_profile
+    from colocate.profiling import ProfileSet
+
+    eager = ProfileSet((synthetic_profile("mlp", cpu, batch_size=1, latency_s=2e-3),))
+    fast = ProfileSet((synthetic_profile("mlp", cpu, batch_size=1, latency_s=1e-3),))
+    variants = VariantProfiles(sets={"torch": eager, "onnxruntime": fast}, defaults={"mlp": "torch"})
+    assert profiles_for_plan(variants, onnx) == fast
+    assert profiles_for_plan(variants, base) == eager
