@@ -138,7 +138,9 @@ class Executor:
     """Runs a plan: starts its slots, serves the ensemble, measures, and stops everything on close.
 
     Args:
-        plan: the plan to run; its ``device`` is where it runs (the CPU or a CUDA GPU).
+        plan: the plan to run; its ``device`` is where it runs (the CPU or a CUDA GPU). A
+            member the plan chose a backend variant for (``plan.backends``) runs as that
+            variant (:func:`colocate.variants.variant_member`), in every slot kind.
         ensemble: the ensemble the plan was made for (the plan must cover exactly its members).
         on_worker_death: ``"fail"``: a dead worker process marks the executor broken (every
             later request fails at once, with the reason); ``"restart"``: start a new worker

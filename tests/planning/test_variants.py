@@ -142,3 +142,16 @@ def test_bad_backends_are_clear_errors() -> None:
         plan(["a"], device, profiles.default_set, batch_size=1, backends="auto")
     with pytest.raises(InvalidInputError, match="no profiles under its default backend"):
         VariantProfiles(sets={"torch": profiles.default_set}, defaults={"zz": "torch"})
+
+
+def test_greedy_pass_mixes_variants_when_all_fast_ones_do_not_fit_together() -> None:
+    # each fast variant fits alone (40 GiB of 72 usable) but not both: every-member-fastest does
+    # not fit; the greedy pass from the as-given plan switches the critical member only
+    profiles = _variant_profiles(
+        torch={"a": _figures(10.0), "b": _figures(5.0)},
+        onnxruntime={"a": _figures(2.0, weights_mib=40_000), "b": _figures(1.0, weights_mib=40_000)},
+    )
+    chosen = plan(["a", "b"], find_device("sim:h100"), profiles, batch_size=1, backends="auto")
+    assert {b.member: b.label for b in chosen.backends} == {"a": "onnxruntime", "b": "torch"}
+    assert "greedy change(s)" in chosen.explanation[0]
+    assert chosen.prediction.peak_memory_bytes <= 72 * (1 << 30)
