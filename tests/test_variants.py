@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -161,3 +162,30 @@ def test_plans_with_other_variants_are_not_deduplicated() -> None:
     variants = VariantProfiles(sets={"torch": eager, "onnxruntime": fast}, defaults={"mlp": "torch"})
     assert profiles_for_plan(variants, onnx) == fast
     assert profiles_for_plan(variants, base) == eager
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_plan_can_choose_cuda_graphs_and_runs_them(cache: Path, cuda: Any) -> None:
+    member = zoo.member("resnet", scale="tiny")
+    ensemble = Ensemble((member, zoo.member("mlp", scale="tiny")), name="pair")
+    profiles = profile_variants(
+        ensemble,
+        cuda,
+        (1,),
+        backends="torch,torch+cudagraph",
+        settings=QUICK,
+        isolated=False,
+        cache=ProfileCache(cache / "p"),
+    )
+    assert profiles.labels == ("torch", "torch+cudagraph")
+    chosen = plan(ensemble, cuda, profiles, batch_size=1, backends="auto")
+    graphed = dataclasses.replace(
+        chosen, backends=tuple(dataclasses.replace(b, label="torch+cudagraph") for b in chosen.backends)
+    )
+    batch = member.input.example(1, seed=2)
+    with Executor(dataclasses.replace(chosen, backends=()), ensemble) as executor:
+        expected = executor.submit(batch, return_members=True).result(timeout=120)
+    with Executor(graphed, ensemble) as executor:
+        assert all(m.options.get("cuda_graph") for m in executor._variants.values())
+        got = executor.submit(batch, return_members=True).result(timeout=120)
+    np.testing.assert_allclose(got.combined, expected.combined, rtol=1e-3, atol=1e-4)
