@@ -4,6 +4,7 @@
     python benchmarks/packing.py                       # best device, the full matrix
     python benchmarks/packing.py --device cpu --sizes 2,4 --batch-sizes 1,8 --seconds 1
     python benchmarks/packing.py --smoke --device cpu --out /tmp/p.json   # the CI smoke run
+    python benchmarks/packing.py --backends auto       # also auto+backends: each member's backend chosen
 
 For each case (an ensemble at a batch size) the ensemble's plans run one after another, each
 in a fresh process, the same way (same batch, warm-up, duration and requests in flight), and
@@ -22,9 +23,16 @@ largest one.
 Planner quality comes from the same run: when ``auto`` is compared, a few member pairs are
 measured first (:func:`colocate.compare.calibrate`) and every plan is predicted with and
 without those measurements. ``regret`` is how much slower the plan ``auto`` chose ran than
-the best plan measured; the cost model's error is the median over the plans that ran of
+the best plan measured (of the plans that run every member as given); the cost model's
+error is the median over the plans that ran of
 ``|predicted - measured| / measured`` throughput (and peak memory), before and after
 calibration. Plans with the same slots are run once and share the measurement.
+
+With ``--backends`` (``auto``, or labels such as ``torch,onnxruntime``) every member is also
+profiled under each backend variant (:mod:`colocate.variants`: ``torch+cudagraph`` on a GPU,
+``onnxruntime``, ...) and each case adds the plan ``auto+backends``: ``auto`` with each member's
+variant chosen by the cost model. It runs like the others (its row gives the variants chosen);
+the planner record adds its regret against the best measured plan and its speed-up over ``auto``.
 
 The JSON (default ``benchmarks/results/<UTC stamp>-<device>-packing.json``) holds the
 device, versions, date and command, one record per case, and a summary; a PNG beside it
@@ -53,20 +61,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import ROOT, write_result
 from colocate import devices, serde, zoo
-from colocate.compare import BASELINE, RunSettings, calibrate, compare
+from colocate.compare import BASELINE, RunSettings, calibrate, compare, variant_key
 from colocate.devices import Device
 from colocate.ensemble import Ensemble, Member
 from colocate.errors import ColocateError
 from colocate.planning import STRATEGIES
 from colocate.planning import plan as make_plan
 from colocate.planning.types import Plan
-from colocate.profiling import ProfileCache, ProfileSet, ProfileSettings, model_hash, profile_isolated
+from colocate.profiling import (
+    ProfileCache,
+    ProfileSet,
+    ProfileSettings,
+    VariantProfiles,
+    model_hash,
+    profile_isolated,
+    profile_variants,
+)
 from colocate.profiling.cache import cache_key
 from colocate.report import Calibration, PlanResult, Report
 
 KIND = "packing"
 DEFAULT_STRATEGIES = ("sequential", "streams", "processes", "mps", "coloring", "packing", "auto")
 SMOKE_STRATEGIES = ("sequential", "streams", "auto")
+WITH_BACKENDS = "auto+backends"
+"""The plan of ``auto`` with each member's backend variant chosen (``--backends``)."""
 #: what a user would write by hand, and the strategy that is the same thing
 BY_HAND = {
     "sequential": "a Python loop over the members",
@@ -133,9 +151,20 @@ def _scale_label(scale: str | float) -> str:
 
 
 def _layout_key(plan: Plan) -> tuple[Any, ...]:
-    return tuple(
-        (s.kind, s.members, s.thread_percentage, s.cpu_threads, s.memory_limit_bytes) for s in plan.slots
+    return (
+        tuple(
+            (s.kind, s.members, s.thread_percentage, s.cpu_threads, s.memory_limit_bytes) for s in plan.slots
+        ),
+        variant_key(plan),
     )
+
+
+def _backends_text(plan: Plan | None) -> str | None:
+    """The variants a plan changed, e.g. ``"resnet: onnxruntime, vit: onnxruntime"``; None if none."""
+    if plan is None or not plan.backends:
+        return None
+    changed = [f"{member}: {label}" for member, label in variant_key(plan)]
+    return ", ".join(changed) if changed else "every member as given"
 
 
 def _slots_text(plan: Plan | None) -> str:
@@ -384,7 +413,7 @@ def run_case(
     ensemble: Ensemble,
     label: str,
     device: Device,
-    profiles: ProfileSet,
+    profiles: ProfileSet | VariantProfiles,
     batch_size: int,
     strategies: Sequence[str],
     settings: RunSettings,
@@ -393,9 +422,15 @@ def run_case(
     calibrate_seconds: float,
     say: Any,
     other: OtherLoad | None = None,
+    backends: str | None = None,
 ) -> tuple[dict[str, Any], Report | None]:
-    """Plan every strategy, run the distinct plans once each, and measure the planner."""
+    """Plan every strategy, run the distinct plans once each, and measure the planner.
+
+    ``auto+backends`` in ``strategies`` (with ``backends`` and :class:`VariantProfiles`) is
+    ``auto`` with each member's backend variant chosen among ``backends``.
+    """
     started = time.perf_counter()
+    as_given = profiles.default_set if isinstance(profiles, VariantProfiles) else profiles
     other_mark = other.mark() if other is not None else None
     record: dict[str, Any] = {
         "ensemble": label,
@@ -406,7 +441,7 @@ def run_case(
                 "arch": getattr(m.source, "arch", None),
                 "scale": getattr(m.source, "scale", None),
                 "seed": getattr(m.source, "seed", None),
-                "profiled_latency_s": _profiled_latency(profiles, m.name, batch_size),
+                "profiled_latency_s": _profiled_latency(as_given, m.name, batch_size),
             }
             for m in ensemble.members
         ],
@@ -426,7 +461,7 @@ def run_case(
             calibration = calibrate(
                 ensemble,
                 device,
-                profiles,
+                as_given,
                 batch_size=batch_size,
                 max_pairs=calibrate_pairs,
                 seconds=calibrate_seconds,
@@ -448,9 +483,16 @@ def run_case(
     planned: dict[str, Plan | None] = {}
     rejected: dict[str, str] = {}
     for name in strategies:
+        chooses = name == WITH_BACKENDS
         try:
             planned[name] = make_plan(
-                ensemble, device, profiles, strategy=name, batch_size=batch_size, interference=interference
+                ensemble,
+                device,
+                profiles,
+                strategy="auto" if chooses else name,
+                batch_size=batch_size,
+                interference=interference,
+                backends=(backends or "auto") if chooses else None,
             )
         except ColocateError as exc:
             planned[name] = None
@@ -523,6 +565,7 @@ def run_case(
                 "status": status,
                 "reason": reason,
                 "slots": _slots_text(made),
+                "backends": _backends_text(made),
                 "slot_count": len(made.slots) if made is not None else None,
                 "slot_kinds": sorted({s.kind for s in made.slots}) if made is not None else [],
                 "measured_sps": measured,
@@ -551,7 +594,13 @@ def run_case(
     # planner quality: one entry per distinct run (shared runs counted once)
     distinct = {r["ran_as"]: r for r in rows if r["ran_as"] is not None}.values()
     best = report.best if report is not None else None
-    best_sps = best.measured_sps if best is not None else None
+    overall_best_sps = best.measured_sps if best is not None else None
+    # auto's regret is against the plans of its own space (every member as given): auto+backends,
+    # which may change the members' backends, is measured against everything
+    same_space = [
+        r["measured_sps"] for r in rows if r["strategy"] != WITH_BACKENDS and r["measured_sps"] is not None
+    ]
+    best_sps = max(same_space) if same_space else None
     auto_row = next((r for r in rows if r["strategy"] == "auto"), None)
     auto_sps = auto_row["measured_sps"] if auto_row is not None else None
     regret = None
@@ -569,11 +618,17 @@ def run_case(
             same = results.get(uncal_same_as)
             if same is not None and same.measured_sps is not None:
                 uncal_regret = max(0.0, (best_sps - same.measured_sps) / best_sps)
+    with_backends = next((r for r in rows if r["strategy"] == WITH_BACKENDS), None)
+    backends_sps = with_backends["measured_sps"] if with_backends is not None else None
+    regret_backends = None
+    if with_backends is not None and overall_best_sps and backends_sps is not None:
+        regret_backends = max(0.0, (overall_best_sps - backends_sps) / overall_best_sps)
     error_after = _median_abs([r["throughput_error"] for r in distinct]) if interference else None
     error_before = _median_abs([r["throughput_error_uncalibrated"] for r in distinct])
     record["planner"] = {
         "best": best.name if best is not None else None,
-        "best_sps": best_sps,
+        "best_sps": overall_best_sps,
+        "best_as_given_sps": best_sps,
         "auto": auto_row["ran_as"] if auto_row is not None else None,
         "auto_slots": auto_row["slots"] if auto_row is not None else None,
         "auto_sps": auto_sps,
@@ -591,6 +646,12 @@ def run_case(
             report.model_error(calibrated=False) if report is not None else None
         ),
         "memory_error": _median_abs([r["memory_error"] for r in distinct]),
+        "auto_backends": with_backends["ran_as"] if with_backends is not None else None,
+        "auto_backends_variants": with_backends["backends"] if with_backends is not None else None,
+        "auto_backends_sps": backends_sps,
+        "auto_backends_status": with_backends["status"] if with_backends is not None else None,
+        "regret_backends": regret_backends,
+        "backends_vs_auto": _ratio(backends_sps, auto_sps),
     }
     record["wall_s"] = time.perf_counter() - started
     if other is not None and other_mark is not None:
@@ -646,9 +707,10 @@ def case_table(record: dict[str, Any], device: Device) -> Any:
             status += f" (ran as {r['ran_as']})"
         mem_pred, mem_meas = r["predicted_peak_memory_bytes"], r["measured_peak_memory_bytes"]
         memory = " / ".join(_num(v / _MIB if v else None, 0) for v in (mem_pred, mem_meas))
+        slots = r["slots"] + (f"\nbackends: {r['backends']}" if r.get("backends") else "")
         table.add_row(
             name,
-            r["slots"],
+            slots,
             status,
             _num(r["measured_sps"]),
             "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
@@ -682,10 +744,20 @@ def summary_rows(cases: Sequence[dict[str, Any]]) -> list[list[str]]:
                 else ("not run" if p["auto_uncalibrated_slots"] else "-"),
                 f"{_pct(before)} -> {_pct(after)}" if after is not None else _pct(before),
                 _pct(p["memory_error"]),
+                _backends_summary(p),
                 _other_text(c),
             ]
         )
     return rows
+
+
+def _backends_summary(planner: dict[str, Any]) -> str:
+    if not planner.get("auto_backends"):
+        return "-"
+    regret, versus = planner.get("regret_backends"), planner.get("backends_vs_auto")
+    if regret is None:
+        return planner.get("auto_backends_status") or "-"
+    return f"{_pct(regret)}, {versus:.2f}x" if versus is not None else _pct(regret)
 
 
 SUMMARY_COLUMNS = (
@@ -696,6 +768,7 @@ SUMMARY_COLUMNS = (
     "regret uncalib.",
     "model err before -> after",
     "mem err",
+    "auto+backends: regret, vs auto",
     "other CPU",
 )
 
@@ -839,6 +912,12 @@ def main() -> int:
         action="store_true",
         help="GPU: mps plans may start a private MPS daemon (else they fail when none runs)",
     )
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help="also plan auto+backends: each member's backend variant chosen among these "
+        "(auto, or e.g. torch,onnxruntime); every member is profiled under each variant",
+    )
     parser.add_argument("--out", default=None, help="result JSON; the PNG goes beside it")
     args = parser.parse_args()
 
@@ -882,6 +961,14 @@ def main() -> int:
             raise SystemExit(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
     if BASELINE not in strategies:
         strategies.insert(0, BASELINE)
+    if args.backends:
+        from colocate.variants import parse_backends
+
+        try:
+            parse_backends(args.backends)
+        except ColocateError as exc:
+            raise SystemExit(f"--backends: {exc}") from None
+        strategies.append(WITH_BACKENDS)
     settings = RunSettings(
         requests=requests,
         seconds=seconds,
@@ -929,18 +1016,33 @@ def main() -> int:
     other = OtherLoad().start()
     other_mark = other.mark()
     t0 = time.perf_counter()
-    profiles = relabel(
-        profile_isolated(list(unique_members.values()), device, batch_sizes, settings=profile_settings),
-        list(unique_members.values()),
-        batch_sizes,
-    )
+    variants: VariantProfiles | None = None
+    if args.backends:
+        variants = profile_variants(
+            list(unique_members.values()),
+            device,
+            batch_sizes,
+            backends=args.backends,
+            settings=profile_settings,
+        )
+        profiles = variants.default_set
+        counts = ", ".join(f"{k} ({len(v.members)} members)" for k, v in variants.sets.items())
+        say(f"backend variants profiled: {counts}")
+    else:
+        profiles = relabel(
+            profile_isolated(list(unique_members.values()), device, batch_sizes, settings=profile_settings),
+            list(unique_members.values()),
+            batch_sizes,
+        )
     profile_s = time.perf_counter() - t0
     say(f"profiled in {profile_s:.1f}s")
     suspects = suspect_profiles(profiles)
     for _, _, line in suspects:
         say(f"[yellow]suspect profile (is other work running on this machine?)[/yellow] {line}")
     still_suspect = suspects
-    if suspects:
+    if suspects and variants is not None:
+        say("with --backends the suspect profiles are kept (not measured again)")
+    elif suspects:
         say(f"profiling the {len(suspects)} suspect profile(s) again")
         t0 = time.perf_counter()
         profiles = reprofile(profiles, unique_members, suspects, device, profile_settings)
@@ -960,6 +1062,8 @@ def main() -> int:
                 "smoke": args.smoke,
                 "by_hand": BY_HAND,
                 "strategies": strategies,
+                "backends": args.backends,
+                "variant_labels": list(variants.labels) if variants is not None else None,
                 "ensemble_sizes": sizes,
                 "batch_sizes": batch_sizes,
                 "synthetic_scale": synth_scale,
@@ -998,7 +1102,7 @@ def main() -> int:
                     ens,
                     label,
                     device,
-                    profiles,
+                    variants if variants is not None else profiles,
                     batch,
                     strategies,
                     settings,
@@ -1006,6 +1110,7 @@ def main() -> int:
                     calibrate_seconds=args.calibrate_seconds,
                     say=say,
                     other=other,
+                    backends=args.backends,
                 )
                 cases.append(record)
                 console.print(case_table(record, device))

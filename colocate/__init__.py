@@ -16,6 +16,7 @@ from colocate.errors import (
     BackendUnavailableError,
     ColocateError,
     DeviceError,
+    ExportError,
     InternalError,
     InvalidInputError,
     MeasurementError,
@@ -23,6 +24,7 @@ from colocate.errors import (
     ModelLoadError,
     MPSUnavailableError,
     PlanInfeasibleError,
+    UnknownBackendError,
     WorkerFailedError,
 )
 
@@ -51,6 +53,7 @@ __all__ = [
     "Device",
     "DeviceError",
     "Ensemble",
+    "ExportError",
     "InputSpec",
     "InternalError",
     "InvalidInputError",
@@ -60,6 +63,7 @@ __all__ = [
     "MemberOutOfMemoryError",
     "ModelLoadError",
     "PlanInfeasibleError",
+    "UnknownBackendError",
     "WorkerFailedError",
     "__version__",
     *_LAZY,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from colocate import serde
-from colocate.errors import ColocateError
+from colocate.errors import ColocateError, InvalidInputError
 
 
 def _console() -> Any:
@@ -228,7 +228,7 @@ def profile_rows(profiles: Sequence[Any]) -> list[list[str]]:
 def cmd_profile(args: argparse.Namespace) -> int:
 
     from colocate import devices
-    from colocate.profiling import ProfileCache, ProfileSettings, profile
+    from colocate.profiling import ProfileCache, ProfileSettings, profile, profile_variants
 
     device = devices.find_device(args.device)
     ensemble = _load_ensemble(args, device)
@@ -242,18 +242,32 @@ def cmd_profile(args: argparse.Namespace) -> int:
     console = _console()
     with _progress_bar(console, "profiling", disable=args.json) as bar:
         task = bar.add_task(ensemble.name, total=len(ensemble.members) * len(args.batch_sizes))
-        result = profile(
-            ensemble,
-            device,
-            args.batch_sizes,
-            settings=settings,
-            cache=cache,
-            progress=lambda done, total, what: bar.update(task, completed=done, description=what),
-        )
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        variants = None
+        if args.backends:
+            variants = profile_variants(
+                ensemble,
+                device,
+                args.batch_sizes,
+                backends=args.backends,
+                settings=settings,
+                isolated=False,
+                cache=cache,
+                progress=progress,
+            )
+            result = variants.default_set
+        else:
+            result = profile(
+                ensemble, device, args.batch_sizes, settings=settings, cache=cache, progress=progress
+            )
+    saved: Any = variants if variants is not None else result
     if args.out:
-        serde.save(result, args.out)
+        serde.save(saved, args.out)
     if args.json:
-        print(serde.dumps(result))
+        print(serde.dumps(saved))
         return 0
     columns = [
         "member",
@@ -269,7 +283,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         "device use",
     ]
     title = f"Profiles of {ensemble.name} on {device.name}"
-    console.print(_table(title, columns, profile_rows(result.profiles)))
+    if variants is None:
+        console.print(_table(title, columns, profile_rows(result.profiles)))
+    else:
+        for label, found in variants.sets.items():
+            console.print(_table(f"{title}, backend {label}", columns, profile_rows(found.profiles)))
     if isinstance(cache, ProfileCache):
         console.print(f"cache {cache.root}: {cache.hits} hit(s), {cache.misses} miss(es)")
     if args.out:
@@ -287,16 +305,65 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def _backends_arg(text: str) -> str:
+    """``--backends``: ``auto`` or comma-separated variant labels, checked now."""
+    from colocate.variants import parse_backends
+
+    try:
+        parse_backends(text)
+    except ColocateError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _add_backends_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backends",
+        type=_backends_arg,
+        default=None,
+        help="choose each member's backend variant among these: auto (every usable one) or e.g. "
+        "torch,torch+cudagraph,onnxruntime; profiles each variant (see docs/planning.md)",
+    )
+
+
+def _load_profiles(path: str) -> Any:
+    """A profiles file: a ProfileSet, or VariantProfiles (from ``profile --backends``)."""
+    from pathlib import Path
+
+    from colocate.profiling import ProfileSet, VariantProfiles
+
+    try:
+        kind = json.loads(Path(path).read_text(encoding="utf-8")).get("type")
+    except (OSError, ValueError, AttributeError):
+        kind = None  # serde.load says what is wrong with the file
+    return serde.load(VariantProfiles if kind == "VariantProfiles" else ProfileSet, path)
+
+
 def _profiles_for(args: argparse.Namespace, ensemble: Any, device: Any, batch_sizes: Sequence[int]) -> Any:
     """Profiles from --profiles files, else measured now (cached) on the device or, for a
-    simulated device, on the CPU (the planner then scales them and marks them estimated)."""
+    simulated device, on the CPU (the planner then scales them and marks them estimated).
+    With --backends: each member's profiles under each backend variant (VariantProfiles)."""
     from colocate import devices
-    from colocate.profiling import ProfileSet, profile_isolated
+    from colocate.profiling import ProfileSet, VariantProfiles, profile_isolated, profile_variants
 
+    backends = getattr(args, "backends", None)
     if getattr(args, "profiles", None):
+        files = [_load_profiles(path) for path in args.profiles]
+        if any(isinstance(f, VariantProfiles) for f in files):
+            if len(files) != 1:
+                raise InvalidInputError(
+                    "--profiles: give one file of variant profiles (from colocate profile --backends ... "
+                    "--out FILE), not several"
+                )
+            return files[0] if backends else files[0].default_set
+        if backends:
+            raise InvalidInputError(
+                "--backends needs each member's profiles under each backend variant: make them with "
+                "colocate profile --backends ... --out FILE, or leave out --profiles to measure now"
+            )
         loaded: list[Any] = []
-        for path in args.profiles:
-            loaded.extend(serde.load(ProfileSet, path).profiles)
+        for found in files:
+            loaded.extend(found.profiles)
         return ProfileSet(tuple(loaded))
     where = device if device.can_execute else devices.cpu_device()
     if not device.can_execute:
@@ -306,6 +373,8 @@ def _profiles_for(args: argparse.Namespace, ensemble: Any, device: Any, batch_si
             file=sys.stderr,
         )
     # in a child process: this one may go on to run plans, which framework work done here slows
+    if backends:
+        return profile_variants(ensemble, where, batch_sizes, backends=backends)
     return profile_isolated(ensemble, where, batch_sizes)
 
 
@@ -318,7 +387,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     sizes = [args.batch_size] if args.batch_size else [1, 8, 32]
     profiles = _profiles_for(args, ensemble, device, sizes)
     bound = args.latency_bound_ms / 1e3 if args.latency_bound_ms else None
-    common = {"batch_size": args.batch_size, "objective": args.objective, "latency_bound_s": bound}
+    common = {
+        "batch_size": args.batch_size,
+        "objective": args.objective,
+        "latency_bound_s": bound,
+        "backends": args.backends,
+    }
     console = _console()
     if args.all:
         plans = plan_all(ensemble, device, profiles, **common)
@@ -371,13 +445,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         device = devices.find_device(args.device)
         ensemble_for_plan = _load_ensemble(args, device)
         profiles = _profiles_for(args, ensemble_for_plan, device, [args.batch_size])
-        chosen = plan(ensemble_for_plan, device, profiles, strategy=args.strategy, batch_size=args.batch_size)
+        chosen = plan(
+            ensemble_for_plan,
+            device,
+            profiles,
+            strategy=args.strategy,
+            batch_size=args.batch_size,
+            backends=args.backends,
+        )
     ensemble = _load_ensemble(args, device)
     settings = _run_settings(args)
     console = _console()
+    from colocate.planning.render import backend_text
+
+    def shown(member: str) -> str:
+        return member if chosen.backend_of(member) is None else f"{member} ({backend_text(chosen, member)})"
+
     console.print(
         f"running plan '{chosen.strategy}' on {device.name}: "
-        + "; ".join(f"{s.name} {s.kind}: {', '.join(s.members)}" for s in chosen.slots)
+        + "; ".join(f"{s.name} {s.kind}: {', '.join(map(shown, s.members))}" for s in chosen.slots)
     )
     with _progress_bar(console, "requests", disable=args.json) as bar:
         task = bar.add_task("run", total=settings.requests)
@@ -438,6 +524,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             settings=settings,
             calibration=calibration,
             progress=say,
+            backends=args.backends,
         )
         reports.append(report)
         if args.out:
@@ -543,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="profile cache directory (default: $COLOCATE_CACHE_DIR or ~/.cache/colocate)/profiles",
     )
+    _add_backends_arg(p)
     p.add_argument("--out", default=None, help="also write the profiles to this JSON file")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_profile)
@@ -569,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--objective", choices=OBJECTIVES, default="throughput")
     p.add_argument("--latency-bound-ms", type=float, default=None, help="for throughput_under_latency")
+    _add_backends_arg(p)
     p.add_argument("--out", default=None, help="write the plan as JSON (for colocate run --plan)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
@@ -579,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=STRATEGIES, default="auto", help="plan with this if no --plan")
     p.add_argument("--batch-size", type=int, default=8)
     add_run_args(p, seconds=5.0)
+    _add_backends_arg(p)
     p.add_argument("--out", default=None, help="write the RunResult as JSON")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
@@ -604,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan 'auto' from the model alone (default: measure a few pairs first)",
     )
     p.add_argument("--calibration", default=None, help="reuse a saved calibration JSON")
+    _add_backends_arg(p)
     p.add_argument("--out", default=None, help="folder for report.json/.csv/.txt/.png")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare)

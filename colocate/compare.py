@@ -31,7 +31,8 @@ from colocate.execution.types import RunResult
 from colocate.planning import CostModel, member_demands
 from colocate.planning import plan as make_plan
 from colocate.planning.types import Plan, Prediction, Slot
-from colocate.profiling import ProfileSet, profile_isolated
+from colocate.planning.variants import SUFFIX
+from colocate.profiling import ProfileSet, VariantProfiles, profile_isolated, profile_variants
 from colocate.report import (
     Calibration,
     PairMeasurement,
@@ -77,9 +78,12 @@ def dedupe_plans(plans: Sequence[Plan]) -> list[Plan]:
 
     The baseline keeps its plain name ``sequential`` so speed-ups stay relative to it.
     """
-    groups: dict[tuple[tuple[str, tuple[str, ...], float | None], ...], list[Plan]] = {}
+    groups: dict[tuple[object, ...], list[Plan]] = {}
     for candidate in plans:
-        layout = tuple((s.kind, s.members, s.thread_percentage) for s in candidate.slots)
+        layout = (
+            tuple((s.kind, s.members, s.thread_percentage) for s in candidate.slots),
+            variant_key(candidate),
+        )
         groups.setdefault(layout, []).append(candidate)
     unique = []
     for group in groups.values():
@@ -87,6 +91,18 @@ def dedupe_plans(plans: Sequence[Plan]) -> list[Plan]:
         label = BASELINE if BASELINE in names else "=".join(names)
         unique.append(dataclasses.replace(group[0], strategy=label))
     return unique
+
+
+def variant_key(plan: Plan) -> tuple[tuple[str, str], ...]:
+    """The backend variants ``plan`` runs that differ from the members as given (for grouping)."""
+    return tuple(sorted((b.member, b.label) for b in plan.backends if b.label != b.default))
+
+
+def profiles_for_plan(profiles: ProfileSet | VariantProfiles, plan: Plan) -> ProfileSet:
+    """The profiles of the variants ``plan`` runs (each member's as given where it chose none)."""
+    if isinstance(profiles, ProfileSet):
+        return profiles
+    return profiles.for_assignment({b.member: b.label for b in plan.backends})
 
 
 def _fresh_state(device: Device) -> None:
@@ -214,11 +230,12 @@ def compare(
     device: Device,
     plans_or_strategies: Sequence[Plan | str] = DEFAULT_STRATEGIES,
     *,
-    profiles: ProfileSet | None = None,
+    profiles: ProfileSet | VariantProfiles | None = None,
     batch_size: int = 8,
     settings: RunSettings | None = None,
     calibration: Calibration | Literal["auto"] | None = "auto",
     progress: Progress | None = None,
+    backends: str | Sequence[str] | None = None,
 ) -> Report:
     """Plan (where given strategy names) and run every plan the same way; report side by side.
 
@@ -226,14 +243,19 @@ def compare(
         ensemble: the ensemble to serve.
         device: where to run (the CPU or a CUDA GPU).
         plans_or_strategies: plans, or strategy names for :func:`colocate.planning.plan`;
-            ``sequential`` is added first as the baseline when missing.
-        profiles: the members' profiles; measured now (cached) at ``batch_size`` when None.
+            ``sequential`` is added first as the baseline when missing. A name ending in
+            ``+backends`` (e.g. ``auto+backends``) also chooses each member's backend variant.
+        profiles: the members' profiles (or their :class:`VariantProfiles`); measured now
+            (cached) at ``batch_size`` when None.
         batch_size: samples per request (used when planning from strategy names).
         settings: how each plan runs (defaults: 3 s per plan, two requests in flight per slot).
         calibration: measured pair slowdowns for the planner (see :func:`calibrate`); ``"auto"``
             (the default) measures a few pairs now when the ``auto`` strategy is compared, so
             the planner's pick rests on measured interference; None plans from the model alone.
         progress: called with a line before each step.
+        backends: the backend variants ``+backends`` plans choose among (``"auto"``: all usable;
+            e.g. ``"torch,onnxruntime"``); given, ``auto+backends`` is compared too. Each member
+            is then profiled under each variant (when ``profiles`` is None).
     """
     chosen = settings or RunSettings()
     say = progress or (lambda _line: None)
@@ -242,17 +264,25 @@ def compare(
         raise InvalidInputError("compare needs at least one plan or strategy name")
     if not any((e == BASELINE) or (isinstance(e, Plan) and e.strategy == BASELINE) for e in entries):
         entries.insert(0, BASELINE)
+    if backends is not None and not any(isinstance(e, str) and e.endswith(SUFFIX) for e in entries):
+        entries.append("auto" + SUFFIX)
+    wants_variants = any(isinstance(e, str) and e.endswith(SUFFIX) for e in entries)
     if profiles is None and any(isinstance(e, str) for e in entries):
-        say(f"profiling {len(ensemble.members)} members at batch {batch_size}")
         # profile in a child process: this one goes on to run the plans, and framework work done
         # here first slows its stream slots (docs/execution.md, "Keep the serving process clean")
-        profiles = profile_isolated(ensemble, device, (batch_size,))
+        if wants_variants:
+            say(f"profiling {len(ensemble.members)} members under each backend variant at batch {batch_size}")
+            profiles = profile_variants(ensemble, device, (batch_size,), backends=backends or "auto")
+        else:
+            say(f"profiling {len(ensemble.members)} members at batch {batch_size}")
+            profiles = profile_isolated(ensemble, device, (batch_size,))
+    as_given = profiles.default_set if isinstance(profiles, VariantProfiles) else profiles
     calibrated_now = False
     if calibration == "auto":
         calibration = None
-        if "auto" in entries and profiles is not None:
+        if "auto" in entries and as_given is not None:
             say("calibrating the planner: measuring the member pairs that matter most to 'auto'")
-            calibration = calibrate(ensemble, device, profiles, batch_size=batch_size, progress=say)
+            calibration = calibrate(ensemble, device, as_given, batch_size=batch_size, progress=say)
             calibrated_now = True
     interference = calibration.interference() if calibration is not None else None
 
@@ -266,13 +296,15 @@ def compare(
             label = entry
             try:
                 assert profiles is not None
+                variants = entry.endswith(SUFFIX)
                 made = make_plan(
                     ensemble,
                     device,
                     profiles,
-                    strategy=entry,
+                    strategy=entry[: -len(SUFFIX)] if variants else entry,
                     batch_size=batch_size,
                     interference=interference,
+                    backends=(backends or "auto") if variants else None,
                 )
                 planned_entry = (label, made, None)
             except ColocateError as exc:
@@ -336,10 +368,10 @@ def compare(
     )
 
 
-def _uncalibrated_sps(plan: Plan, ensemble: Ensemble, profiles: ProfileSet) -> float | None:
-    """What the cost model without measured pairs predicts for ``plan``'s slots."""
+def _uncalibrated_sps(plan: Plan, ensemble: Ensemble, profiles: ProfileSet | VariantProfiles) -> float | None:
+    """What the cost model without measured pairs predicts for ``plan``'s slots (and variants)."""
     try:
-        demands = member_demands(ensemble, plan.device, profiles, plan.batch_size)
+        demands = member_demands(ensemble, plan.device, profiles_for_plan(profiles, plan), plan.batch_size)
         return CostModel().predict(plan.slots, demands).throughput_sps
     except ColocateError:
         return None
@@ -523,7 +555,9 @@ __all__ = [
     "load_calibration",
     "pairs_to_measure",
     "pareto_set",
+    "profiles_for_plan",
     "regime_rows",
     "run_plan",
     "save_report",
+    "variant_key",
 ]

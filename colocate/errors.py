@@ -16,12 +16,20 @@ class InvalidInputError(ColocateError, ValueError):
     """A value given by the caller is wrong: a shape, a dtype, a name, an option."""
 
 
+class UnknownBackendError(InvalidInputError):
+    """A backend or backend-variant name that colocate does not know."""
+
+
 class BackendUnavailableError(ColocateError, ImportError):
     """A backend (or another optional feature) needs a package that is not installed."""
 
 
 class ModelLoadError(ColocateError):
     """A member's model could not be loaded: missing or corrupt file, failing factory."""
+
+
+class ExportError(ModelLoadError):
+    """A member cannot be converted to the format a backend variant needs (e.g. ONNX)."""
 
 
 class DeviceError(ColocateError):
@@ -66,6 +74,7 @@ __all__ = [
     "BackendUnavailableError",
     "ColocateError",
     "DeviceError",
+    "ExportError",
     "InternalError",
     "InvalidInputError",
     "MPSUnavailableError",
@@ -73,5 +82,6 @@ __all__ = [
     "MemberOutOfMemoryError",
     "ModelLoadError",
     "PlanInfeasibleError",
+    "UnknownBackendError",
     "WorkerFailedError",
 ]

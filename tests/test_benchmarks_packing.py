@@ -55,7 +55,15 @@ pytestmark = pytest.mark.slow
 
 def test_packing_smoke(tmp_path: Path) -> None:
     out = tmp_path / "p.json"
-    command = [sys.executable, str(ROOT / "benchmarks" / "packing.py"), "--smoke", "--device", "cpu"]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "packing.py"),
+        "--smoke",
+        "--device",
+        "cpu",
+        "--backends",
+        "torch,onnxruntime",
+    ]
     proc = subprocess.run(
         [*command, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
     )
@@ -81,7 +89,7 @@ def test_packing_smoke(tmp_path: Path) -> None:
     assert [(c["ensemble"], c["batch_size"]) for c in cases] == [("default", 1), ("mixed-2", 1)]
     for case in cases:
         names = [row["strategy"] for row in case["strategies"]]
-        assert names == ["sequential", "streams", "auto"]
+        assert names == ["sequential", "streams", "auto", "auto+backends"]
         for row in case["strategies"]:
             for key in STRATEGY_FIELDS:
                 assert key in row, f"{case['ensemble']}/{row['strategy']}: no '{key}'"
@@ -97,9 +105,20 @@ def test_packing_smoke(tmp_path: Path) -> None:
             assert 0.0 <= planner["regret"] <= 1.0
         assert planner["model_error_before"] is None or planner["model_error_before"] >= 0.0
         assert set(case["other_load"]) == {"cpu_s", "share", "top"}
+        # auto+backends ran like the others; its row names the variants it chose, e.g. "mlp: onnxruntime"
+        with_backends = case["strategies"][-1]
+        assert with_backends["status"] in ("ok", "errors"), with_backends["reason"]
+        assert with_backends["backends"] is not None
+        assert planner["auto_backends_status"] == with_backends["status"]
+        for key in ("regret_backends", "backends_vs_auto", "auto_backends_sps"):
+            assert key in planner
+        if planner["regret_backends"] is not None:
+            assert 0.0 <= planner["regret_backends"] <= 1.0
         members = case["members"]
         assert len(members) == case["member_count"]
         assert len({m["name"] for m in members}) == len(members)
     assert len(data["summary"]["rows"]) == len(cases)
     assert "other_load_profiling" in data
     assert "suspect_profiles" in data
+    assert data["backends"] == "torch,onnxruntime"
+    assert data["variant_labels"] == ["torch", "onnxruntime"]

@@ -138,7 +138,9 @@ class Executor:
     """Runs a plan: starts its slots, serves the ensemble, measures, and stops everything on close.
 
     Args:
-        plan: the plan to run; its ``device`` is where it runs (the CPU or a CUDA GPU).
+        plan: the plan to run; its ``device`` is where it runs (the CPU or a CUDA GPU). A
+            member the plan chose a backend variant for (``plan.backends``) runs as that
+            variant (:func:`colocate.variants.variant_member`), in every slot kind.
         ensemble: the ensemble the plan was made for (the plan must cover exactly its members).
         on_worker_death: ``"fail"``: a dead worker process marks the executor broken (every
             later request fails at once, with the reason); ``"restart"``: start a new worker
@@ -205,6 +207,7 @@ class Executor:
         self._completed = 0
         self._failed = 0
         self._latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
+        self._variants: dict[str, Member] = {}  # member name -> member as run (the plan's variant)
 
     # -- lifecycle
 
@@ -247,9 +250,10 @@ class Executor:
         if device.kind not in ("cpu", "cuda"):
             raise DeviceError(f"cannot execute on a {device.kind} device")
         plan.check_covers(self.ensemble.member_names)
+        self._variants = {name: self._variant_of(name) for name in plan.members}
         for slot in plan.slots:  # every worker's members must pickle: checked before anything starts
             if slot.kind in ("process", "mps"):
-                pickle_members(slot, tuple(self.ensemble.member(m) for m in slot.members))
+                pickle_members(slot, tuple(self._variants[m] for m in slot.members))
         resources = self._resources
         slots = self._make_slots()  # pickles process members: fails before anything starts
         resources.slots.extend(slots)
@@ -258,7 +262,7 @@ class Executor:
         if device.kind == "cpu":
             threads = [self._cpu_threads(s) or 0 for s in plan.slots if s.kind == "stream"]
             has_torch = any(
-                self.ensemble.member(m).backend == "torch"
+                self._variants[m].backend == "torch"
                 for s in plan.slots
                 if s.kind == "stream"
                 for m in s.members
@@ -331,8 +335,18 @@ class Executor:
             return slot.cpu_threads
         return slot.cpu_threads or cpu_threads_per_slot(len(usable_cores()), len(self.plan.slots))
 
-    def _member_for(self, name: str, cpu_threads: int | None) -> Member:
+    def _variant_of(self, name: str) -> Member:
+        """The member as the plan runs it: with the backend variant the plan chose, if any."""
         member = self.ensemble.member(name)
+        choice = self.plan.backend_of(name)
+        if choice is None:
+            return member
+        from colocate.variants import variant_member
+
+        return variant_member(member, choice.label, self.plan.device)
+
+    def _member_for(self, name: str, cpu_threads: int | None) -> Member:
+        member = self._variants[name]
         if self.plan.device.kind == "cpu":
             return with_cpu_threads(member, cpu_threads)
         return with_cuda_graph(member) if self.cuda_graphs else member

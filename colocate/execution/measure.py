@@ -168,7 +168,7 @@ def run_requests(
         worker_restarts=executor.stats().worker_restarts - restarts_before,
         interrupted=outcome.interrupted,
         prediction=plan.prediction,
-        versions=_versions(executor.ensemble, device),
+        versions=_versions(executor.ensemble, device, tuple(b.backend for b in executor.plan.backends)),
         notes=tuple(notes),
     )
 
@@ -377,7 +377,7 @@ class _GpuMemoryWatcher:
                 return
 
 
-def _versions(ensemble: Ensemble, device: Any) -> dict[str, str]:
+def _versions(ensemble: Ensemble, device: Any, variant_backends: tuple[str, ...] = ()) -> dict[str, str]:
     from colocate import __version__
     from colocate.profiling.cache import framework_version
 
@@ -386,7 +386,7 @@ def _versions(ensemble: Ensemble, device: Any) -> dict[str, str]:
         "python": platform.python_version(),
         "numpy": np.__version__,
     }
-    for backend in sorted({m.backend for m in ensemble.members}):
+    for backend in sorted({m.backend for m in ensemble.members} | set(variant_backends)):
         versions[backend] = framework_version(backend)
     if device.driver_version:
         versions["driver"] = str(device.driver_version)

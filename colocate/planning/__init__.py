@@ -15,7 +15,7 @@ from colocate.planning.graph import compatibility_graph, conflict_graph
 from colocate.planning.render import PLAN_COLUMNS, plan_rows, render_plan
 from colocate.planning.search import OBJECTIVES, PlanList, plan, plan_all
 from colocate.planning.strategies import DESCRIPTIONS, MAX_EXHAUSTIVE_MEMBERS, STRATEGIES
-from colocate.planning.types import SLOT_KINDS, MemberPrediction, Plan, Prediction, Slot
+from colocate.planning.types import SLOT_KINDS, MemberBackend, MemberPrediction, Plan, Prediction, Slot
 
 __all__ = [
     "DESCRIPTIONS",
@@ -27,6 +27,7 @@ __all__ = [
     "CostModel",
     "DemandSet",
     "Evaluation",
+    "MemberBackend",
     "MemberDemand",
     "MemberPrediction",
     "Plan",

@@ -34,6 +34,16 @@ def slot_kind_text(slot: Slot) -> str:
     return text
 
 
+def backend_text(plan: Plan, member: str) -> str:
+    """The member's backend variant in ``plan``: ``"onnxruntime (4.1x torch)"``, ``"torch"``, or ``"-"``."""
+    choice = plan.backend_of(member)
+    if choice is None:
+        return "-"
+    if choice.label == choice.default or not choice.default:
+        return choice.label
+    return f"{choice.label} ({choice.speedup_alone:.1f}x {choice.default})"
+
+
 def slots_summary(plan: Plan) -> str:
     """Counts of slots by kind, e.g. ``"3 stream + 2 process"``."""
     counts: dict[str, int] = {}
@@ -74,11 +84,23 @@ def render_plan(plan: Plan) -> str:
             extra = f"  [{slot.cpu_threads} threads]"
         out.append(f"  {slot.name:<4} {slot_kind_text(slot):<{width}}  {', '.join(members)}{extra}")
     out.append("")
-    header = ("member", "slot", "alone ms", "start ms", "finish ms", "slowdown", "memory", "source")
+    header: tuple[str, ...] = (
+        "member",
+        "slot",
+        "alone ms",
+        "start ms",
+        "finish ms",
+        "slowdown",
+        "memory",
+        "source",
+    )
+    if plan.backends:
+        header = (*header[:2], "backend", *header[2:])
     rows = [
         (
             m.member,
             m.slot,
+            *((backend_text(plan, m.member),) if plan.backends else ()),
             _ms(m.alone_s),
             _ms(m.start_s),
             _ms(m.finish_s),
@@ -125,4 +147,4 @@ def plan_rows(plans: Sequence[Plan]) -> list[list[str]]:
     return rows
 
 
-__all__ = ["PLAN_COLUMNS", "plan_rows", "render_plan", "slot_kind_text", "slots_summary"]
+__all__ = ["PLAN_COLUMNS", "backend_text", "plan_rows", "render_plan", "slot_kind_text", "slots_summary"]

@@ -44,7 +44,8 @@ from colocate.planning.strategies import (
     check_strategy,
 )
 from colocate.planning.types import Plan, Slot
-from colocate.profiling.types import Profile, ProfileSet
+from colocate.profiling.types import Profile, ProfileSet, VariantProfiles
+from colocate.variants import BackendChoice
 
 OBJECTIVES: tuple[str, ...] = ("throughput", "latency", "throughput_under_latency")
 """What a plan is chosen for."""
@@ -518,7 +519,7 @@ def _model_for(model: CostModel | None, interference: Mapping[tuple[str, str], f
 def plan(
     ensemble: Ensemble | Sequence[str],
     device: Device,
-    profiles: ProfileSet | Sequence[Profile],
+    profiles: ProfileSet | Sequence[Profile] | VariantProfiles,
     *,
     strategy: str = "auto",
     batch_size: int | None = None,
@@ -526,6 +527,7 @@ def plan(
     latency_bound_s: float | None = None,
     interference: Mapping[tuple[str, str], float] | None = None,
     model: CostModel | None = None,
+    backends: BackendChoice | None = None,
 ) -> Plan:
     """Plan how to co-locate the ensemble's members on ``device``.
 
@@ -533,7 +535,9 @@ def plan(
         ensemble: the ensemble, or its member names (then input sizes are unknown: no copy cost).
         device: the target device: a GPU, a simulated GPU (``find_device("h100")``), or the CPU.
         profiles: the members' profiles, on this device or another (figures from another GPU or
-            the CPU, and for batch sizes not profiled, are estimated and marked so).
+            the CPU, and for batch sizes not profiled, are estimated and marked so); or their
+            profiles under several backend variants (:class:`VariantProfiles`, from
+            :func:`colocate.profiling.profile_variants`).
         strategy: one of :data:`STRATEGIES` (default ``"auto"``: the best of all).
         batch_size: the request batch size; default: the largest profiled size up to 32 at which
             the ensemble fits (the plan's notes say so).
@@ -541,6 +545,11 @@ def plan(
         latency_bound_s: the most median latency, for ``"throughput_under_latency"``.
         interference: measured pairwise slowdowns ``{(a, b): factor}`` overriding the model.
         model: the cost model (default constants when None).
+        backends: choose each member's backend variant among these labels (``"auto"``: every
+            variant profiled; e.g. ``("torch", "onnxruntime")``): the fastest per the cost model
+            at the plan's batch size that fits (see :mod:`colocate.planning.variants`). Needs
+            ``VariantProfiles``. The plan records the choice (``Plan.backends``) and its strategy
+            reads ``"<strategy>+backends"``. None: every member runs as given.
 
     Returns:
         The best predicted :class:`Plan` that fits in memory, with its prediction, explanation
@@ -553,16 +562,65 @@ def plan(
             memory available), or no plan meets the latency bound (it gives the best latency).
     """
     _check_options(strategy, objective, latency_bound_s)
+    chosen_model = _model_for(model, interference)
+    if backends is not None:
+        return _plan_with_backends(
+            ensemble,
+            device,
+            profiles,
+            backends,
+            strategy,
+            batch_size,
+            objective,
+            latency_bound_s,
+            chosen_model,
+        )
     session = _Session(
-        ensemble, device, profiles, batch_size, objective, latency_bound_s, _model_for(model, interference)
+        ensemble, device, _single_set(profiles), batch_size, objective, latency_bound_s, chosen_model
     )
     return session.run(strategy)
+
+
+def _single_set(profiles: ProfileSet | Sequence[Profile] | VariantProfiles) -> ProfileSet | Sequence[Profile]:
+    """The profiles to plan with when backends are not chosen: each member's as given."""
+    return profiles.default_set if isinstance(profiles, VariantProfiles) else profiles
+
+
+def _plan_with_backends(
+    ensemble: Ensemble | Sequence[str],
+    device: Device,
+    profiles: ProfileSet | Sequence[Profile] | VariantProfiles,
+    backends: BackendChoice,
+    strategy: str,
+    batch_size: int | None,
+    objective: str,
+    latency_bound_s: float | None,
+    model: CostModel,
+) -> Plan:
+    from colocate.planning.variants import plan_with_backends
+
+    if not isinstance(profiles, VariantProfiles):
+        raise InvalidInputError(
+            f"backends={backends!r} needs the members' profiles under each backend variant: "
+            "colocate.profiling.profile_variants(...) (or colocate profile --backends ...)"
+        )
+    return plan_with_backends(
+        ensemble,
+        device,
+        profiles,
+        backends=backends,
+        strategy=strategy,
+        batch_size=batch_size,
+        objective=objective,
+        latency_bound_s=latency_bound_s,
+        model=model,
+    )
 
 
 def plan_all(
     ensemble: Ensemble | Sequence[str],
     device: Device,
-    profiles: ProfileSet | Sequence[Profile],
+    profiles: ProfileSet | Sequence[Profile] | VariantProfiles,
     *,
     strategies: Sequence[str] | None = None,
     batch_size: int | None = None,
@@ -570,18 +628,22 @@ def plan_all(
     latency_bound_s: float | None = None,
     interference: Mapping[tuple[str, str], float] | None = None,
     model: CostModel | None = None,
+    backends: BackendChoice | None = None,
 ) -> PlanList:
     """One plan per strategy (default: all of :data:`STRATEGIES`), for a comparison.
 
     A strategy with no feasible plan (nothing fits, the latency bound is unmet, ``exhaustive``
-    on too many members) is skipped; ``result.skipped`` maps it to the reason.
+    on too many members) is skipped; ``result.skipped`` maps it to the reason. With
+    ``backends`` (see :func:`plan`), ``auto`` also gives an ``auto+backends`` plan whose members'
+    backend variants are chosen.
     """
     wanted = list(strategies) if strategies is not None else list(STRATEGIES)
     for name in wanted:
         check_strategy(name)
     _check_options("auto", objective, latency_bound_s)
+    chosen_model = _model_for(model, interference)
     session = _Session(
-        ensemble, device, profiles, batch_size, objective, latency_bound_s, _model_for(model, interference)
+        ensemble, device, _single_set(profiles), batch_size, objective, latency_bound_s, chosen_model
     )
     result = PlanList()
     for name in wanted:
@@ -589,6 +651,23 @@ def plan_all(
             result.append(session.run(name))
         except (PlanInfeasibleError, InvalidInputError) as exc:
             result.skipped[name] = str(exc)
+    if backends is not None and "auto" in wanted:
+        try:
+            result.append(
+                _plan_with_backends(
+                    ensemble,
+                    device,
+                    profiles,
+                    backends,
+                    "auto",
+                    batch_size,
+                    objective,
+                    latency_bound_s,
+                    chosen_model,
+                )
+            )
+        except (PlanInfeasibleError, InvalidInputError) as exc:
+            result.skipped["auto+backends"] = str(exc)
     return result
 
 

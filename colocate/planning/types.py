@@ -84,6 +84,18 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class MemberBackend:
+    """The backend variant a plan runs one member with (see :mod:`colocate.variants`)."""
+
+    member: str
+    label: str  # variant label: "torch", "torch+cudagraph", "onnxruntime", "tensorrt", "cupy"
+    backend: str  # the backend it runs on, e.g. "torch" for "torch+cudagraph"
+    options: tuple[str, ...] = ()  # backend options the variant switches on, e.g. ("cuda_graph",)
+    default: str = ""  # the label of the member as given
+    speedup_alone: float = 1.0  # predicted latency alone under `default` / under `label`, at the plan's batch
+
+
+@dataclass(frozen=True)
 class Plan:
     """Slots on one device at one batch size, with the prediction and the reasons."""
 
@@ -95,6 +107,7 @@ class Plan:
     objective: str = "throughput"  # what it was chosen for
     explanation: tuple[str, ...] = ()  # readable reasons, one per line
     notes: tuple[str, ...] = field(default_factory=tuple)  # caveats: estimated figures, margins
+    backends: tuple[MemberBackend, ...] = ()  # each member's backend variant; () = each as given
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -112,6 +125,11 @@ class Plan:
                         f"member '{member}' is in more than one slot; each member runs in exactly one"
                     )
                 seen.add(member)
+        chosen = [b.member for b in self.backends]
+        if len(set(chosen)) != len(chosen) or not set(chosen) <= seen:
+            raise InvalidInputError(
+                f"plan backends name members {chosen}: each must be a member of the plan, at most once"
+            )
         mps_total = sum(s.thread_percentage or 0.0 for s in self.slots if s.kind == "mps")
         if mps_total > 100.0 + 1e-6:
             raise InvalidInputError(
@@ -123,6 +141,13 @@ class Plan:
     def members(self) -> tuple[str, ...]:
         """All member names, slot by slot in run order."""
         return tuple(m for s in self.slots for m in s.members)
+
+    def backend_of(self, member: str) -> MemberBackend | None:
+        """The backend variant the plan chose for ``member``; None: run it as given."""
+        for choice in self.backends:
+            if choice.member == member:
+                return choice
+        return None
 
     def slot_of(self, member: str) -> Slot:
         """The slot that runs ``member``."""

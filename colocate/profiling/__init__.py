@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from colocate.profiling.cache import ProfileCache, model_hash
-from colocate.profiling.profiler import ProfileSettings, profile, profile_isolated
+from colocate.profiling.profiler import ProfileSettings, profile, profile_isolated, profile_variants
 from colocate.profiling.types import (
     CpuFootprint,
     EnergyFootprint,
@@ -11,6 +11,7 @@ from colocate.profiling.types import (
     MemoryFootprint,
     Profile,
     ProfileSet,
+    VariantProfiles,
 )
 
 __all__ = [
@@ -22,7 +23,9 @@ __all__ = [
     "ProfileCache",
     "ProfileSet",
     "ProfileSettings",
+    "VariantProfiles",
     "model_hash",
     "profile",
     "profile_isolated",
+    "profile_variants",
 ]

@@ -16,7 +16,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -41,7 +41,10 @@ from colocate.profiling.types import (
     MemoryFootprint,
     Profile,
     ProfileSet,
+    VariantProfiles,
 )
+
+_T = TypeVar("_T")
 
 #: called as progress(done, total, description) after each (member, batch size)
 ProgressFn = Callable[[int, int, str], None]
@@ -649,3 +652,130 @@ def profile_isolated(
         from colocate.profiling.types import ProfileSet as _ProfileSet
 
         return serde.load(_ProfileSet, out_path)
+
+
+def profile_variants(
+    target: Member | Ensemble | Sequence[Member],
+    device: Device,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    *,
+    backends: str | Sequence[str] = "auto",
+    settings: ProfileSettings | None = None,
+    isolated: bool = True,
+    cache: ProfileCache | bool = True,
+    onnx_dir: str | None = None,
+    progress: ProgressFn | None = None,
+) -> VariantProfiles:
+    """Profile each member under each of its backend variants (:mod:`colocate.variants`).
+
+    Every variant usable on ``device`` (``backends="auto"``) or named (``"torch,onnxruntime"``;
+    the member as given is always profiled too) is profiled at every batch size. Torch members
+    are exported to ONNX once for the ONNX-based variants (cached on disk). Profiles are cached
+    like :func:`profile`'s: the key holds the backend and its options, so the variants of one
+    model never share an entry.
+
+    Args:
+        isolated: list, export and profile the variants in a spawned child process (the user
+            cache; see :func:`profile_isolated`), so that this process imports no framework;
+            False does it here with ``cache`` (and reports ``progress``).
+
+    Raises:
+        UnknownBackendError: an unknown label in ``backends``.
+        ExportError: a named ONNX-based variant for a member that cannot be exported.
+    """
+    from colocate.variants import backend_variants, variant_label, variant_labels
+
+    members = _resolve_members(target)
+    sizes = _check_batch_sizes(batch_sizes)
+    for member in members:
+        variant_labels(member, device, backends)  # bad input fails here, before a child starts
+    if isolated and _picklable(members):
+        return _in_child(
+            _variants_child,
+            (members, device, sizes, settings or ProfileSettings(), backends, onnx_dir),
+            VariantProfiles,
+            timeout_s=1800.0,
+        )
+    flat: list[tuple[str, Member]] = []
+    for member in members:
+        variants_of = backend_variants(member, device, backends, onnx_dir=onnx_dir)
+        flat.extend((v.label, v.member) for v in variants_of)
+    variants = [m for _, m in flat]
+    measured = profile(variants, device, sizes, settings=settings, cache=cache, progress=progress)
+    per_member = len(sizes)
+    if len(measured.profiles) != per_member * len(flat):
+        raise MeasurementError(
+            f"profiling {len(flat)} variant(s) at {len(sizes)} batch size(s) gave "
+            f"{len(measured.profiles)} profiles; this is a bug in colocate"
+        )
+    grouped: dict[str, list[Profile]] = {}
+    for i, (label, member) in enumerate(flat):
+        chunk = measured.profiles[i * per_member : (i + 1) * per_member]
+        grouped.setdefault(label, []).extend(dataclasses.replace(p, member=member.name) for p in chunk)
+    return VariantProfiles(
+        sets={label: ProfileSet(tuple(found)) for label, found in grouped.items()},
+        defaults={m.name: variant_label(m) for m in members},
+    )
+
+
+def _picklable(members: Sequence[Member]) -> bool:
+    import pickle
+
+    try:
+        pickle.dumps(tuple(members))
+    except Exception:
+        return False
+    return True
+
+
+def _variants_child(
+    members: tuple[Member, ...],
+    device: Device,
+    sizes: tuple[int, ...],
+    settings: ProfileSettings,
+    backends: str | Sequence[str],
+    onnx_dir: str | None,
+    out_path: str,
+) -> None:
+    """Spawned child of :func:`profile_variants`: export, profile, write the result or the error."""
+    from pathlib import Path
+
+    from colocate import serde
+
+    try:
+        found = profile_variants(
+            members, device, sizes, backends=backends, settings=settings, isolated=False, onnx_dir=onnx_dir
+        )
+    except ColocateError as exc:
+        Path(out_path).with_suffix(".error").write_text(f"{type(exc).__name__}: {exc}", encoding="utf-8")
+        raise
+    serde.save(found, out_path)
+
+
+def _in_child(
+    target: Callable[..., None], args: tuple[Any, ...], result_type: type[_T], *, timeout_s: float
+) -> _T:
+    """Run ``target(*args, out_path)`` in a spawned child; load its ``result_type`` from ``out_path``."""
+    import multiprocessing
+    import tempfile
+    from pathlib import Path
+
+    from colocate import serde
+
+    with tempfile.TemporaryDirectory(prefix="colocate-profile-") as tmp:
+        out_path = f"{tmp}/result.json"
+        context = multiprocessing.get_context("spawn")
+        child = context.Process(target=target, args=(*args, out_path), daemon=True)
+        child.start()
+        child.join(timeout_s)
+        if child.is_alive():
+            child.kill()
+            raise MeasurementError(f"profiling in a child process took over {timeout_s:g} s; stopped it")
+        if child.exitcode != 0:
+            error = Path(out_path).with_suffix(".error")
+            why = error.read_text(encoding="utf-8") if error.is_file() else f"exit code {child.exitcode}"
+            raise MeasurementError(
+                f"profiling in a child process failed ({why}); run it with isolated=False to see the "
+                "error in this process"
+            )
+        return serde.load(result_type, out_path)

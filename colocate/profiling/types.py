@@ -6,11 +6,13 @@ Units live in the field names: ``_bytes``, ``_s`` (seconds), ``_w`` (watts),
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 from colocate._timing import LatencyStats
 from colocate.devices import Device
+from colocate.errors import InvalidInputError
 
 ProfileStatus = Literal["ok", "out_of_memory", "failed"]
 
@@ -122,3 +124,60 @@ class ProfileSet:
     @property
     def batch_sizes(self) -> tuple[int, ...]:
         return tuple(sorted({p.batch_size for p in self.profiles}))
+
+
+@dataclass(frozen=True)
+class VariantProfiles:
+    """Profiles of the members under several backend variants (see :mod:`colocate.variants`).
+
+    ``sets`` maps a variant label (``"torch"``, ``"torch+cudagraph"``, ``"onnxruntime"``, ...)
+    to the profiles of the members that have that variant; ``defaults`` maps each member to the
+    label of the member as given (its default variant). Saved as one JSON file.
+    """
+
+    sets: dict[str, ProfileSet]  # variant label -> profiles of the members under it
+    defaults: dict[str, str]  # member name -> label of the member as given
+
+    def __post_init__(self) -> None:
+        for member, label in self.defaults.items():
+            found = self.sets.get(label)
+            if found is None or member not in found.members:
+                raise InvalidInputError(
+                    f"VariantProfiles: member '{member}' has no profiles under its default backend "
+                    f"'{label}'; profile it with colocate.profiling.profile_variants"
+                )
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The members, in the order of ``defaults``."""
+        return tuple(self.defaults)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The variant labels that have profiles."""
+        return tuple(self.sets)
+
+    def labels_of(self, member: str) -> tuple[str, ...]:
+        """The labels ``member`` was profiled under, its default first."""
+        default = self.defaults.get(member)
+        found = [label for label, s in self.sets.items() if member in s.members]
+        return tuple(sorted(found, key=lambda label: label != default))
+
+    def for_assignment(self, assignment: Mapping[str, str]) -> ProfileSet:
+        """One ProfileSet: each member's profiles under its label in ``assignment`` (else its default)."""
+        chosen: list[Profile] = []
+        for member, default in self.defaults.items():
+            label = assignment.get(member, default)
+            source = self.sets.get(label)
+            if source is None or member not in source.members:
+                raise InvalidInputError(
+                    f"member '{member}' has no profiles under backend '{label}'; profiled under: "
+                    f"{', '.join(self.labels_of(member))}"
+                )
+            chosen.extend(p for p in source.profiles if p.member == member)
+        return ProfileSet(tuple(chosen))
+
+    @property
+    def default_set(self) -> ProfileSet:
+        """Every member's profiles under its default variant."""
+        return self.for_assignment({})

@@ -109,6 +109,16 @@ def test_cpu_thread_option_reaches_the_session(tiny_onnx: Path, cpu: Device) -> 
         assert runner._session.get_providers() == ["CPUExecutionProvider"]
 
 
+def test_intra_op_threads_do_not_spin_unless_asked(tiny_onnx: Path, cpu: Device) -> None:
+    entry = "session.intra_op.allow_spinning"
+    with OnnxRuntimeRunner(member(tiny_onnx), cpu) as runner:
+        assert runner._session.get_session_options().get_session_config_entry(entry) == "0"
+    with OnnxRuntimeRunner(member(tiny_onnx, options={"allow_spinning": True}), cpu) as runner:
+        options = runner._session.get_session_options()
+        with pytest.raises(Exception, match="allow_spinning"):  # the entry is not set
+            options.get_session_config_entry(entry)
+
+
 def test_corrupt_model_names_member_and_path(real_ort: types.ModuleType, tmp_path: Path, cpu: Device) -> None:
     bad = tmp_path / "broken.onnx"
     bad.write_bytes(b"not onnx")
