@@ -68,10 +68,10 @@ GPU_BENCHMARKS: list[tuple[str, list[str], int]] = [
         [
             "{python}", "benchmarks/packing.py", "--device", "cuda", "--no-default", "--sizes", "4",
             "--batch-sizes", "8", "--strategies", "sequential,streams,processes,mps,auto",
-            "--seconds", "2", "--calibrate-pairs", "1", "--allow-mps-start",
+            "--seconds", "2", "--calibrate-pairs", "1", "--allow-mps-start", "--backends", "auto",
             "--out", "{outdir}/packing.json",
         ],
-        150,
+        180,
     ),
     (
         "executor-overhead",
