@@ -92,7 +92,7 @@ def explain(
         f"({size_text(demands.memory_available_bytes)} free minus the {engine.model.safety_margin:.0%} "
         f"safety margin): per slot the weights plus its largest activation plus "
         f"{engine.model.allocator_margin:.0%}, and {processes} x {size_text(demands.process_bytes)} "
-        f"per {_process_word(demands)}"
+        f"per {'CUDA context' if demands.is_gpu else 'process (the serving process and each worker)'}"
     )
     return tuple(lines), _notes(ctx, batch_note)
 
