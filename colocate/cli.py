@@ -129,14 +129,14 @@ def _full_demo(args: argparse.Namespace) -> int:
     say("2/3 planning with every strategy")
     plans = plan_all(ensemble, device, profiles, batch_size=args.batch_size)
     unique = dedupe_plans(plans)
-    say(f"3/3 running {len(unique)} distinct plans, {args.seconds:g} s each")
+    say(f"3/3 running {len(unique)} distinct plans, {args.seconds:g} s each, {args.rounds} round(s)")
     report = compare(
         ensemble,
         device,
         list(unique),
         profiles=profiles,
         batch_size=args.batch_size,
-        settings=RunSettings(seconds=args.seconds),
+        settings=RunSettings(seconds=args.seconds, repeats=args.rounds),
         progress=say,
     )
     written = save_report(report, args.out)
@@ -352,6 +352,7 @@ def _run_settings(args: argparse.Namespace) -> Any:
         concurrency=args.concurrency,
         allow_mps_start=args.allow_mps_start,
         cuda_graphs=args.cuda_graphs,
+        repeats=getattr(args, "repeats", 1),
     )
 
 
@@ -453,6 +454,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
             if rows:
                 title = f"Latency p50 / p99 ms versus offered load, batch {report.batch_size}"
                 console.print(_table(title, columns, rows))
+            tied = report.tied_with_best()
+            best = report.best
+            if tied and best is not None and report.rounds > 1:
+                console.print(
+                    f"tied with the best ('{best.name}'): {', '.join(tied)}: their ranges over "
+                    f"{report.rounds} rounds overlap; more --repeats or --seconds may separate them"
+                )
             for note in report.notes:
                 console.print(note)
             after, before = report.model_error(), report.model_error(calibrated=False)
@@ -526,6 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="only load each member and time it once, no planning or comparison",
     )
     p.add_argument("--seconds", type=float, default=2.0, help="seconds each plan runs")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="rounds of every plan, interleaved; the report gives medians and ranges (as compare --repeats)",
+    )
     p.add_argument("--out", default="colocate-report", help="folder for the report and plot")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_demo)
@@ -593,6 +607,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_batch_sizes, default=[8], help="e.g. 1,8,64 for a regime map")
     add_run_args(p, seconds=3.0)
     p.add_argument(
+        "--repeats",
+        "--rounds",
+        dest="repeats",
+        type=int,
+        default=1,
+        help="run the plans in this many rounds, every plan once per round in a rotated order; the "
+        "report gives each plan's median samples/s and its range (412 ±6%%) and marks plans tied with "
+        "the best (~). One 2-3 s run varies by 15-30 %%: use 3 or more to compare close plans",
+    )
+    p.add_argument(
         "--rates",
         type=lambda t: tuple(float(x) for x in t.split(",") if x),
         default=(),
@@ -601,7 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-calibrate",
         action="store_true",
-        help="plan 'auto' from the model alone (default: measure a few pairs first)",
+        help="plan 'auto' from the model alone (default: measure a few member pairs first, in the slot "
+        "kind of the plans that use them, and when the best candidate plans are still predicted within "
+        "10%% of each other, run them briefly so 'auto' picks the measured-best)",
     )
     p.add_argument("--calibration", default=None, help="reuse a saved calibration JSON")
     p.add_argument("--out", default=None, help="folder for report.json/.csv/.txt/.png")
