@@ -592,9 +592,7 @@ def candidate_plans(
     chosen_key = _layout_key(by_strategy["auto"])
     chosen = next(p for p in unique if _layout_key(p) == chosen_key)
     floor = (1.0 - within) * chosen.prediction.throughput_sps
-    runners = [
-        p for p in unique if _layout_key(p) != chosen_key and p.prediction.throughput_sps >= floor
-    ]
+    runners = [p for p in unique if _layout_key(p) != chosen_key and p.prediction.throughput_sps >= floor]
     runners.sort(key=lambda p: p.prediction.throughput_sps, reverse=True)
     return chosen, runners
 
