@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import ROOT, write_result
 from colocate import devices, serde, zoo
-from colocate.compare import BASELINE, RunSettings, calibrate, compare
+from colocate.compare import BASELINE, SETTLE_PLANS, RunSettings, calibrate, compare
 from colocate.devices import Device
 from colocate.ensemble import Ensemble, Member
 from colocate.errors import ColocateError
@@ -393,6 +393,7 @@ def run_case(
     calibrate_seconds: float,
     say: Any,
     other: OtherLoad | None = None,
+    settle_plans: int = SETTLE_PLANS,
 ) -> tuple[dict[str, Any], Report | None]:
     """Plan every strategy, run the distinct plans once each, and measure the planner."""
     started = time.perf_counter()
@@ -430,6 +431,8 @@ def run_case(
                 batch_size=batch_size,
                 max_pairs=calibrate_pairs,
                 seconds=calibrate_seconds,
+                max_plans=settle_plans,
+                run_settings=settings,
                 progress=say,
             )
         except ColocateError as exc:
@@ -437,11 +440,13 @@ def run_case(
             say(f"calibration failed, planning from the model alone: {calibration_error}")
         calibration_s = time.perf_counter() - t0
     interference = calibration.interference() if calibration is not None else None
+    measured_plans = calibration.measured_plans() if calibration is not None else ()
     record["calibration"] = {
         "ran": calibration is not None,
         "error": calibration_error,
         "wall_s": calibration_s,
         "pairs": serde.to_dict(calibration.pairs) if calibration is not None else [],
+        "plans": serde.to_dict(calibration.plans) if calibration is not None else [],
     }
 
     # plan every strategy; identical slot layouts run once under a joined label
@@ -450,7 +455,13 @@ def run_case(
     for name in strategies:
         try:
             planned[name] = make_plan(
-                ensemble, device, profiles, strategy=name, batch_size=batch_size, interference=interference
+                ensemble,
+                device,
+                profiles,
+                strategy=name,
+                batch_size=batch_size,
+                interference=interference,
+                measured_plans=measured_plans,
             )
         except ColocateError as exc:
             planned[name] = None
@@ -833,6 +844,19 @@ def main() -> int:
         help="pairs measured for auto (0: none; default 3 on a GPU, 2 on the CPU)",
     )
     parser.add_argument("--calibrate-seconds", type=float, default=1.0, help="seconds per calibration run")
+    parser.add_argument(
+        "--settle-plans",
+        type=int,
+        default=SETTLE_PLANS,
+        help="candidate plans the calibration runs (2 rounds each) when they are predicted within 10 %% "
+        "of auto's pick, so auto picks the measured-best (0: pairs only)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of every plan, interleaved and rotated; medians are reported",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny and quick: the CI check that it works")
     parser.add_argument(
         "--allow-mps-start",
@@ -888,6 +912,7 @@ def main() -> int:
         concurrency=args.concurrency or None,
         warmup=args.warmup,
         allow_mps_start=args.allow_mps_start,
+        repeats=args.repeats,
     )
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M")
@@ -972,6 +997,8 @@ def main() -> int:
                     "isolated": settings.isolated,
                     "calibrate_pairs": calibrate_pairs,
                     "calibrate_seconds": args.calibrate_seconds,
+                    "settle_plans": args.settle_plans,
+                    "repeats": settings.repeats,
                     "profile": serde.to_dict(profile_settings),
                 },
                 "profile_wall_s": profile_s,
@@ -1006,6 +1033,7 @@ def main() -> int:
                     calibrate_seconds=args.calibrate_seconds,
                     say=say,
                     other=other,
+                    settle_plans=args.settle_plans,
                 )
                 cases.append(record)
                 console.print(case_table(record, device))

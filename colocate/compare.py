@@ -29,7 +29,7 @@ from typing import Literal
 from colocate import serde
 from colocate.devices import Device
 from colocate.ensemble import Ensemble
-from colocate.errors import ColocateError, InvalidInputError
+from colocate.errors import ColocateError, InvalidInputError, PlanInfeasibleError
 from colocate.execution import Executor, run_at_rate, run_requests
 from colocate.execution.types import RunResult
 from colocate.planning import CostModel, member_demands, plan_all
@@ -584,10 +584,7 @@ def candidate_plans(
     every = plan_all(ensemble, device, profiles, batch_size=batch_size, interference=interference)
     by_strategy = {p.strategy: p for p in every}
     if "auto" not in by_strategy:
-        raise ColocateError(
-            f"no 'auto' plan for {ensemble.name} at batch {batch_size}: "
-            + "; ".join(every.rejected or ("no strategy gave a plan",))
-        )
+        raise PlanInfeasibleError(every.skipped.get("auto", f"no 'auto' plan at batch {batch_size}"))
     unique = dedupe_plans(list(every))
     chosen_key = _layout_key(by_strategy["auto"])
     chosen = next(p for p in unique if _layout_key(p) == chosen_key)

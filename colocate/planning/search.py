@@ -9,6 +9,9 @@ the model is not that precise, and a simpler plan is cheaper to run. ``auto`` ru
 strategy (``exhaustive`` only up to 6 members), then improves its best candidates by a local
 search that moves, swaps and regroups the members of the slot that finishes last, changes
 slot kinds, and merges slots, keeping each move that the cost model predicts to be better.
+Given plan measurements (``measured_plans``, from a calibration), ``auto`` settles a close call
+by them: of the measured plans predicted within :data:`SETTLE_WITHIN` of its pick, the
+measured-best wins (docs/planning.md, "Settling near-ties by measurement").
 """
 
 from __future__ import annotations
