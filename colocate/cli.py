@@ -318,7 +318,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     sizes = [args.batch_size] if args.batch_size else [1, 8, 32]
     profiles = _profiles_for(args, ensemble, device, sizes)
     bound = args.latency_bound_ms / 1e3 if args.latency_bound_ms else None
-    common = {"batch_size": args.batch_size, "objective": args.objective, "latency_bound_s": bound}
+    common: dict[str, Any] = {
+        "batch_size": args.batch_size,
+        "objective": args.objective,
+        "latency_bound_s": bound,
+    }
+    if args.calibration:
+        from colocate.compare import load_calibration
+
+        calibration = load_calibration(args.calibration)
+        common["interference"] = calibration.interference()
+        common["measured_plans"] = calibration.measured_plans()
     console = _console()
     if args.all:
         plans = plan_all(ensemble, device, profiles, **common)
@@ -583,6 +593,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--objective", choices=OBJECTIVES, default="throughput")
     p.add_argument("--latency-bound-ms", type=float, default=None, help="for throughput_under_latency")
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="a calibration JSON (colocate compare --out writes calibration.json): plan with its measured "
+        "pair slowdowns, and let 'auto' settle a close call by its measured plans",
+    )
     p.add_argument("--out", default=None, help="write the plan as JSON (for colocate run --plan)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)

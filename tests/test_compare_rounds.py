@@ -512,3 +512,29 @@ def test_calibration_json_round_trips_and_old_files_load(cpu: Device, tmp_path: 
     assert old.plans == () and [p.kind for p in old.pairs] == ["stream", "stream"]
     with pytest.raises(InvalidInputError, match="samples/s must be >= 0"):
         PlanMeasurement("x", seq.slots, 2, 1.0, (-1.0,))
+
+
+def test_cli_plan_uses_a_saved_calibration(
+    h100_batch8: dict[str, Plan], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from colocate.cli import main
+    from tests.planning.helpers import EAGER
+
+    model_pick, seq = h100_batch8["auto"], h100_batch8["sequential"]
+    calibration = Calibration(
+        ensemble="default-large",
+        device=h100(),
+        batch_size=8,
+        pairs=(),
+        plans=(_measured(model_pick, 306.0, name="auto"), _measured(seq, 380.0)),
+    )
+    path = serde.save(calibration, tmp_path / "calibration.json")
+    args = ["plan", "--device", "h100", "--profiles", str(EAGER), "--batch-size", "8", "--json"]
+    assert main([*args, "--calibration", str(path)]) == 0
+    settled = serde.loads(Plan, capsys.readouterr().out)
+    assert settled.slots == seq.slots
+    assert any(
+        line.startswith("settled by measurement: sequential measured 380") for line in settled.explanation
+    )
+    assert main(args) == 0
+    assert serde.loads(Plan, capsys.readouterr().out).slots == model_pick.slots
