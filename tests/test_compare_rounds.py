@@ -145,9 +145,11 @@ def test_rounds_are_interleaved_rotated_and_reported_as_medians(
     rows = {row[0]: row for row in table_rows(report)}
     assert rows["streams *"][4] == "130 ±12%"
     assert any("3 interleaved rounds" in note for note in report.notes)
-    # the data round-trips, and CSV carries the range
-    path = serde.save(report, tmp_path / "report.json")
-    assert serde.load(Report, path) == report
+    # the data round-trips (the plot draws the ranges), and CSV carries the range
+    written = compare_module.save_report(report, tmp_path / "out")
+    assert serde.load(Report, written["json"]) == report
+    assert written["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "130 ±12%" in written["txt"].read_text()
     csv_rows = {r["plan"]: r for r in csv.DictReader(io.StringIO(to_csv(report)))}
     assert csv_rows["streams"]["rounds"] == "3"
     assert float(csv_rows["streams"]["measured_min_sps"]) == 120.0
@@ -304,6 +306,29 @@ def test_calibrating_a_sequential_pick_measures_runner_up_pairs_and_settles_it(
         line.startswith("settled by measurement: streams measured 40 vs sequential 36")
         for line in after.explanation
     )
+
+
+def test_worker_pairs_are_measured_alone_and_together_in_worker_processes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ensemble = zoo.default_ensemble(scale="large")
+    runner = CalibrationRunner({}, pair_stretch=1.3)
+    monkeypatch.setattr(compare_module, "run_plan", runner)
+    settings = RunSettings(seconds=1.0, concurrency=1)
+    picks = [("mlp", "vit", "process"), ("mlp", "resnet", "stream")]
+    measured = compare_module._measure_pairs(ensemble, h100(), recorded(), 8, picks, settings, lambda _: None)
+    assert [(p.a, p.b, p.kind) for p in measured] == [("mlp", "vit", "process"), ("mlp", "resnet", "stream")]
+    assert runner.pair_runs == [
+        ("process", (("mlp",),)),
+        ("process", (("vit",),)),
+        ("process", (("mlp",), ("vit",))),
+        ("stream", (("mlp",),)),  # alone again: a stream slot is not a worker process
+        ("stream", (("resnet",),)),
+        ("stream", (("mlp",), ("resnet",))),
+    ]
+    assert all(p.slowdown == pytest.approx(1.3) for p in measured)
+    engine = CostModel().engine(compare_module.member_demands(ensemble, h100(), recorded(), 8))
+    assert measured[0].predicted_slowdown == pytest.approx(engine.pair_slowdown("mlp", "vit", "process"))
 
 
 def test_calibration_without_plan_measurements_measures_pairs_only(monkeypatch: pytest.MonkeyPatch) -> None:
