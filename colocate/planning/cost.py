@@ -46,8 +46,8 @@ is faster than a member alone or than the device's SM time.
 Memory, per slot: the members' weights plus the largest peak activation among them (members of
 one slot run one after another on one stream, so the caching allocator reuses their activation
 blocks), plus ``allocator_margin``; plus one process cost per worker process (a CUDA context on
-a GPU, the interpreter's RSS on the CPU) and one for the serving process when it runs streams
-on a GPU. A plan fits when that is at most the device's free memory minus ``safety_margin``.
+a GPU, the interpreter's RSS on the CPU) and one for the serving process (on a GPU only when
+it runs streams). A plan fits when that is at most the device's free memory minus ``safety_margin``.
 """
 
 from __future__ import annotations
@@ -255,10 +255,15 @@ class CostModel:
         return total + self.processes(layout, demands) * demands.process_bytes
 
     def processes(self, layout: Layout, demands: DemandSet) -> int:
-        """Processes that pay a process cost: workers, and the serving process on a GPU if it runs streams."""
+        """Processes that pay a process cost: the workers, and the serving process.
+
+        On a GPU the serving process pays (a CUDA context) only when it runs stream slots; on
+        the CPU it always does, since it holds the interpreter and the framework whatever it
+        runs (measured: the serving process's resident set is part of every plan's peak).
+        """
         workers = sum(1 for s in layout if s.kind != "stream")
-        serving = 1 if demands.is_gpu and any(s.kind == "stream" for s in layout) else 0
-        return workers + serving
+        serving = any(s.kind == "stream" for s in layout) or not demands.is_gpu
+        return workers + int(serving)
 
     def mps_memory_limit_bytes(self, members: Sequence[str], demands: DemandSet) -> int:
         """CUDA_MPS_PINNED_DEVICE_MEM_LIMIT for an mps slot, in whole MiB.

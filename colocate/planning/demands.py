@@ -69,9 +69,11 @@ MIN_CONTEXT_BYTES = 200 * _MIB
 """Lower clamp of a context size measured from profiles."""
 MAX_CONTEXT_BYTES = 4 << 30
 """Upper clamp of a context size measured from profiles."""
-CPU_PROCESS_BYTES = 300 * _MIB
-"""RAM a worker process costs on the CPU device: the interpreter plus the framework's resident
-set (an estimate for Python + torch)."""
+CPU_PROCESS_BYTES = 256 * _MIB
+"""RAM a process costs on the CPU device, the serving process and each worker: the interpreter
+plus the framework's resident set. Measured on this project's CPU machine (torch 2.13): the
+serving process 260-280 MiB before any member loads, worker processes 215-260 MiB
+(benchmarks/results/20261127T0724-cpu-packing.json)."""
 DEFAULT_SIMULATED_HOST_CORES = 8
 """Host cores assumed for a simulated GPU when neither the device nor the profiles say."""
 
@@ -515,8 +517,8 @@ def _process_bytes(device: Device, used: Sequence[Profile]) -> tuple[int, str]:
     """Memory one worker process costs on ``device``: measured from GPU profiles where possible."""
     if not device.is_gpu:
         return CPU_PROCESS_BYTES, (
-            f"estimated: {CPU_PROCESS_BYTES / _MIB:.0f} MiB of RAM per worker process "
-            "(interpreter + framework)"
+            f"estimated: {CPU_PROCESS_BYTES / _MIB:.0f} MiB of RAM per process, the serving "
+            "process and each worker (interpreter + framework)"
         )
     overheads: list[int] = []
     same = True

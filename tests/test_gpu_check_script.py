@@ -1,0 +1,46 @@
+"""The GPU check script's budget logic and command table (it runs only on a GPU machine)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_budget_cuts_and_skips_checks(gpu_check: ModuleType) -> None:
+    assert gpu_check.timeout_within_budget(240, None) == 240  # no budget: the check's own limit
+    assert gpu_check.timeout_within_budget(240, 1000.0) == 240
+    assert gpu_check.timeout_within_budget(240, 100.0) == 95  # cut to what is left, less 5 s
+    assert gpu_check.timeout_within_budget(240, 29.0) is None  # too little left: skipped
+
+
+def test_every_benchmark_writes_into_its_outdir_and_scripts_exist(gpu_check: ModuleType) -> None:
+    names = [name for name, _, _ in gpu_check.GPU_BENCHMARKS]
+    assert len(names) == len(set(names))
+    for name, argv, timeout in gpu_check.GPU_BENCHMARKS:
+        assert argv[0] == "{python}" and timeout > 0, name
+        scripts = [a for a in argv if a.endswith(".py")]
+        for script in scripts:
+            assert (SCRIPT.parent.parent / script).is_file(), f"{name}: {script} is missing"
+        if "--out" in argv:
+            assert argv[argv.index("--out") + 1].startswith("{outdir}"), name
+
+
+def test_unknown_only_name_is_refused(gpu_check: ModuleType) -> None:
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--only", "no-such-check"])
