@@ -446,8 +446,9 @@ def compare(
         if settled:
             figures = ", ".join(f"{m.name} {m.measured_sps or 0.0:,.0f}" for m in settled)
             notes.append(
-                f"'auto' was settled among {len(settled)} candidate plans predicted too close to call, "
-                f"measured briefly ({how}): {figures} samples/s"
+                f"the calibration ran {len(settled)} candidate plans predicted too close to call ({how}): "
+                f"{figures} samples/s; 'auto' takes the measured-best of them when its own pick is "
+                "among them (its explanation says 'settled by measurement')"
             )
 
     return Report(
@@ -521,10 +522,6 @@ def _calibration_plan(
     )
     empty = Prediction(0.0, 0.0, 0.0, 0, groups[0][0], "calibration", ())
     return Plan(device=device, batch_size=batch_size, slots=slots, prediction=empty, strategy="calibration")
-
-
-def _single_slot_plan(device: Device, batch_size: int, groups: Sequence[Sequence[str]]) -> Plan:
-    return _calibration_plan(device, batch_size, groups, "stream")
 
 
 def pair_kind(kind_a: str, kind_b: str) -> SlotKind | None:

@@ -354,7 +354,7 @@ def test_compare_calibrates_then_runs_the_settled_auto_plan(monkeypatch: pytest.
     assert auto is not None and auto.plan is not None
     assert [s.members for s in auto.plan.slots] == [(m,) for m in ensemble.member_names]
     assert any(line.startswith("settled by measurement: streams") for line in auto.plan.explanation)
-    assert any("'auto' was settled among" in note for note in report.notes)
+    assert any("the calibration ran 3 candidate plans" in note for note in report.notes)
     assert report.rounds == 2 and auto.round_sps == (40.0, 40.0)
     assert set(report.tied_with_best()) == {"auto"} or report.best is auto
 
