@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import ROOT, write_result
 from colocate import devices, serde, zoo
-from colocate.compare import BASELINE, RunSettings, calibrate, compare, variant_key
+from colocate.compare import BASELINE, SETTLE_PLANS, RunSettings, calibrate, compare, variant_key
 from colocate.devices import Device
 from colocate.ensemble import Ensemble, Member
 from colocate.errors import ColocateError
@@ -423,6 +423,7 @@ def run_case(
     say: Any,
     other: OtherLoad | None = None,
     backends: str | None = None,
+    settle_plans: int = SETTLE_PLANS,
 ) -> tuple[dict[str, Any], Report | None]:
     """Plan every strategy, run the distinct plans once each, and measure the planner.
 
@@ -465,6 +466,8 @@ def run_case(
                 batch_size=batch_size,
                 max_pairs=calibrate_pairs,
                 seconds=calibrate_seconds,
+                max_plans=settle_plans,
+                run_settings=settings,
                 progress=say,
             )
         except ColocateError as exc:
@@ -472,11 +475,13 @@ def run_case(
             say(f"calibration failed, planning from the model alone: {calibration_error}")
         calibration_s = time.perf_counter() - t0
     interference = calibration.interference() if calibration is not None else None
+    measured_plans = calibration.measured_plans() if calibration is not None else ()
     record["calibration"] = {
         "ran": calibration is not None,
         "error": calibration_error,
         "wall_s": calibration_s,
         "pairs": serde.to_dict(calibration.pairs) if calibration is not None else [],
+        "plans": serde.to_dict(calibration.plans) if calibration is not None else [],
     }
 
     # plan every strategy; identical slot layouts run once under a joined label
@@ -493,6 +498,7 @@ def run_case(
                 batch_size=batch_size,
                 interference=interference,
                 backends=(backends or "auto") if chooses else None,
+                measured_plans=measured_plans,
             )
         except ColocateError as exc:
             planned[name] = None
@@ -906,6 +912,19 @@ def main() -> int:
         help="pairs measured for auto (0: none; default 3 on a GPU, 2 on the CPU)",
     )
     parser.add_argument("--calibrate-seconds", type=float, default=1.0, help="seconds per calibration run")
+    parser.add_argument(
+        "--settle-plans",
+        type=int,
+        default=SETTLE_PLANS,
+        help="candidate plans the calibration runs (2 rounds each) when they are predicted within 10 %% "
+        "of auto's pick, so auto picks the measured-best (0: pairs only)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of every plan, interleaved and rotated; medians are reported",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny and quick: the CI check that it works")
     parser.add_argument(
         "--allow-mps-start",
@@ -975,6 +994,7 @@ def main() -> int:
         concurrency=args.concurrency or None,
         warmup=args.warmup,
         allow_mps_start=args.allow_mps_start,
+        repeats=args.repeats,
     )
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M")
@@ -1076,6 +1096,8 @@ def main() -> int:
                     "isolated": settings.isolated,
                     "calibrate_pairs": calibrate_pairs,
                     "calibrate_seconds": args.calibrate_seconds,
+                    "settle_plans": args.settle_plans,
+                    "repeats": settings.repeats,
                     "profile": serde.to_dict(profile_settings),
                 },
                 "profile_wall_s": profile_s,
@@ -1111,6 +1133,7 @@ def main() -> int:
                     say=say,
                     other=other,
                     backends=args.backends,
+                    settle_plans=args.settle_plans,
                 )
                 cases.append(record)
                 console.print(case_table(record, device))

@@ -129,14 +129,14 @@ def _full_demo(args: argparse.Namespace) -> int:
     say("2/3 planning with every strategy")
     plans = plan_all(ensemble, device, profiles, batch_size=args.batch_size)
     unique = dedupe_plans(plans)
-    say(f"3/3 running {len(unique)} distinct plans, {args.seconds:g} s each")
+    say(f"3/3 running {len(unique)} distinct plans, {args.seconds:g} s each, {args.rounds} round(s)")
     report = compare(
         ensemble,
         device,
         list(unique),
         profiles=profiles,
         batch_size=args.batch_size,
-        settings=RunSettings(seconds=args.seconds),
+        settings=RunSettings(seconds=args.seconds, repeats=args.rounds),
         progress=say,
     )
     written = save_report(report, args.out)
@@ -387,12 +387,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     sizes = [args.batch_size] if args.batch_size else [1, 8, 32]
     profiles = _profiles_for(args, ensemble, device, sizes)
     bound = args.latency_bound_ms / 1e3 if args.latency_bound_ms else None
-    common = {
+    common: dict[str, Any] = {
         "batch_size": args.batch_size,
         "objective": args.objective,
         "latency_bound_s": bound,
         "backends": args.backends,
     }
+    if args.calibration:
+        from colocate.compare import load_calibration
+
+        calibration = load_calibration(args.calibration)
+        common["interference"] = calibration.interference()
+        common["measured_plans"] = calibration.measured_plans()
     console = _console()
     if args.all:
         plans = plan_all(ensemble, device, profiles, **common)
@@ -426,6 +432,7 @@ def _run_settings(args: argparse.Namespace) -> Any:
         concurrency=args.concurrency,
         allow_mps_start=args.allow_mps_start,
         cuda_graphs=args.cuda_graphs,
+        repeats=getattr(args, "repeats", 1),
     )
 
 
@@ -540,6 +547,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
             if rows:
                 title = f"Latency p50 / p99 ms versus offered load, batch {report.batch_size}"
                 console.print(_table(title, columns, rows))
+            tied = report.tied_with_best()
+            best = report.best
+            if tied and best is not None and report.rounds > 1:
+                console.print(
+                    f"tied with the best ('{best.name}'): {', '.join(tied)}: their ranges over "
+                    f"{report.rounds} rounds overlap; more --repeats or --seconds may separate them"
+                )
             for note in report.notes:
                 console.print(note)
             after, before = report.model_error(), report.model_error(calibrated=False)
@@ -613,6 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="only load each member and time it once, no planning or comparison",
     )
     p.add_argument("--seconds", type=float, default=2.0, help="seconds each plan runs")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="rounds of every plan, interleaved; the report gives medians and ranges (as compare --repeats)",
+    )
     p.add_argument("--out", default="colocate-report", help="folder for the report and plot")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_demo)
@@ -658,6 +678,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=OBJECTIVES, default="throughput")
     p.add_argument("--latency-bound-ms", type=float, default=None, help="for throughput_under_latency")
     _add_backends_arg(p)
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="a calibration JSON (colocate compare --out writes calibration.json): plan with its measured "
+        "pair slowdowns, and let 'auto' settle a close call by its measured plans",
+    )
     p.add_argument("--out", default=None, help="write the plan as JSON (for colocate run --plan)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
@@ -683,6 +709,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_batch_sizes, default=[8], help="e.g. 1,8,64 for a regime map")
     add_run_args(p, seconds=3.0)
     p.add_argument(
+        "--repeats",
+        "--rounds",
+        dest="repeats",
+        type=int,
+        default=1,
+        help="run the plans in this many rounds, every plan once per round in a rotated order; the "
+        "report gives each plan's median samples/s and its range (412 ±6%%) and marks plans tied with "
+        "the best (~). One 2-3 s run varies by 15-30 %%: use 3 or more to compare close plans",
+    )
+    p.add_argument(
         "--rates",
         type=lambda t: tuple(float(x) for x in t.split(",") if x),
         default=(),
@@ -691,7 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-calibrate",
         action="store_true",
-        help="plan 'auto' from the model alone (default: measure a few pairs first)",
+        help="plan 'auto' from the model alone (default: measure a few member pairs first, in the slot "
+        "kind of the plans that use them, and when the best candidate plans are still predicted within "
+        "10%% of each other, run them briefly so 'auto' picks the measured-best)",
     )
     p.add_argument("--calibration", default=None, help="reuse a saved calibration JSON")
     _add_backends_arg(p)

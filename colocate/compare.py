@@ -1,11 +1,14 @@
 """Run several plans the same way and put them side by side; calibrate the planner.
 
-:func:`compare` plans each strategy (or takes the plans given), runs every plan
-one after another in a fresh executor with the same batch, warm-up, duration and
-concurrency, and returns a :class:`~colocate.report.Report`. A plan that cannot be
-made is ``rejected``, one that breaks while running is ``failed``; the others still
-run. :func:`calibrate` measures a few member pairs side by side, so the planner
-uses measured slowdowns instead of predicted ones for them.
+:func:`compare` plans each strategy (or takes the plans given), runs every plan in a
+fresh executor with the same batch, warm-up, duration and concurrency, and returns a
+:class:`~colocate.report.Report`. With ``RunSettings(repeats=N)`` the plans run in N
+interleaved rounds (every plan once per round, the order rotated each round) and the
+report gives each plan's median and range. A plan that cannot be made is ``rejected``,
+one that breaks while running is ``failed``; the others still run. :func:`calibrate`
+measures a few member pairs side by side, so the planner uses measured slowdowns
+instead of predicted ones for them, and when the best candidate plans are still
+predicted too close to call, runs them briefly so ``auto`` picks the measured-best.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import gc
 import itertools
 import multiprocessing
 import pickle
+import statistics
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,12 +29,14 @@ from typing import Literal
 from colocate import serde
 from colocate.devices import Device
 from colocate.ensemble import Ensemble
-from colocate.errors import ColocateError, InvalidInputError
+from colocate.errors import ColocateError, InvalidInputError, PlanInfeasibleError
 from colocate.execution import Executor, run_at_rate, run_requests
 from colocate.execution.types import RunResult
-from colocate.planning import CostModel, member_demands
+from colocate.planning import CostModel, member_demands, plan_all
 from colocate.planning import plan as make_plan
-from colocate.planning.types import Plan, Prediction, Slot
+from colocate.planning.cost import InterferenceTable, cpu_threads_per_slot
+from colocate.planning.search import SETTLE_WITHIN
+from colocate.planning.types import Plan, PlanMeasurement, Prediction, Slot, SlotKind
 from colocate.planning.variants import SUFFIX
 from colocate.profiling import ProfileSet, VariantProfiles, profile_isolated, profile_variants
 from colocate.report import (
@@ -67,10 +73,18 @@ class RunSettings:
     isolated: bool = True  # run each plan in a fresh child process (see run_plan)
     rates: tuple[float, ...] = ()  # offered loads (requests/s) for a latency sweep after the run
     rate_seconds: float = 2.0  # how long each offered load lasts
+    # rounds: every plan runs once per round, in an order rotated each round, and the report
+    # gives the median and range over the rounds (the rate sweep runs in the first round only)
+    repeats: int = 1
 
     def __post_init__(self) -> None:
         if self.requests is None and self.seconds is None:
             raise InvalidInputError("give requests or seconds for each plan's run")
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+            raise InvalidInputError(
+                f"repeats must be a whole number of rounds >= 1, got {self.repeats!r} "
+                "(2-5 rounds separate plans that differ by more than the run-to-run noise)"
+            )
 
 
 def dedupe_plans(plans: Sequence[Plan]) -> list[Plan]:
@@ -225,6 +239,103 @@ def _status_of(run: RunResult | None) -> PlanStatus:
     return run.status
 
 
+Attempt = tuple[PlanRun | None, str | None]
+"""One run of a plan: (what it measured, None) or (None, why it failed)."""
+
+
+def rotated(items: Sequence[str], round_index: int) -> list[str]:
+    """``items`` in the order of round ``round_index``: rotated by one place per round, so over
+    ``len(items)`` rounds every item runs once in every position (drift favours none)."""
+    if not items:
+        return []
+    shift = round_index % len(items)
+    return [*items[shift:], *items[:shift]]
+
+
+def run_rounds(
+    plans: Sequence[tuple[str, Plan]],
+    ensemble: Ensemble,
+    settings: RunSettings,
+    *,
+    rounds: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, list[Attempt]]:
+    """Run every plan once per round, ``rounds`` rounds (default ``settings.repeats``), interleaved.
+
+    Round ``r`` runs the plans in the order :func:`rotated` gives, each with :func:`run_plan`
+    (a fresh child process by default). The rate sweep of ``settings.rates`` runs in the first
+    round only. Returns each label's attempts in round order.
+    """
+    count = settings.repeats if rounds is None else rounds
+    if count < 1:
+        raise InvalidInputError(f"rounds must be >= 1, got {count}")
+    say = progress or (lambda _line: None)
+    by_label = dict(plans)
+    if len(by_label) != len(plans):
+        raise InvalidInputError(f"plan labels must be unique, got {[label for label, _ in plans]}")
+    attempts: dict[str, list[Attempt]] = {label: [] for label in by_label}
+    later = dataclasses.replace(settings, rates=())
+    for r in range(count):
+        for label in rotated(list(by_label), r):
+            plan = by_label[label]
+            where = f" (round {r + 1} of {count})" if count > 1 else ""
+            say(f"running plan '{label}' ({len(plan.slots)} slot(s)){where}")
+            attempts[label].append(run_plan(plan, ensemble, settings if r == 0 else later, name=label))
+    return attempts
+
+
+_SEVERITY: dict[str, int] = {"ok": 0, "errors": 1, "failed": 2}
+
+
+@dataclass(frozen=True)
+class RoundsSummary:
+    """A plan's rounds folded into one row: the median round's run and every round's figures."""
+
+    run: RunResult | None  # the round with the median throughput (None when no round ran)
+    status: PlanStatus  # the worst round's status
+    reason: str | None  # the first failure or error, naming its round when there are several
+    round_sps: tuple[float, ...]  # samples/s of each round that completed requests
+    round_p99_s: tuple[float, ...]  # p99 latency of each such round
+    rates: tuple[RatePoint, ...]  # the first round's rate sweep
+
+
+def summarize_rounds(attempts: Sequence[Attempt]) -> RoundsSummary:
+    """Fold a plan's attempts (one per round) into a :class:`RoundsSummary`."""
+    runs: list[RunResult] = []
+    status: PlanStatus = "ok"
+    reason: str | None = None
+    rates: tuple[RatePoint, ...] = ()
+    for i, (measured, failure) in enumerate(attempts):
+        run = measured.run if measured is not None else None
+        if i == 0 and measured is not None:
+            rates = measured.rates
+        this = _status_of(run)
+        if _SEVERITY[this] > _SEVERITY[status]:
+            status = this
+        why = failure or (run.errors[0] if run is not None and run.errors else None)
+        if why and reason is None:
+            reason = why if len(attempts) == 1 else f"round {i + 1} of {len(attempts)}: {why}"
+        if run is not None and run.requests_completed:
+            runs.append(run)
+    if not attempts:
+        status, reason = "failed", "it did not run"
+    kept: RunResult | None = None
+    if runs:
+        middle = statistics.median_low([r.throughput_sps for r in runs])
+        kept = next(r for r in runs if r.throughput_sps == middle)
+    elif attempts and attempts[-1][0] is not None:
+        last = attempts[-1][0]
+        kept = last.run if last is not None else None
+    return RoundsSummary(
+        run=kept,
+        status=status,
+        reason=reason,
+        round_sps=tuple(r.throughput_sps for r in runs),
+        round_p99_s=tuple(r.latency.p99_s for r in runs if r.latency is not None),
+        rates=rates,
+    )
+
+
 def compare(
     ensemble: Ensemble,
     device: Device,
@@ -248,10 +359,12 @@ def compare(
         profiles: the members' profiles (or their :class:`VariantProfiles`); measured now
             (cached) at ``batch_size`` when None.
         batch_size: samples per request (used when planning from strategy names).
-        settings: how each plan runs (defaults: 3 s per plan, two requests in flight per slot).
-        calibration: measured pair slowdowns for the planner (see :func:`calibrate`); ``"auto"``
-            (the default) measures a few pairs now when the ``auto`` strategy is compared, so
-            the planner's pick rests on measured interference; None plans from the model alone.
+        settings: how each plan runs (defaults: 3 s per plan, two requests in flight per slot,
+            one round; ``repeats=N`` runs the plans in N interleaved rounds and reports medians).
+        calibration: what was measured for the planner (see :func:`calibrate`); ``"auto"`` (the
+            default) measures now when the ``auto`` strategy is compared: a few member pairs,
+            and the best candidate plans when they are predicted too close to call, so the
+            planner's pick rests on measurement; None plans from the model alone.
         progress: called with a line before each step.
         backends: the backend variants ``+backends`` plans choose among (``"auto"``: all usable;
             e.g. ``"torch,onnxruntime"``); given, ``auto+backends`` is compared too. Each member
@@ -282,9 +395,12 @@ def compare(
         calibration = None
         if "auto" in entries and as_given is not None:
             say("calibrating the planner: measuring the member pairs that matter most to 'auto'")
-            calibration = calibrate(ensemble, device, as_given, batch_size=batch_size, progress=say)
+            calibration = calibrate(
+                ensemble, device, as_given, batch_size=batch_size, run_settings=chosen, progress=say
+            )
             calibrated_now = True
     interference = calibration.interference() if calibration is not None else None
+    measured_plans = calibration.measured_plans() if calibration is not None else ()
 
     planned: list[tuple[str, Plan | None, str | None]] = []
     seen: set[str] = set()
@@ -305,6 +421,7 @@ def compare(
                     batch_size=batch_size,
                     interference=interference,
                     backends=(backends or "auto") if variants else None,
+                    measured_plans=measured_plans,
                 )
                 planned_entry = (label, made, None)
             except ColocateError as exc:
@@ -314,39 +431,57 @@ def compare(
         seen.add(label)
         planned.append((label, planned_entry[1], planned_entry[2]))
 
-    runs: dict[str, tuple[PlanRun | None, str | None]] = {}
-    for label, plan, _ in planned:
-        if plan is None:
-            continue
-        say(f"running plan '{label}' ({len(plan.slots)} slot(s))")
-        runs[label] = run_plan(plan, ensemble, chosen, name=label)
+    runnable = [(label, plan) for label, plan, _ in planned if plan is not None]
+    attempts = run_rounds(runnable, ensemble, chosen, progress=say)
+    summaries = {label: summarize_rounds(tries) for label, tries in attempts.items()}
 
-    baseline_measured = runs.get(BASELINE, (None, None))[0]
-    baseline_run = baseline_measured.run if baseline_measured is not None else None
-    baseline_sps = baseline_run.throughput_sps if baseline_run and baseline_run.requests_completed else None
+    baseline = summaries.get(BASELINE)
+    baseline_sps = statistics.median(baseline.round_sps) if baseline and baseline.round_sps else None
     results = []
     for label, plan, reason in planned:
         if plan is None:
             results.append(PlanResult(label, "rejected", reason, None, None, None))
             continue
-        measured, failure = runs[label]
-        run = measured.run if measured is not None else None
-        status = _status_of(run)
-        why = failure or (run.errors[0] if run is not None and run.errors else None)
+        summary = summaries[label]
         speedup = None
-        if run is not None and run.requests_completed and baseline_sps:
-            speedup = run.throughput_sps / baseline_sps
+        if summary.round_sps and baseline_sps:
+            speedup = statistics.median(summary.round_sps) / baseline_sps
         uncalibrated = None
         if interference is not None and profiles is not None:
             uncalibrated = _uncalibrated_sps(plan, ensemble, profiles)
-        rates = measured.rates if measured is not None else ()
-        results.append(PlanResult(label, status, why, plan, run, speedup, uncalibrated, rates))
+        results.append(
+            PlanResult(
+                label,
+                summary.status,
+                summary.reason,
+                plan,
+                summary.run,
+                speedup,
+                uncalibrated,
+                summary.rates,
+                round_sps=summary.round_sps,
+                round_p99_s=summary.round_p99_s,
+            )
+        )
     from colocate.profiling.profiler import versions_for
 
     notes: list[str] = []
+    if chosen.repeats > 1:
+        notes.append(
+            f"every plan ran in {chosen.repeats} interleaved rounds (order rotated each round); "
+            "measured samples/s are medians, ± half the range; ~ marks plans whose range overlaps the best's"
+        )
     if calibration is not None:
         how = "measured now" if calibrated_now else "given"
         notes.append(f"the planner used {len(calibration.pairs)} measured pair slowdown(s) ({how})")
+        settled = calibration.measured_plans()
+        if settled:
+            figures = ", ".join(f"{m.name} {m.measured_sps or 0.0:,.0f}" for m in settled)
+            notes.append(
+                f"the calibration ran {len(settled)} candidate plans predicted too close to call ({how}): "
+                f"{figures} samples/s; 'auto' takes the measured-best of them when its own pick is "
+                "among them (its explanation says 'settled by measurement')"
+            )
 
     return Report(
         ensemble=ensemble.name,
@@ -359,6 +494,7 @@ def compare(
             "seconds": str(chosen.seconds),
             "concurrency": str(chosen.concurrency or "2 per slot"),
             "warmup": str(chosen.warmup or "executor default"),
+            "repeats": str(chosen.repeats),
         },
         calibrated=calibration is not None,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -398,29 +534,93 @@ def save_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
 
 # --- calibration ---------------------------------------------------------------------------
 
+RUNNER_UP_WITHIN = 0.15
+"""Candidate plans predicted within this share of ``auto``'s pick lend their pairs to a calibration
+that has room for more pairs than ``auto``'s own plan has (e.g. when it picks ``sequential``)."""
+SETTLE_PLANS = 3
+"""Most candidate plans a calibration runs to settle a near-tie."""
+SETTLE_ROUNDS = 2
+"""Interleaved rounds each of those plans runs."""
 
-def _single_slot_plan(device: Device, batch_size: int, groups: Sequence[Sequence[str]]) -> Plan:
-    slots = tuple(Slot(name=f"s{i}", kind="stream", members=tuple(g)) for i, g in enumerate(groups))
+
+def _calibration_plan(
+    device: Device, batch_size: int, groups: Sequence[Sequence[str]], kind: SlotKind
+) -> Plan:
+    """Slots of ``kind``, one per group, for a calibration run (CPU slots share the cores as a
+    planned plan's would)."""
+    threads = cpu_threads_per_slot(device.cpu_cores, len(groups)) if device.kind == "cpu" else None
+    slots = tuple(
+        Slot(name=f"s{i}", kind=kind, members=tuple(g), cpu_threads=threads) for i, g in enumerate(groups)
+    )
     empty = Prediction(0.0, 0.0, 0.0, 0, groups[0][0], "calibration", ())
     return Plan(device=device, batch_size=batch_size, slots=slots, prediction=empty, strategy="calibration")
 
 
-def pairs_to_measure(chosen: Plan, limit: int) -> list[tuple[str, str]]:
-    """The pairs that matter most to ``chosen``: members of different slots, heaviest first.
+def pair_kind(kind_a: str, kind_b: str) -> SlotKind | None:
+    """The slot kind to measure a pair in when its members run in slots of these kinds.
+
+    Two stream slots: ``stream``. Two worker slots (``process`` or ``mps``): ``process`` (a
+    worker per member, each with its own interpreter; the cost model applies it to mps slots
+    too). A stream beside a worker: None (no two-slot measurement of one kind reproduces it).
+    """
+    if kind_a == "stream" and kind_b == "stream":
+        return "stream"
+    if kind_a != "stream" and kind_b != "stream":
+        return "process"
+    return None
+
+
+def pairs_to_measure(chosen: Plan, limit: int) -> list[tuple[str, str, SlotKind]]:
+    """The pairs that matter most to ``chosen``, each with the slot kind to measure it in.
 
     A pair runs side by side only when its members are in different slots; of those, the ones
-    with the most predicted device time together (and the critical member's pairs) decide
-    the plan's throughput, so their slowdown is worth measuring.
+    with the most predicted device time together (and the critical member's pairs) decide the
+    plan's throughput, so their slowdown is worth measuring. The kind is :func:`pair_kind` of
+    the two slots; pairs of a stream and a worker slot are left out.
     """
     finish = {m.member: m.finish_s - m.start_s for m in chosen.prediction.members}
     critical = chosen.prediction.critical_member
-    candidates = [
-        (a, b)
-        for a, b in itertools.combinations(sorted(chosen.members), 2)
-        if chosen.slot_of(a).name != chosen.slot_of(b).name
-    ]
-    candidates.sort(key=lambda ab: (critical not in ab, -(finish.get(ab[0], 0.0) + finish.get(ab[1], 0.0))))
-    return candidates[:limit]
+    candidates: list[tuple[str, str, SlotKind]] = []
+    for a, b in itertools.combinations(sorted(chosen.members), 2):
+        slot_a, slot_b = chosen.slot_of(a), chosen.slot_of(b)
+        kind = pair_kind(slot_a.kind, slot_b.kind)
+        if slot_a.name != slot_b.name and kind is not None:
+            candidates.append((a, b, kind))
+    candidates.sort(
+        key=lambda ab: (critical not in ab[:2], -(finish.get(ab[0], 0.0) + finish.get(ab[1], 0.0)))
+    )
+    return candidates[: max(0, limit)]
+
+
+def _layout_key(plan: Plan) -> frozenset[tuple[str, frozenset[str]]]:
+    return frozenset((s.kind, frozenset(s.members)) for s in plan.slots)
+
+
+def candidate_plans(
+    ensemble: Ensemble,
+    device: Device,
+    profiles: ProfileSet,
+    *,
+    batch_size: int,
+    within: float,
+    interference: InterferenceTable | None = None,
+) -> tuple[Plan, list[Plan]]:
+    """``auto``'s pick, and the other distinct plans of every strategy predicted within ``within``
+    (a share) of its throughput, best predicted first (the runners-up of a close call).
+
+    Plans with the same slots are one (named ``a=b`` as in :func:`dedupe_plans`).
+    """
+    every = plan_all(ensemble, device, profiles, batch_size=batch_size, interference=interference)
+    by_strategy = {p.strategy: p for p in every}
+    if "auto" not in by_strategy:
+        raise PlanInfeasibleError(every.skipped.get("auto", f"no 'auto' plan at batch {batch_size}"))
+    unique = dedupe_plans(list(every))
+    chosen_key = _layout_key(by_strategy["auto"])
+    chosen = next(p for p in unique if _layout_key(p) == chosen_key)
+    floor = (1.0 - within) * chosen.prediction.throughput_sps
+    runners = [p for p in unique if _layout_key(p) != chosen_key and p.prediction.throughput_sps >= floor]
+    runners.sort(key=lambda p: p.prediction.throughput_sps, reverse=True)
+    return chosen, runners
 
 
 def calibrate(
@@ -431,57 +631,159 @@ def calibrate(
     batch_size: int = 8,
     max_pairs: int = 3,
     seconds: float = 1.0,
+    max_plans: int = SETTLE_PLANS,
+    plan_rounds: int = SETTLE_ROUNDS,
+    settle_within: float = SETTLE_WITHIN,
+    run_settings: RunSettings | None = None,
     progress: Progress | None = None,
 ) -> Calibration:
-    """Measure up to ``max_pairs`` member pairs alone and side by side, for the planner.
+    """Measure what the planner needs to pick well: a few member pairs, then a close call.
 
-    The pairs are those of the ``auto`` plan whose overlap matters most (see
-    :func:`pairs_to_measure`). Each member alone and each pair in two stream slots run for
-    ``seconds``; the slowdown is the pair's median request latency over the slower member's
-    alone (at least 1).
+    1. **Pairs.** Up to ``max_pairs`` pairs of the ``auto`` plan whose overlap matters most
+       (see :func:`pairs_to_measure`); when that plan has fewer (``sequential`` has none), pairs
+       of the runner-up plans predicted within :data:`RUNNER_UP_WITHIN` of it, best first. Each
+       member alone and each pair run for ``seconds`` in slots of the pair's kind
+       (:func:`pair_kind`: stream slots, or worker processes for process and mps plans); the
+       slowdown is the pair's median request latency over the slower member's alone (>= 1).
+    2. **Close calls.** Planned again with the measured pairs, when other plans are still
+       predicted within ``settle_within`` of ``auto``'s pick, the pick and the best of them (at
+       most ``max_plans`` in all) run ``plan_rounds`` interleaved rounds of ``seconds`` each
+       (with ``run_settings``' concurrency, MPS and CUDA-graph switches). ``auto`` planning
+       with this calibration then picks the measured-best of them.
+
+    ``max_plans=0`` (or 1) measures pairs only, as before plan measurements existed.
     """
     say = progress or (lambda _line: None)
-    chosen = make_plan(ensemble, device, profiles, strategy="auto", batch_size=batch_size)
-    pairs = pairs_to_measure(chosen, max_pairs)
-    settings = RunSettings(seconds=seconds, concurrency=1, warmup=2)
-    engine = CostModel().engine(member_demands(ensemble, device, profiles, batch_size))
-    alone: dict[str, float] = {}
-    measured: list[PairMeasurement] = []
-    sub = {m.name: m for m in ensemble.members}
-    for a, b in pairs:
-        for name in (a, b):
-            if name not in alone:
-                say(f"calibrating: '{name}' alone")
-                alone[name] = _median_latency(
-                    _single_slot_plan(device, batch_size, [[name]]),
-                    Ensemble((sub[name],), name=f"{ensemble.name}:{name}"),
-                    settings,
-                )
-        say(f"calibrating: '{a}' beside '{b}'")
-        together = _median_latency(
-            _single_slot_plan(device, batch_size, [[a], [b]]),
-            Ensemble((sub[a], sub[b]), name=f"{ensemble.name}:{a}+{b}"),
-            settings,
+    base = run_settings or RunSettings()
+    chosen, runners = candidate_plans(
+        ensemble, device, profiles, batch_size=batch_size, within=RUNNER_UP_WITHIN
+    )
+    picks = pairs_to_measure(chosen, max_pairs)
+    for runner in runners:
+        if len(picks) >= max_pairs:
+            break
+        for pick in pairs_to_measure(runner, max_pairs):
+            if pick not in picks and len(picks) < max_pairs:
+                say(f"calibrating: '{pick[0]}' and '{pick[1]}' from runner-up plan '{runner.strategy}'")
+                picks.append(pick)
+    pair_settings = RunSettings(
+        seconds=seconds,
+        concurrency=1,
+        warmup=2,
+        allow_mps_start=base.allow_mps_start,
+        cuda_graphs=base.cuda_graphs,
+        isolated=base.isolated,
+    )
+    measured = _measure_pairs(ensemble, device, profiles, batch_size, picks, pair_settings, say)
+    plans: tuple[PlanMeasurement, ...] = ()
+    if max_plans >= 2 and plan_rounds >= 1:
+        table: dict[tuple[str, str, str], float] = {(p.a, p.b, p.kind): p.slowdown for p in measured}
+        settled_pick, close = candidate_plans(
+            ensemble,
+            device,
+            profiles,
+            batch_size=batch_size,
+            within=settle_within,
+            interference=table or None,
         )
-        slowdown = max(1.0, together / max(alone[a], alone[b]))
-        measured.append(
-            PairMeasurement(
-                a=min(a, b),
-                b=max(a, b),
-                alone_a_s=alone[min(a, b)],
-                alone_b_s=alone[max(a, b)],
-                together_s=together,
-                slowdown=slowdown,
-                predicted_slowdown=engine.pair_slowdown(a, b, "stream"),
+        contenders = [settled_pick, *close[: max_plans - 1]]
+        if len(contenders) >= 2:
+            names = ", ".join(f"'{c.strategy}' {c.prediction.throughput_sps:,.0f}" for c in contenders)
+            say(
+                f"calibrating: {len(contenders)} plans predicted within {settle_within:.0%} "
+                f"({names} samples/s): running them to settle it"
             )
-        )
+            plan_settings = dataclasses.replace(
+                base, seconds=seconds, requests=None, rates=(), repeats=plan_rounds
+            )
+            plans = measure_plans(contenders, ensemble, plan_settings, progress=say)
     return Calibration(
         ensemble=ensemble.name,
         device=device,
         batch_size=batch_size,
         pairs=tuple(measured),
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        plans=plans,
     )
+
+
+def _measure_pairs(
+    ensemble: Ensemble,
+    device: Device,
+    profiles: ProfileSet,
+    batch_size: int,
+    picks: Sequence[tuple[str, str, SlotKind]],
+    settings: RunSettings,
+    say: Progress,
+) -> list[PairMeasurement]:
+    engine = CostModel().engine(member_demands(ensemble, device, profiles, batch_size))
+    alone: dict[tuple[str, str], float] = {}
+    measured: list[PairMeasurement] = []
+    sub = {m.name: m for m in ensemble.members}
+    for a, b, kind in picks:
+        where = "a stream slot" if kind == "stream" else "a worker process"
+        for name in (a, b):
+            if (name, kind) not in alone:
+                say(f"calibrating: '{name}' alone in {where}")
+                alone[(name, kind)] = _median_latency(
+                    _calibration_plan(device, batch_size, [[name]], kind),
+                    Ensemble((sub[name],), name=f"{ensemble.name}:{name}"),
+                    settings,
+                )
+        say(f"calibrating: '{a}' beside '{b}', each in {where}")
+        together = _median_latency(
+            _calibration_plan(device, batch_size, [[a], [b]], kind),
+            Ensemble((sub[a], sub[b]), name=f"{ensemble.name}:{a}+{b}"),
+            settings,
+        )
+        first, second = min(a, b), max(a, b)
+        slowdown = max(1.0, together / max(alone[(a, kind)], alone[(b, kind)]))
+        measured.append(
+            PairMeasurement(
+                a=first,
+                b=second,
+                alone_a_s=alone[(first, kind)],
+                alone_b_s=alone[(second, kind)],
+                together_s=together,
+                slowdown=slowdown,
+                predicted_slowdown=engine.pair_slowdown(a, b, kind),
+                kind=kind,
+            )
+        )
+    return measured
+
+
+def measure_plans(
+    plans: Sequence[Plan],
+    ensemble: Ensemble,
+    settings: RunSettings,
+    *,
+    progress: Progress | None = None,
+) -> tuple[PlanMeasurement, ...]:
+    """Run ``plans`` in ``settings.repeats`` interleaved rounds; one :class:`PlanMeasurement` each
+    (named by the plan's strategy; a plan that fails has no rounds and says why)."""
+    labelled: list[tuple[str, Plan]] = []
+    for plan in plans:
+        label = plan.strategy
+        while label in {existing for existing, _ in labelled}:
+            label += "'"
+        labelled.append((label, plan))
+    attempts = run_rounds(labelled, ensemble, settings, progress=progress)
+    out = []
+    for label, plan in labelled:
+        summary = summarize_rounds(attempts[label])
+        ran = summary.status != "failed" and bool(summary.round_sps)  # a round that broke: unreliable
+        out.append(
+            PlanMeasurement(
+                name=label,
+                slots=plan.slots,
+                batch_size=plan.batch_size,
+                predicted_sps=plan.prediction.throughput_sps,
+                round_sps=summary.round_sps if ran else (),
+                failure=None if ran else (summary.reason or "no request completed"),
+            )
+        )
+    return tuple(out)
 
 
 def _median_latency(plan: Plan, ensemble: Ensemble, settings: RunSettings) -> float:
@@ -511,7 +813,7 @@ def pareto_set(report: Report) -> list[str]:
     def point(r: PlanResult) -> tuple[float, float, float]:
         assert r.run is not None and r.run.latency is not None
         memory = r.run.peak_memory_bytes
-        return (-(r.measured_sps or 0.0), r.run.latency.p99_s, float(memory or 0))
+        return (-(r.measured_sps or 0.0), r.latency_p99_s or r.run.latency.p99_s, float(memory or 0))
 
     points = {r.name: point(r) for r in ran}
     front = []
@@ -545,19 +847,31 @@ def regime_rows(reports: Sequence[Report]) -> list[list[str]]:
 __all__ = [
     "BASELINE",
     "DEFAULT_STRATEGIES",
+    "RUNNER_UP_WITHIN",
+    "SETTLE_PLANS",
+    "SETTLE_ROUNDS",
+    "SETTLE_WITHIN",
     "Calibration",
     "PairMeasurement",
+    "PlanMeasurement",
+    "RoundsSummary",
     "RunSettings",
     "calibrate",
+    "candidate_plans",
     "compare",
     "dedupe_plans",
     "execute",
     "load_calibration",
+    "measure_plans",
+    "pair_kind",
     "pairs_to_measure",
     "pareto_set",
     "profiles_for_plan",
     "regime_rows",
+    "rotated",
     "run_plan",
+    "run_rounds",
     "save_report",
+    "summarize_rounds",
     "variant_key",
 ]

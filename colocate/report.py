@@ -2,8 +2,10 @@
 
 :class:`Report` is data (JSON round trip); :func:`render_table` draws it for the
 terminal following fixed rules (rows are plans, the unit is stated once in the
-header, the best measured throughput is marked ``*``, a noisy latency is flagged
-``(!)``), :func:`to_csv` and :func:`plot` write the other forms.
+header, the best measured throughput is marked ``*`` and plans statistically tied
+with it ``~``, a plan measured in several rounds shows its median and spread
+``412 ±6%``, a noisy latency is flagged ``(!)``), :func:`to_csv` and :func:`plot`
+write the other forms.
 """
 
 from __future__ import annotations
@@ -19,37 +21,60 @@ from colocate._optional import optional_import
 from colocate._timing import LatencyStats
 from colocate.devices import Device
 from colocate.execution.types import RunResult
-from colocate.planning.types import Plan
+from colocate.planning.cost import PairKey
+from colocate.planning.types import Plan, PlanMeasurement, SlotKind
 
 PlanStatus = Literal["ok", "errors", "failed", "rejected"]
 
 
 @dataclass(frozen=True)
 class PairMeasurement:
-    """Two members measured alone and side by side (two stream slots). Times in seconds."""
+    """Two members measured alone and side by side, each in a slot of ``kind``. Times in seconds.
+
+    ``kind`` is the slot kind of the plans the measurement serves: ``stream`` (two threads of one
+    process) or ``process`` (two worker processes; it also serves mps slots). The cost model
+    applies it only to the pair in slots of that kind. Files written before kinds existed load
+    as ``stream``, which is how they were measured.
+    """
 
     a: str
     b: str
-    alone_a_s: float  # median request latency with only `a`
+    alone_a_s: float  # median request latency with only `a` (in one slot of `kind`)
     alone_b_s: float  # median request latency with only `b`
-    together_s: float  # median request latency with both, each in its own stream slot
+    together_s: float  # median request latency with both, each in its own slot of `kind`
     slowdown: float  # together / max(alone): how much the pair stretches the slower of the two
-    predicted_slowdown: float  # what the cost model predicted for the pair
+    predicted_slowdown: float  # what the cost model predicted for the pair in slots of `kind`
+    kind: SlotKind = "stream"  # the slot kind both ran in
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Measured pair slowdowns for one ensemble, device and batch size; reusable (JSON)."""
+    """What was measured for the planner on one ensemble, device and batch size; reusable (JSON).
+
+    ``pairs``: member pairs alone and side by side (measured slowdowns for the cost model).
+    ``plans``: candidate plans predicted too close to call, run a few rounds each; ``auto``
+    planning picks the measured-best of them (see :func:`colocate.planning.plan`). Files
+    written before plan measurements existed load with none.
+    """
 
     ensemble: str
     device: Device
     batch_size: int
     pairs: tuple[PairMeasurement, ...]
     created: str = ""
+    plans: tuple[PlanMeasurement, ...] = ()
 
-    def interference(self) -> dict[tuple[str, str], float]:
-        """The table the planner takes: ``{(a, b): slowdown}``."""
-        return {(p.a, p.b): p.slowdown for p in self.pairs}
+    def interference(self) -> dict[PairKey, float]:
+        """The table the planner takes: ``{(a, b): slowdown}`` for pairs measured in stream
+        slots, ``{(a, b, kind): slowdown}`` for pairs measured in another kind."""
+        table: dict[PairKey, float] = {}
+        for p in self.pairs:
+            table[(p.a, p.b) if p.kind == "stream" else (p.a, p.b, p.kind)] = p.slowdown
+        return table
+
+    def measured_plans(self) -> tuple[PlanMeasurement, ...]:
+        """The plan measurements that ran (what planning takes as ``measured_plans``)."""
+        return tuple(p for p in self.plans if p.measured_sps is not None)
 
 
 @dataclass(frozen=True)
@@ -80,13 +105,45 @@ class PlanResult:
     reason: str | None  # why it failed or was rejected
     plan: Plan | None  # None when no plan could be made
     run: RunResult | None  # None when it did not run
-    speedup: float | None  # measured throughput / the baseline's measured throughput
+    speedup: float | None  # median measured throughput / the baseline's median measured throughput
     uncalibrated_sps: float | None = None  # the model's prediction without measured pairs, if used
     rates: tuple[RatePoint, ...] = ()  # latency at offered loads, when a rate sweep was asked for
+    round_sps: tuple[float, ...] = ()  # measured samples/s of each round that ran, in round order
+    round_p99_s: tuple[float, ...] = ()  # p99 request latency of each round that ran
+    # `run` is the round with the median throughput; reports written before rounds existed have
+    # one run and no round figures
 
     @property
     def measured_sps(self) -> float | None:
+        """Samples/s: the median over the rounds, or the one run's."""
+        if self.round_sps:
+            return float(statistics.median(self.round_sps))
         return self.run.throughput_sps if self.run is not None and self.run.requests_completed else None
+
+    @property
+    def measured_range_sps(self) -> tuple[float, float] | None:
+        """(lowest, highest) samples/s over the rounds; one run gives (x, x); None if none ran."""
+        if self.round_sps:
+            return min(self.round_sps), max(self.round_sps)
+        measured = self.measured_sps
+        return (measured, measured) if measured is not None else None
+
+    @property
+    def spread(self) -> float | None:
+        """Half the range of the rounds' samples/s over their median (``±`` in the table);
+        None with fewer than two rounds."""
+        measured = self.measured_sps
+        if len(self.round_sps) < 2 or not measured:
+            return None
+        return (max(self.round_sps) - min(self.round_sps)) / (2.0 * measured)
+
+    @property
+    def latency_p99_s(self) -> float | None:
+        """p99 request latency: the median over the rounds, or the one run's."""
+        if self.round_p99_s:
+            return float(statistics.median(self.round_p99_s))
+        latency = self.run.latency if self.run is not None else None
+        return latency.p99_s if latency is not None else None
 
     @property
     def predicted_sps(self) -> float | None:
@@ -141,9 +198,32 @@ class Report:
 
     @property
     def best(self) -> PlanResult | None:
-        """The plan with the highest measured throughput among those that ran."""
+        """The plan with the highest (median) measured throughput among those that ran."""
         ran = [r for r in self.results if r.measured_sps is not None and r.status in ("ok", "errors")]
         return max(ran, key=lambda r: r.measured_sps or 0.0) if ran else None
+
+    def tied_with_best(self) -> tuple[str, ...]:
+        """Plans statistically tied with the best: their range over the rounds overlaps the best's.
+
+        With one round a plan's range is its one figure, so only an equal figure ties; more
+        rounds (``RunSettings.repeats``) make the ranges, and so the ties, meaningful.
+        """
+        best = self.best
+        if best is None or best.measured_range_sps is None:
+            return ()
+        best_low = best.measured_range_sps[0]
+        tied = []
+        for r in self.results:
+            if r is best or r.status not in ("ok", "errors") or r.measured_range_sps is None:
+                continue
+            if r.measured_range_sps[1] >= best_low:
+                tied.append(r.name)
+        return tuple(tied)
+
+    @property
+    def rounds(self) -> int:
+        """The most rounds any plan ran (1 for reports from before rounds existed)."""
+        return max((len(r.round_sps) for r in self.results), default=0) or 1
 
 
 COLUMNS = (
@@ -165,15 +245,27 @@ def _fmt(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def _p99(latency: LatencyStats | None) -> str:
-    if latency is None:
+def _p99(result: PlanResult, latency: LatencyStats | None) -> str:
+    p99 = result.latency_p99_s
+    if p99 is None:
         return "-"
-    return f"{latency.p99_s * 1e3:.2f}" + (" (!)" if latency.high_variance else "")
+    return f"{p99 * 1e3:.2f}" + (" (!)" if latency is not None and latency.high_variance else "")
+
+
+def measured_text(result: PlanResult) -> str:
+    """The measured samples/s cell: ``"412"``, or ``"412 ±6%"`` over several rounds."""
+    measured = result.measured_sps
+    if measured is None:
+        return "-"
+    spread = result.spread
+    return _fmt(measured) + ("" if spread is None else f" ±{spread:.0%}")
 
 
 def table_rows(report: Report) -> list[list[str]]:
-    """The table's rows as strings (one per plan, in report order)."""
+    """The table's rows as strings (one per plan, in report order); the best is marked ``*``,
+    plans tied with it ``~``."""
     best = report.best
+    tied = set(report.tied_with_best())
     rows = []
     for r in report.results:
         run = r.run
@@ -188,14 +280,14 @@ def table_rows(report: Report) -> list[list[str]]:
         status = r.status if not r.reason else f"{r.status}: {r.reason[:60]}"
         rows.append(
             [
-                r.name + (" *" if best is not None and r is best else ""),
+                r.name + (" *" if best is not None and r is best else " ~" if r.name in tied else ""),
                 slots,
                 status,
                 _fmt(r.predicted_sps),
-                _fmt(r.measured_sps),
+                measured_text(r),
                 "-" if err is None else f"{err:+.0%}",
                 "-" if latency is None else f"{latency.median_s * 1e3:.2f}",
-                _p99(latency),
+                _p99(r, latency),
                 "-" if peak is None else f"{peak / 2**20:,.0f}",
                 "-" if run is None or run.utilization_pct is None else f"{run.utilization_pct:.0f}%",
                 "-" if r.speedup is None else f"{r.speedup:.2f}x",
@@ -229,9 +321,16 @@ def render_table(report: Report) -> Any:
     """A rich Table of the report."""
     from rich.table import Table
 
+    rounds = report.rounds
+    how = (
+        f"median of {rounds} interleaved rounds ± half their range; * = best measured, "
+        "~ = tied with it (ranges overlap)"
+        if rounds > 1
+        else "* = best measured"
+    )
     title = (
         f"{report.ensemble} on {report.device.name}, batch {report.batch_size}: "
-        f"speed-up vs {report.baseline} (* = best measured)"
+        f"speed-up vs {report.baseline} ({how})"
     )
     table = Table(title=title)
     for column in COLUMNS:
@@ -260,11 +359,19 @@ def to_csv(report: Report) -> str:
             "utilization_pct",
             "speedup",
             "slots",
+            "rounds",
+            "measured_min_sps",
+            "measured_max_sps",
+            "round_sps",
+            "tied_with_best",
         ]
     )
+    tied = set(report.tied_with_best())
     for r in report.results:
         run = r.run
         latency = run.latency if run is not None else None
+        span = r.measured_range_sps
+        rounds = len(r.round_sps) or (1 if r.measured_sps is not None else 0)
         writer.writerow(
             [
                 r.name,
@@ -275,11 +382,16 @@ def to_csv(report: Report) -> str:
                 r.measured_sps or "",
                 "" if r.prediction_error is None else r.prediction_error,
                 latency.median_s if latency else "",
-                latency.p99_s if latency else "",
+                r.latency_p99_s or "",
                 (run.peak_memory_bytes if run else None) or "",
                 (run.utilization_pct if run else None) or "",
                 r.speedup or "",
                 " | ".join(run.slots) if run else "",
+                rounds,
+                span[0] if span else "",
+                span[1] if span else "",
+                " ".join(f"{v:.6g}" for v in r.round_sps),
+                r.name in tied,
             ]
         )
     return out.getvalue()
@@ -294,15 +406,25 @@ def plot(report: Report, path: str | Path) -> Path:
     names = [r.name for r in report.results]
     measured = [r.measured_sps or 0.0 for r in report.results]
     predicted = [r.predicted_sps or 0.0 for r in report.results]
-    p99 = [
-        (r.run.latency.p99_s * 1e3 if r.run is not None and r.run.latency is not None else 0.0)
-        for r in report.results
-    ]
+    p99 = [(r.latency_p99_s or 0.0) * 1e3 for r in report.results]
     x = list(range(len(names)))
     fig, (left, right) = plt.subplots(1, 2, figsize=(max(8.0, 1.6 * len(names) + 4), 4.5))
     width = 0.4
     left.bar([i - width / 2 for i in x], predicted, width, label="predicted", color="#9ecae1")
-    left.bar([i + width / 2 for i in x], measured, width, label="measured", color="#3182bd")
+    spans = [r.measured_range_sps for r in report.results]
+    errors = [
+        [m - (span[0] if span else m) for m, span in zip(measured, spans, strict=True)],
+        [(span[1] if span else m) - m for m, span in zip(measured, spans, strict=True)],
+    ]
+    left.bar(
+        [i + width / 2 for i in x],
+        measured,
+        width,
+        yerr=errors if report.rounds > 1 else None,
+        capsize=3,
+        label="measured" + (f" (median, range of {report.rounds} rounds)" if report.rounds > 1 else ""),
+        color="#3182bd",
+    )
     left.set_xticks(x, names, rotation=30, ha="right")
     left.set_ylabel("samples / s")
     left.set_title("throughput")

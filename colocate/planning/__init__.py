@@ -13,15 +13,24 @@ from colocate.planning.cost import CostModel, Evaluation, SlotSpec, mps_percenta
 from colocate.planning.demands import DemandSet, MemberDemand, demand_set, member_demands
 from colocate.planning.graph import compatibility_graph, conflict_graph
 from colocate.planning.render import PLAN_COLUMNS, plan_rows, render_plan
-from colocate.planning.search import OBJECTIVES, PlanList, plan, plan_all
+from colocate.planning.search import OBJECTIVES, SETTLE_WITHIN, PlanList, plan, plan_all
 from colocate.planning.strategies import DESCRIPTIONS, MAX_EXHAUSTIVE_MEMBERS, STRATEGIES
-from colocate.planning.types import SLOT_KINDS, MemberBackend, MemberPrediction, Plan, Prediction, Slot
+from colocate.planning.types import (
+    SLOT_KINDS,
+    MemberBackend,
+    MemberPrediction,
+    Plan,
+    PlanMeasurement,
+    Prediction,
+    Slot,
+)
 
 __all__ = [
     "DESCRIPTIONS",
     "MAX_EXHAUSTIVE_MEMBERS",
     "OBJECTIVES",
     "PLAN_COLUMNS",
+    "SETTLE_WITHIN",
     "SLOT_KINDS",
     "STRATEGIES",
     "CostModel",
@@ -32,6 +41,7 @@ __all__ = [
     "MemberPrediction",
     "Plan",
     "PlanList",
+    "PlanMeasurement",
     "Prediction",
     "Slot",
     "SlotSpec",

@@ -26,9 +26,12 @@ the resources it shares with the members running in the other slots. A member al
   by the GIL (capacity ``stream_host_capacity`` threads); worker processes each have their own;
   all host threads share the host's cores.
 * **Measured pairs.** With an interference table (a pair's slowdown = its time side by side
-  over the slower member's time alone), a member running beside a measured partner in the same
-  concurrency domain is stretched by the factor that makes the two-member prediction take
-  exactly the measured slowdown (found by bisection on the pair).
+  over the slower member's time alone, measured in two slots of one kind), a member running
+  beside a measured partner is stretched by the factor that makes the two-member prediction in
+  slots of that kind take exactly the measured slowdown (found by bisection on the pair). A
+  measurement applies only where both members run in slots of its kind (see
+  :func:`measurement_kind`): a pair measured in two stream slots (threads sharing one
+  interpreter) says nothing about the same pair in two worker processes, and vice versa.
 
 Throughput has requests back to back: ``batch_size / interval`` where the interval is the
 largest of the slowest slot's time (its dispatch included), the SM-time bound (total
@@ -50,6 +53,7 @@ it runs streams). A plan fits when that is at most the device's free memory minu
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -74,6 +78,28 @@ class SlotSpec(NamedTuple):
 
 Layout = tuple[SlotSpec, ...]
 """Slots of a candidate plan, in order; slot ``i`` is named ``s{i}``."""
+
+PairKey = tuple[str, str] | tuple[str, str, str]
+"""A measured pair: ``(a, b)`` measured in two stream slots, or ``(a, b, kind)``."""
+InterferenceTable = (
+    Mapping[tuple[str, str], float] | Mapping[tuple[str, str, str], float] | Mapping[PairKey, float]
+)
+"""Measured pair slowdowns: ``{(a, b): factor}`` (two stream slots) or ``{(a, b, kind): factor}``."""
+MEASURED_KINDS: tuple[str, ...] = ("stream", "process", "mps")
+"""Slot kinds a pair can be measured in."""
+
+
+def measurement_kind(kind_a: str, kind_b: str) -> str | None:
+    """The kind of pair measurement that applies to members in slots of ``kind_a`` and ``kind_b``.
+
+    Two stream slots: ``"stream"``. Two worker slots (``process`` or ``mps``): ``"process"``, or
+    ``"mps"`` for two mps slots (where an ``mps`` measurement is preferred and a ``process`` one
+    is the fallback: both are worker processes with their own interpreter). A stream slot beside
+    a worker: None (no measurement applies; the model's prediction stands).
+    """
+    if kind_a == "stream" or kind_b == "stream":
+        return "stream" if kind_a == kind_b else None
+    return "mps" if kind_a == kind_b == "mps" else "process"
 
 
 def slot_name(index: int) -> str:
@@ -140,8 +166,9 @@ class CostModel:
 
     The fields are the model's constants; the defaults are documented estimates, to be
     calibrated against measured runs. ``interference`` holds measured pairwise slowdowns
-    (``{(a, b): factor}``, factor >= 1 = how much slower each of a and b runs while the other
-    runs beside it in another stream), which override the model for those pairs.
+    (``{(a, b): factor}`` for a pair measured in two stream slots, ``{(a, b, kind): factor}`` for
+    one measured in two slots of ``kind``; factor >= 1 = the pair's time side by side over the
+    slower member's alone), which override the model for those pairs in slots of that kind.
     """
 
     stream_host_capacity: float = 1.0  # host threads' worth of dispatch one interpreter runs at once (GIL)
@@ -163,7 +190,7 @@ class CostModel:
     allocator_margin: float = 0.05  # on top of each slot's memory: allocator rounding, fragmentation
     safety_margin: float = 0.10  # share of the free memory no plan may use
     mps_limit_headroom: float = 0.10  # an mps slot's memory limit: (its need + process cost) x (1 + headroom)
-    interference: Mapping[tuple[str, str], float] | None = field(default=None, compare=False)
+    interference: InterferenceTable | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("stream_host_capacity", "shm_copy_bytes_per_s"):
@@ -184,19 +211,30 @@ class CostModel:
         if not 0 <= self.safety_margin < 1:
             raise InvalidInputError("CostModel.safety_margin must be in [0, 1)")
         if self.interference is not None:
-            table: dict[tuple[str, str], float] = {}
-            for key, value in dict(self.interference).items():
-                if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)):
+            table: dict[tuple[str, str, str], float] = {}
+            items: list[tuple[object, object]] = list(dict(self.interference).items())
+            for key, value in items:
+                if not (
+                    isinstance(key, tuple) and len(key) in (2, 3) and all(isinstance(k, str) for k in key)
+                ):
                     raise InvalidInputError(
-                        f"interference table keys must be (member, member) pairs, got {key!r}"
+                        "interference table keys must be (member, member) or (member, member, kind), "
+                        f"got {key!r}"
                     )
-                if key[0] == key[1]:
+                a, b = str(key[0]), str(key[1])
+                kind = str(key[2]) if len(key) == 3 else "stream"
+                if a == b:
                     raise InvalidInputError(f"interference pair {key!r} names one member twice")
+                if kind not in MEASURED_KINDS:
+                    raise InvalidInputError(
+                        f"interference pair {key!r}: unknown slot kind {kind!r}; "
+                        f"choose one of {', '.join(MEASURED_KINDS)}"
+                    )
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                     raise InvalidInputError(
                         f"interference {key!r}: slowdown must be a positive number, got {value!r}"
                     )
-                table[(min(key), max(key))] = float(value)
+                table[(min(a, b), max(a, b), kind)] = float(value)
             object.__setattr__(self, "interference", table)
 
     # -- public -------------------------------------------------------------------------
@@ -348,13 +386,14 @@ class Engine:
         self._eff: dict[tuple[str, str, float | None], _Eff] = {}
         self._pairs: dict[tuple[str, str], float] = {}
         self._slot_mem: dict[tuple[str, ...], int] = {}
-        table = model.interference or {}
-        unknown = sorted({m for pair in table for m in pair} - set(demands.names))
+        # normalised by CostModel.__post_init__: (a, b, kind) with a < b
+        table = typing.cast("Mapping[tuple[str, str, str], float]", model.interference or {})
+        unknown = sorted({m for (a, b, _) in table for m in (a, b)} - set(demands.names))
         if unknown:
             raise InvalidInputError(
                 f"interference table names unknown member(s) {unknown}; members: {', '.join(demands.names)}"
             )
-        self._measured: dict[tuple[str, str], float] = dict(table)
+        self._measured: dict[tuple[str, str, str], float] = dict(table)
         self.evaluations = 0
 
     # -- figures ------------------------------------------------------------------------
@@ -431,21 +470,39 @@ class Engine:
         self._pairs[cache_key] = value
         return value
 
-    def measured_pair(self, a: str, b: str) -> float | None:
-        """The measured slowdown of the pair, if the interference table has it."""
-        return self._measured.get((min(a, b), max(a, b)))
+    def measured(self, a: str, b: str, kind: str = "stream") -> tuple[float, str] | None:
+        """The measurement that applies to ``a`` and ``b`` in two slots of ``kind``, and the kind
+        it was measured in; None when the table has none for that kind.
 
-    def _correction(self, a: str, b: str) -> float:
-        """The factor on both members' time while side by side that makes the pair take its
-        measured slowdown (found by bisection; 1 when the pair was not measured)."""
-        measured = self.measured_pair(a, b)
-        if measured is None:
+        A stream slot pair takes a ``stream`` measurement only; a process pair a ``process`` one;
+        an mps pair an ``mps`` one, else a ``process`` one (both are worker processes).
+        """
+        first, second = min(a, b), max(a, b)
+        for measured_kind in ("mps", "process") if kind == "mps" else (kind,):
+            value = self._measured.get((first, second, measured_kind))
+            if value is not None:
+                return value, measured_kind
+        return None
+
+    def measured_pair(self, a: str, b: str, kind: str = "stream") -> float | None:
+        """The measured slowdown of the pair in two slots of ``kind``, if the table has one that
+        applies (see :meth:`measured`)."""
+        found = self.measured(a, b, kind)
+        return found[0] if found is not None else None
+
+    def _correction(self, a: str, b: str, kind: str) -> float:
+        """The factor on both members' time while side by side in slots of ``kind`` that makes the
+        pair take its measured slowdown (found by bisection on the pair in slots of the kind it
+        was measured in; 1 when no measurement applies)."""
+        found = self.measured(a, b, kind)
+        if found is None:
             return 1.0
-        key = (min(a, b) + "\0" + max(a, b), "correction")
+        measured, measured_kind = found
+        key = (min(a, b) + "\0" + max(a, b), "correction:" + measured_kind)
         cached = self._pairs.get(key)
         if cached is not None:
             return cached
-        layout = self._pair_layout(a, b, "stream")
+        layout = self._pair_layout(a, b, measured_kind)
         target = max(1.0, measured) * max(self.demands[a].latency_s, self.demands[b].latency_s)
         low, high = 0.05, 1.0
         while self._pair_makespan(layout, high) < target and high < 1e3:
@@ -482,6 +539,7 @@ class Engine:
                     n_domains += 1
         multi = n_domains > 1
         correct = (corrected and bool(self._measured)) or pair_factor is not None
+        kinds = [s.kind for s in layout]
         beta = model.bandwidth_interference
         slice_cost = 1.0 + model.time_slice_overhead
         cap = model.stream_host_capacity
@@ -531,13 +589,19 @@ class Engine:
                 b = e.g * k_gpu
                 duration = e.rest + (a if a > b else b)
                 if correct:
+                    # a measured pair stretches both while side by side, in whichever concurrency
+                    # domains they run, when it was measured in slots of their kinds
                     me = names[k][pos[k]]
                     for o in active:
-                        if o != k and domain[o] == dm:
-                            if pair_factor is not None:
-                                duration *= pair_factor
-                            else:
-                                duration *= self._correction(me, names[o][pos[o]])
+                        if o == k:
+                            continue
+                        pair_kind = measurement_kind(kinds[k], kinds[o])
+                        if pair_kind is None:
+                            continue
+                        if pair_factor is not None:
+                            duration *= pair_factor
+                        else:
+                            duration *= self._correction(me, names[o][pos[o]], pair_kind)
                 if duration < e.latency and pair_factor is None:
                     duration = e.latency
                 durations.append(duration)
@@ -741,14 +805,18 @@ def prediction_from(ev: Evaluation, engine: Engine) -> Prediction:
 
 
 __all__ = [
+    "MEASURED_KINDS",
     "CostModel",
     "Engine",
     "Evaluation",
+    "InterferenceTable",
     "Layout",
+    "PairKey",
     "SlotSpec",
     "as_layout",
     "cpu_threads_for",
     "cpu_threads_per_slot",
+    "measurement_kind",
     "mps_percentages",
     "prediction_from",
     "slot_name",

@@ -47,19 +47,28 @@ def explain(
     considered: int,
     rejected: int,
     batch_note: str,
+    settled: str | None = None,
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The explanation lines and the notes of a plan."""
+    """The explanation lines and the notes of a plan (``settled``: how measurement decided it)."""
     demands = ctx.demands
     engine = ctx.engine
     lines: list[str] = []
     layout = ev.layout
-    if strategy == "auto":
+    if strategy == "auto" and settled:
+        lines.append(
+            f"auto: of {considered} feasible candidate layouts evaluated from every strategy, the "
+            f"measured-best of those predicted closest to the best; it came from '{candidate.strategy}' "
+            f"({DESCRIPTIONS[candidate.strategy]})"
+        )
+    elif strategy == "auto":
         lines.append(
             f"auto: the best predicted of {considered} feasible candidate layouts evaluated from every "
             f"strategy; it came from '{candidate.strategy}' ({DESCRIPTIONS[candidate.strategy]})"
         )
     else:
         lines.append(f"{strategy}: {DESCRIPTIONS[strategy]}")
+    if settled:
+        lines.append(settled)
     lines.extend(candidate.why)
     if rejected:
         lines.append(f"{rejected} candidate layout(s) were rejected: they do not fit in memory")
@@ -139,7 +148,7 @@ def _slot_lines(ev: Evaluation, ctx: Context) -> list[str]:
         members = slot.members
         for a_i, a in enumerate(members):
             for b in members[a_i + 1 :]:
-                measured = engine.measured_pair(a, b)
+                measured = engine.measured_pair(a, b, slot.kind)
                 kind = (
                     "process" if slot.kind == "process" else "stream"
                 )  # mps partitions overlap like streams

@@ -10,19 +10,18 @@ by a light edge overlap well and are better in different slots.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import networkx as nx
 
-from colocate.planning.cost import CostModel, Engine
+from colocate.planning.cost import CostModel, Engine, InterferenceTable
 from colocate.planning.demands import DemandSet
 from colocate.planning.types import SLOT_KINDS
 
 
 def conflict_graph(
     demands: DemandSet,
-    interference: Mapping[tuple[str, str], float] | None = None,
+    interference: InterferenceTable | None = None,
     *,
     kind: str = "stream",
     model: CostModel | None = None,
@@ -33,13 +32,15 @@ def conflict_graph(
     Node attributes: every field of the member's :class:`~colocate.planning.demands.MemberDemand`
     plus ``memory_bytes``, ``busy_s``, ``host_s`` and ``sm_seconds``. Edge attributes:
     ``slowdown`` (factor >= 1 of the pair run concurrently, measured when ``interference`` has
-    the pair, else predicted), ``model_slowdown`` (the prediction), ``measured`` (bool),
+    the pair measured in slots of ``kind`` (an mps graph also takes a process measurement), else
+    predicted), ``model_slowdown`` (the prediction), ``measured`` (bool),
     ``weight`` (``slowdown - 1``, for networkx algorithms) and ``gain`` (sequential time of the
     pair over its concurrent time: above 1, running them side by side pays).
 
     Args:
         demands: the members' demands (from :func:`member_demands`).
-        interference: measured pairwise slowdowns ``{(a, b): factor}``; overrides the model.
+        interference: measured pairwise slowdowns ``{(a, b): factor}`` (two stream slots) or
+            ``{(a, b, kind): factor}``; overrides the model for pairs of that kind.
         kind: slot kind the pair runs in: ``stream``, ``process`` or ``mps``.
         model: the cost model (default constants when None).
         engine: an engine for ``demands`` to reuse (its cache); built from ``model`` when None.
@@ -69,7 +70,7 @@ def conflict_graph(
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             predicted = engine.pair_slowdown(a, b, kind)
-            measured = engine.measured_pair(a, b)
+            measured = engine.measured_pair(a, b, kind)
             slowdown = max(1.0, measured) if measured is not None else predicted
             la, lb = demands[a].latency_s, demands[b].latency_s
             gain = (la + lb) / (max(la, lb) * slowdown)

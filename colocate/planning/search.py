@@ -9,6 +9,9 @@ the model is not that precise, and a simpler plan is cheaper to run. ``auto`` ru
 strategy (``exhaustive`` only up to 6 members), then improves its best candidates by a local
 search that moves, swaps and regroups the members of the slot that finishes last, changes
 slot kinds, and merges slots, keeping each move that the cost model predicts to be better.
+Given plan measurements (``measured_plans``, from a calibration), ``auto`` settles a close call
+by them: of the measured plans predicted within :data:`SETTLE_WITHIN` of its pick, the
+measured-best wins (docs/planning.md, "Settling near-ties by measurement").
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from colocate.planning.cost import (
     CostModel,
     Engine,
     Evaluation,
+    InterferenceTable,
     Layout,
     SlotSpec,
+    as_layout,
     cpu_threads_for,
     cpu_threads_per_slot,
     prediction_from,
@@ -36,6 +41,7 @@ from colocate.planning.demands import DemandSet, member_demands, profiled_batch_
 from colocate.planning.explain import explain, infeasible_message
 from colocate.planning.strategies import (
     AUTO_EXHAUSTIVE_MEMBERS,
+    DESCRIPTIONS,
     STRATEGIES,
     STRATEGY_FUNCTIONS,
     Candidate,
@@ -43,7 +49,7 @@ from colocate.planning.strategies import (
     check_exhaustive,
     check_strategy,
 )
-from colocate.planning.types import Plan, Slot
+from colocate.planning.types import Plan, PlanMeasurement, Slot
 from colocate.profiling.types import Profile, ProfileSet, VariantProfiles
 from colocate.variants import BackendChoice
 
@@ -57,6 +63,9 @@ LOCAL_SEARCH_STARTS = 3
 """``auto`` improves this many of its best distinct candidates."""
 LOCAL_SEARCH_MAX_EVALUATIONS = 4000
 """Most cost-model evaluations one local search may spend (keeps ``auto`` fast for 64 members)."""
+SETTLE_WITHIN = 0.10
+"""``auto`` given plan measurements: measured plans predicted within this share of its pick compete,
+and the measured-best wins (the model cannot call differences this small; measurements can)."""
 BEST_IMPROVEMENT_MEMBERS = 24
 """Up to this many members the local search takes each round's best move; above, the first better
 one (as good on large ensembles in our benchmarks, and about ten times faster at 64 members)."""
@@ -364,9 +373,11 @@ class _Session:
         objective: str,
         latency_bound_s: float | None,
         model: CostModel,
+        measured_plans: Sequence[PlanMeasurement] = (),
     ) -> None:
         self.device = device
         self.objective = objective
+        self.measured_plans = tuple(measured_plans)
         self.selector = Selector(objective, latency_bound_s)
         self.model = model
         self.batch_note = ""
@@ -417,6 +428,9 @@ class _Session:
                 infeasible_message(strategy, self.demands, self.engine, pool.smallest_rejected)
             )
         ev, candidate = chosen
+        settled: str | None = None
+        if strategy == "auto" and self.measured_plans:
+            ev, candidate, settled = self._settle(ev, candidate)
         if self.objective == "throughput_under_latency" and self.selector.of(ev)[0] == 0:
             bound = self.selector.latency_bound_s or 0.0
             raise PlanInfeasibleError(
@@ -425,9 +439,67 @@ class _Session:
                 f"the lowest predicted median latency is {ev.latency_s * 1e3:.3f} ms "
                 f"(strategy '{candidate.strategy}'); relax the bound or use a smaller batch size"
             )
-        return self._plan(ev, candidate, strategy, pool)
+        return self._plan(ev, candidate, strategy, pool, settled)
 
-    def _plan(self, ev: Evaluation, candidate: Candidate, strategy: str, pool: Pool) -> Plan:
+    def _settle(self, ev: Evaluation, candidate: Candidate) -> tuple[Evaluation, Candidate, str | None]:
+        """Among the measured plans predicted within :data:`SETTLE_WITHIN` of the model's pick, the
+        measured-best; the pick stays when it was not measured itself (nothing to compare it with),
+        when fewer than two such plans were measured, or for objectives other than throughput."""
+        if self.objective != "throughput":
+            return ev, candidate, None
+        pick = _membership(ev.layout)
+        names = sorted(self.demands.names)
+        contenders: list[tuple[float, PlanMeasurement, Evaluation]] = []
+        pick_measured = False
+        seen: set[frozenset[tuple[str, frozenset[str]]]] = set()
+        for measurement in self.measured_plans:
+            sps = measurement.measured_sps
+            if sps is None or measurement.batch_size != self.demands.batch_size:
+                continue
+            if sorted(measurement.members) != names:
+                continue
+            layout = as_layout(measurement.slots)
+            key = _membership(layout)
+            if key in seen:
+                continue
+            if key == pick:
+                measured_ev = ev
+                pick_measured = True
+            else:
+                kinds = {s.kind for s in layout}
+                if self.demands.is_gpu and {"process", "mps"} <= kinds:
+                    continue
+                if not self.engine.fits(layout):
+                    continue
+                measured_ev = self.engine.evaluate(layout)
+            if measured_ev.throughput_sps < (1.0 - SETTLE_WITHIN) * ev.throughput_sps:
+                continue
+            seen.add(key)
+            contenders.append((sps, measurement, measured_ev))
+        if not pick_measured or len(contenders) < 2:
+            return ev, candidate, None
+        contenders.sort(key=lambda c: c[0], reverse=True)
+        best_sps, best, best_ev = contenders[0]
+        others = ", ".join(f"{m.name} {sps:,.0f}" for sps, m, _ in contenders[1:])
+        verdict = (
+            "the model's pick"
+            if best_ev is ev
+            else f"instead of the model's pick ({ev.throughput_sps:,.0f} samples/s predicted)"
+        )
+        line = (
+            f"settled by measurement: {best.name} measured {best_sps:,.0f} vs {others} samples/s, "
+            f"{verdict}; these plans were predicted within {SETTLE_WITHIN:.0%} of each other, "
+            "closer than the cost model can call"
+        )
+        if best_ev is ev:
+            return ev, candidate, line
+        proposed = [n for n in best.name.split("=") if n in DESCRIPTIONS]
+        origin = proposed[0] if proposed else candidate.strategy
+        return best_ev, Candidate(best_ev.layout, origin, ()), line
+
+    def _plan(
+        self, ev: Evaluation, candidate: Candidate, strategy: str, pool: Pool, settled: str | None = None
+    ) -> Plan:
         demands = self.demands
         slots = []
         for i, s in enumerate(ev.layout):
@@ -464,6 +536,7 @@ class _Session:
             considered=pool.evaluated,
             rejected=pool.too_big,
             batch_note=self.batch_note,
+            settled=settled,
         )
         return Plan(
             device=self.device,
@@ -509,7 +582,12 @@ def _default_demands(
     raise last_error
 
 
-def _model_for(model: CostModel | None, interference: Mapping[tuple[str, str], float] | None) -> CostModel:
+def _membership(layout: Layout) -> frozenset[tuple[str, frozenset[str]]]:
+    """A layout's slots as (kind, members) regardless of order: to match measured plans."""
+    return frozenset((s.kind, frozenset(s.members)) for s in layout)
+
+
+def _model_for(model: CostModel | None, interference: InterferenceTable | None) -> CostModel:
     base = model or CostModel()
     if interference is not None:
         base = dataclasses.replace(base, interference=interference)
@@ -525,9 +603,10 @@ def plan(
     batch_size: int | None = None,
     objective: str = "throughput",
     latency_bound_s: float | None = None,
-    interference: Mapping[tuple[str, str], float] | None = None,
+    interference: InterferenceTable | None = None,
     model: CostModel | None = None,
     backends: BackendChoice | None = None,
+    measured_plans: Sequence[PlanMeasurement] = (),
 ) -> Plan:
     """Plan how to co-locate the ensemble's members on ``device``.
 
@@ -543,13 +622,19 @@ def plan(
             the ensemble fits (the plan's notes say so).
         objective: ``"throughput"``, ``"latency"`` or ``"throughput_under_latency"``.
         latency_bound_s: the most median latency, for ``"throughput_under_latency"``.
-        interference: measured pairwise slowdowns ``{(a, b): factor}`` overriding the model.
+        interference: measured pairwise slowdowns overriding the model: ``{(a, b): factor}`` for
+            pairs measured in two stream slots, ``{(a, b, kind): factor}`` for another slot kind
+            (``Calibration.interference()`` gives this table).
         model: the cost model (default constants when None).
         backends: choose each member's backend variant among these labels (``"auto"``: every
             variant profiled; e.g. ``("torch", "onnxruntime")``): the fastest per the cost model
             at the plan's batch size that fits (see :mod:`colocate.planning.variants`). Needs
             ``VariantProfiles``. The plan records the choice (``Plan.backends``) and its strategy
             reads ``"<strategy>+backends"``. None: every member runs as given.
+        measured_plans: candidate plans run for real (``Calibration.plans``): ``auto`` picks the
+            measured-best of those predicted within :data:`SETTLE_WITHIN` of its own pick, when
+            its pick is among them (the explanation says "settled by measurement"). Only for the
+            ``throughput`` objective and plans measured at this batch size.
 
     Returns:
         The best predicted :class:`Plan` that fits in memory, with its prediction, explanation
@@ -576,7 +661,14 @@ def plan(
             chosen_model,
         )
     session = _Session(
-        ensemble, device, _single_set(profiles), batch_size, objective, latency_bound_s, chosen_model
+        ensemble,
+        device,
+        _single_set(profiles),
+        batch_size,
+        objective,
+        latency_bound_s,
+        chosen_model,
+        measured_plans,
     )
     return session.run(strategy)
 
@@ -626,14 +718,16 @@ def plan_all(
     batch_size: int | None = None,
     objective: str = "throughput",
     latency_bound_s: float | None = None,
-    interference: Mapping[tuple[str, str], float] | None = None,
+    interference: InterferenceTable | None = None,
     model: CostModel | None = None,
     backends: BackendChoice | None = None,
+    measured_plans: Sequence[PlanMeasurement] = (),
 ) -> PlanList:
     """One plan per strategy (default: all of :data:`STRATEGIES`), for a comparison.
 
     A strategy with no feasible plan (nothing fits, the latency bound is unmet, ``exhaustive``
-    on too many members) is skipped; ``result.skipped`` maps it to the reason. With
+    on too many members) is skipped; ``result.skipped`` maps it to the reason. The arguments are those of
+    :func:`plan`. With
     ``backends`` (see :func:`plan`), ``auto`` also gives an ``auto+backends`` plan whose members'
     backend variants are chosen.
     """
@@ -643,7 +737,14 @@ def plan_all(
     _check_options("auto", objective, latency_bound_s)
     chosen_model = _model_for(model, interference)
     session = _Session(
-        ensemble, device, _single_set(profiles), batch_size, objective, latency_bound_s, chosen_model
+        ensemble,
+        device,
+        _single_set(profiles),
+        batch_size,
+        objective,
+        latency_bound_s,
+        chosen_model,
+        measured_plans,
     )
     result = PlanList()
     for name in wanted:
@@ -674,6 +775,7 @@ def plan_all(
 __all__ = [
     "DEFAULT_MAX_BATCH",
     "OBJECTIVES",
+    "SETTLE_WITHIN",
     "PlanList",
     "Pool",
     "Selector",

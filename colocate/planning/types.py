@@ -7,6 +7,7 @@ sides agree only on this file. Units live in the field names (``_s`` seconds,
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -168,3 +169,43 @@ class Plan:
                 f"plan does not match the ensemble: missing {missing or 'none'}, "
                 f"unknown {extra or 'none'}; re-plan for this ensemble"
             )
+
+
+@dataclass(frozen=True)
+class PlanMeasurement:
+    """A candidate plan run for real, a few rounds, to settle what the cost model cannot call.
+
+    ``auto`` planning given such measurements picks the measured-best of the measured plans
+    predicted near its own pick (see :func:`colocate.planning.plan`); a calibration records
+    them (:func:`colocate.compare.calibrate`).
+    """
+
+    name: str  # what proposed it when it was measured, e.g. "auto", "streams", "sequential"
+    slots: tuple[Slot, ...]  # the slots that ran
+    batch_size: int  # samples per request
+    predicted_sps: float  # the cost model's throughput prediction when it was measured
+    round_sps: tuple[float, ...]  # measured samples/s, one per round (empty when it failed)
+    failure: str | None = None  # why it did not run, if it did not
+
+    def __post_init__(self) -> None:
+        if not self.slots:
+            raise InvalidInputError(f"plan measurement '{self.name}' has no slots")
+        if any(not value >= 0 for value in self.round_sps):
+            raise InvalidInputError(
+                f"plan measurement '{self.name}': samples/s must be >= 0, got {list(self.round_sps)}"
+            )
+
+    @property
+    def measured_sps(self) -> float | None:
+        """The median samples/s over the rounds; None when it did not run."""
+        return float(statistics.median(self.round_sps)) if self.round_sps else None
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """All member names, slot by slot."""
+        return tuple(m for s in self.slots for m in s.members)
+
+    def describe(self) -> str:
+        """One line: ``"streams (5 stream slots)"``."""
+        kinds = sorted({s.kind for s in self.slots})
+        return f"{self.name} ({len(self.slots)} {'/'.join(kinds)} slot{'s' if len(self.slots) > 1 else ''})"

@@ -1,0 +1,565 @@
+"""Repeated, interleaved rounds; ties; calibration that settles near-ties; slot-kind aware pairs.
+
+Nothing here runs a model: ``run_plan`` is replaced by a fake that returns scripted figures, so
+each test checks the bookkeeping (order, medians, choices), not wall time.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+import colocate.compare as compare_module
+from colocate import Device, Ensemble, serde, zoo
+from colocate._timing import LatencyStats
+from colocate.cli import _run_settings, build_parser
+from colocate.compare import (
+    Calibration,
+    PairMeasurement,
+    RunSettings,
+    compare,
+    pair_kind,
+    pairs_to_measure,
+    rotated,
+)
+from colocate.errors import InvalidInputError
+from colocate.execution.types import RunResult
+from colocate.planning import CostModel, SlotSpec, conflict_graph, plan
+from colocate.planning.types import Plan, PlanMeasurement, Slot
+from colocate.report import PlanResult, PlanRun, Report, render_table, table_rows, to_csv
+from tests.planning.helpers import demand, demands, h100, recorded
+from tests.test_compare import hand_plan
+
+# --- a fake runner ---------------------------------------------------------------------------
+
+
+def fake_run(plan: Plan, sps: float, *, latency_s: float | None = None) -> PlanRun:
+    """A measured run of ``plan`` at ``sps`` samples/s (latency 1/sps unless given)."""
+    latency = latency_s if latency_s is not None else plan.batch_size / sps
+    run = RunResult(
+        strategy=plan.strategy,
+        device=plan.device,
+        batch_size=plan.batch_size,
+        slots=tuple(f"{s.name} {s.kind}: {', '.join(s.members)}" for s in plan.slots),
+        concurrency=2,
+        warmup_requests=0,
+        requests_completed=10,
+        requests_failed=0,
+        wall_s=1.0,
+        throughput_sps=sps,
+        latency=LatencyStats.from_samples([latency, latency * 1.1, latency * 1.2]),
+        memory=(),
+        utilization_pct_samples=(),
+        utilization_pct=None,
+        mean_power_w=None,
+        status="ok",
+        errors=(),
+        worker_restarts=0,
+        interrupted=False,
+        prediction=plan.prediction,
+    )
+    return PlanRun(run)
+
+
+class Runner:
+    """Replaces ``run_plan``: answers each plan (by label) with the next of its scripted figures."""
+
+    def __init__(self, script: dict[str, list[float]]) -> None:
+        self.script = {name: iter(values) for name, values in script.items()}
+        self.calls: list[str] = []
+        self.rates: list[tuple[str, tuple[float, ...]]] = []
+
+    def __call__(
+        self, plan: Plan, ensemble: Ensemble, settings: RunSettings, *, name: str | None = None
+    ) -> tuple[PlanRun | None, str | None]:
+        label = name or plan.strategy
+        self.calls.append(label)
+        self.rates.append((label, settings.rates))
+        value = next(self.script[label])
+        if value < 0:
+            return None, "WorkerFailedError: the plan's process died (exit code -9)"
+        return fake_run(plan, value), None
+
+
+@pytest.fixture
+def pair_ensemble() -> Ensemble:
+    return Ensemble(tuple(zoo.member(a, scale="tiny") for a in ("mlp", "mobilenet")), name="pair")
+
+
+def three_plans(cpu: Device) -> list[Plan]:
+    return [
+        hand_plan(cpu, "sequential", [["mlp", "mobilenet"]]),
+        hand_plan(cpu, "streams", [["mlp"], ["mobilenet"]]),
+        hand_plan(cpu, "processes", [["mlp"], ["mobilenet"]], kind="process"),
+    ]
+
+
+# --- rounds ----------------------------------------------------------------------------------
+
+
+def test_rotated_puts_every_item_in_every_position() -> None:
+    items = ["a", "b", "c"]
+    orders = [rotated(items, r) for r in range(3)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert [order.index("a") for order in orders] == [0, 2, 1]
+    assert rotated(items, 3) == items and rotated([], 2) == []
+
+
+def test_rounds_are_interleaved_rotated_and_reported_as_medians(
+    cpu: Device, pair_ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    runner = Runner(
+        {
+            "sequential": [100.0, 80.0, 90.0],
+            "streams": [120.0, 150.0, 130.0],
+            "processes": [95.0, 60.0, 70.0],
+        }
+    )
+    monkeypatch.setattr(compare_module, "run_plan", runner)
+    settings = RunSettings(requests=4, seconds=None, repeats=3, rates=(5.0,))
+    report = compare(pair_ensemble, cpu, three_plans(cpu), batch_size=2, settings=settings)
+    # every plan once per round, the order rotated by one each round
+    assert runner.calls == [
+        "sequential", "streams", "processes",
+        "streams", "processes", "sequential",
+        "processes", "sequential", "streams",
+    ]  # fmt: skip
+    # the rate sweep runs in the first round only
+    assert [label for label, rates in runner.rates if rates] == ["sequential", "streams", "processes"]
+    seq, streams, procs = (report.result(n) for n in ("sequential", "streams", "processes"))
+    assert seq is not None and streams is not None and procs is not None
+    assert seq.round_sps == (100.0, 80.0, 90.0) and len(seq.round_p99_s) == 3
+    assert seq.measured_sps == 90.0 and streams.measured_sps == 130.0 and procs.measured_sps == 70.0
+    assert streams.run is not None and streams.run.throughput_sps == 130.0  # the median round is kept
+    assert streams.speedup == pytest.approx(130.0 / 90.0)  # medians, not the first or the mean
+    assert procs.speedup == pytest.approx(70.0 / 90.0)
+    assert streams.measured_range_sps == (120.0, 150.0)
+    assert streams.spread == pytest.approx(15.0 / 130.0)
+    assert report.best is streams and report.rounds == 3
+    assert report.settings["repeats"] == "3"
+    rows = {row[0]: row for row in table_rows(report)}
+    assert rows["streams *"][4] == "130 ±12%"
+    assert any("3 interleaved rounds" in note for note in report.notes)
+    # the data round-trips (the plot draws the ranges), and CSV carries the range
+    written = compare_module.save_report(report, tmp_path / "out")
+    assert serde.load(Report, written["json"]) == report
+    assert written["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "130 ±12%" in written["txt"].read_text()
+    csv_rows = {r["plan"]: r for r in csv.DictReader(io.StringIO(to_csv(report)))}
+    assert csv_rows["streams"]["rounds"] == "3"
+    assert float(csv_rows["streams"]["measured_min_sps"]) == 120.0
+    assert float(csv_rows["streams"]["measured_max_sps"]) == 150.0
+    assert float(csv_rows["streams"]["measured_sps"]) == 130.0
+
+
+def test_a_round_that_fails_fails_the_plan_and_says_which(
+    cpu: Device, pair_ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = Runner({"sequential": [100.0, 100.0], "streams": [120.0, -1.0]})
+    monkeypatch.setattr(compare_module, "run_plan", runner)
+    plans = three_plans(cpu)[:2]
+    report = compare(pair_ensemble, cpu, plans, batch_size=2, settings=RunSettings(repeats=2))
+    streams = report.result("streams")
+    assert streams is not None and streams.status == "failed"
+    assert streams.reason is not None and streams.reason.startswith("round 2 of 2: WorkerFailedError")
+    assert streams.round_sps == (120.0,)  # what ran is kept, the plan is not the best
+    assert report.best is not None and report.best.name == "sequential"
+
+
+def test_repeats_must_be_a_positive_whole_number() -> None:
+    with pytest.raises(InvalidInputError, match="repeats must be a whole number"):
+        RunSettings(repeats=0)
+    with pytest.raises(InvalidInputError, match="repeats"):
+        RunSettings(repeats=True)
+
+
+def test_cli_compare_takes_repeats() -> None:
+    args = build_parser().parse_args(["compare", "--device", "cpu", "--repeats", "3"])
+    assert _run_settings(args).repeats == 3
+    alias = build_parser().parse_args(["compare", "--device", "cpu", "--rounds", "2"])
+    assert _run_settings(alias).repeats == 2
+    plain = build_parser().parse_args(["compare", "--device", "cpu"])
+    assert _run_settings(plain).repeats == 1
+    demo = build_parser().parse_args(["demo", "--device", "cpu"])
+    assert demo.rounds == 2
+
+
+# --- ties ------------------------------------------------------------------------------------
+
+
+def _result(cpu: Device, name: str, rounds: tuple[float, ...]) -> PlanResult:
+    plan_ = hand_plan(cpu, name, [["mlp"]])
+    run = fake_run(plan_, sorted(rounds)[(len(rounds) - 1) // 2]).run
+    return PlanResult(name, "ok", None, plan_, run, None, round_sps=rounds)
+
+
+def test_plans_whose_range_overlaps_the_best_are_tied(cpu: Device) -> None:
+    report = Report(
+        ensemble="pair",
+        device=cpu,
+        batch_size=2,
+        baseline="sequential",
+        results=(
+            _result(cpu, "sequential", (90.0, 100.0, 95.0)),
+            _result(cpu, "streams", (110.0, 104.0, 120.0)),  # best: median 110, range 104-120
+            _result(cpu, "auto", (101.0, 106.0, 105.0)),  # highest 106 >= 104: tied
+            _result(cpu, "processes", (60.0, 70.0, 65.0)),
+        ),
+    )
+    assert report.best is not None and report.best.name == "streams"
+    assert report.tied_with_best() == ("auto",)
+    names = [row[0] for row in table_rows(report)]
+    assert names == ["sequential", "streams *", "auto ~", "processes"]
+    csv_rows = {r["plan"]: r for r in csv.DictReader(io.StringIO(to_csv(report)))}
+    assert (
+        csv_rows["auto"]["tied_with_best"] == "True" and csv_rows["sequential"]["tied_with_best"] == "False"
+    )
+    title = render_table(report).title
+    assert "median of 3 interleaved rounds" in title and "~ = tied" in title
+    # one round each: nothing is tied unless equal
+    single = dataclasses.replace(
+        report, results=tuple(dataclasses.replace(r, round_sps=r.round_sps[:1]) for r in report.results)
+    )
+    assert single.tied_with_best() == () and single.rounds == 1
+
+
+def test_old_report_json_without_rounds_still_loads(
+    cpu: Device, pair_ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compare_module, "run_plan", Runner({"sequential": [100.0], "streams": [120.0]}))
+    report = compare(pair_ensemble, cpu, three_plans(cpu)[:2], batch_size=2, settings=RunSettings())
+    data = json.loads(serde.dumps(report))
+    for result in data["data"]["results"]:
+        del result["round_sps"], result["round_p99_s"]
+    old = serde.loads(Report, json.dumps(data))
+    streams = old.result("streams")
+    assert streams is not None and streams.round_sps == () and streams.measured_sps == 120.0
+    assert streams.spread is None and old.rounds == 1 and old.best is not None and old.best.name == "streams"
+
+
+# --- calibration: runner-up pairs, then settling the close call -------------------------------
+
+
+class CalibrationRunner:
+    """Replaces ``run_plan`` for a calibration: pair runs answer latencies, candidate plans
+    samples/s by their label."""
+
+    def __init__(self, plan_sps: dict[str, float], pair_stretch: float = 1.05) -> None:
+        self.plan_sps = plan_sps
+        self.pair_stretch = pair_stretch
+        self.pair_runs: list[tuple[str, tuple[tuple[str, ...], ...]]] = []
+        self.plan_runs: list[str] = []
+
+    def __call__(
+        self, plan_: Plan, ensemble: Ensemble, settings: RunSettings, *, name: str | None = None
+    ) -> tuple[PlanRun | None, str | None]:
+        if plan_.strategy == "calibration":
+            kinds = {s.kind for s in plan_.slots}
+            (kind,) = kinds
+            self.pair_runs.append((kind, tuple(s.members for s in plan_.slots)))
+            latency = 0.01 * (self.pair_stretch if len(plan_.slots) == 2 else 1.0)
+            return fake_run(plan_, 1.0 / latency, latency_s=latency), None
+        label = name or plan_.strategy
+        self.plan_runs.append(label)
+        return fake_run(plan_, self.plan_sps.get(label, 10.0)), None
+
+
+def test_calibrating_a_sequential_pick_measures_runner_up_pairs_and_settles_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the H100 at batch 1 (H200 profiles): the model puts sequential, coloring and streams within
+    # 0.5 %, and auto picks sequential, which co-locates no pair
+    ensemble = zoo.default_ensemble(scale="large")
+    profiles = recorded()
+    before = plan(ensemble, h100(), profiles, batch_size=1)
+    assert len(before.slots) == 1 and pairs_to_measure(before, 3) == []
+    runner = CalibrationRunner({"streams": 40.0, "sequential": 36.0, "coloring": 30.0})
+    monkeypatch.setattr(compare_module, "run_plan", runner)
+    calibration = compare_module.calibrate(ensemble, h100(), profiles, batch_size=1, max_pairs=3)
+    # three pairs, from the runner-up plans, measured in stream slots like those plans run them
+    assert len(calibration.pairs) == 3
+    assert all(p.kind == "stream" for p in calibration.pairs)
+    assert {kind for kind, _ in runner.pair_runs} == {"stream"}
+    assert all(p.slowdown == pytest.approx(1.05) for p in calibration.pairs)
+    # then the close call: auto's pick and the best runners-up, two interleaved rounds each
+    names = [m.name for m in calibration.plans]
+    assert names[0] == "sequential" and "streams" in names and len(names) <= 3
+    assert sorted(runner.plan_runs) == sorted(names * 2)
+    assert runner.plan_runs[: len(names)] == names and runner.plan_runs[len(names) :] != names
+    assert all(len(m.round_sps) == 2 for m in calibration.plans)
+    # planning with the calibration picks the measured-best, and says so
+    after = plan(
+        ensemble,
+        h100(),
+        profiles,
+        batch_size=1,
+        interference=calibration.interference(),
+        measured_plans=calibration.measured_plans(),
+    )
+    assert [s.members for s in after.slots] == [(m,) for m in ensemble.member_names]
+    assert any(
+        line.startswith("settled by measurement: streams measured 40 vs sequential 36")
+        for line in after.explanation
+    )
+
+
+def test_worker_pairs_are_measured_alone_and_together_in_worker_processes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ensemble = zoo.default_ensemble(scale="large")
+    runner = CalibrationRunner({}, pair_stretch=1.3)
+    monkeypatch.setattr(compare_module, "run_plan", runner)
+    settings = RunSettings(seconds=1.0, concurrency=1)
+    picks = [("mlp", "vit", "process"), ("mlp", "resnet", "stream")]
+    measured = compare_module._measure_pairs(ensemble, h100(), recorded(), 8, picks, settings, lambda _: None)
+    assert [(p.a, p.b, p.kind) for p in measured] == [("mlp", "vit", "process"), ("mlp", "resnet", "stream")]
+    assert runner.pair_runs == [
+        ("process", (("mlp",),)),
+        ("process", (("vit",),)),
+        ("process", (("mlp",), ("vit",))),
+        ("stream", (("mlp",),)),  # alone again: a stream slot is not a worker process
+        ("stream", (("resnet",),)),
+        ("stream", (("mlp",), ("resnet",))),
+    ]
+    assert all(p.slowdown == pytest.approx(1.3) for p in measured)
+    engine = CostModel().engine(compare_module.member_demands(ensemble, h100(), recorded(), 8))
+    assert measured[0].predicted_slowdown == pytest.approx(engine.pair_slowdown("mlp", "vit", "process"))
+
+
+def test_calibration_without_plan_measurements_measures_pairs_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    ensemble = zoo.default_ensemble(scale="large")
+    runner = CalibrationRunner({})
+    monkeypatch.setattr(compare_module, "run_plan", runner)
+    calibration = compare_module.calibrate(
+        ensemble, h100(), recorded(), batch_size=1, max_pairs=1, max_plans=0
+    )
+    assert len(calibration.pairs) == 1 and calibration.plans == () and runner.plan_runs == []
+
+
+def test_compare_calibrates_then_runs_the_settled_auto_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    ensemble = zoo.default_ensemble(scale="large")
+    runner = CalibrationRunner({"streams": 40.0, "sequential": 36.0, "coloring": 30.0, "auto": 40.0})
+    monkeypatch.setattr(compare_module, "run_plan", runner)
+    report = compare(
+        ensemble, h100(), ["sequential", "streams", "auto"], profiles=recorded(), batch_size=1,
+        settings=RunSettings(seconds=1.0, repeats=2),
+    )  # fmt: skip
+    assert report.calibration is not None and len(report.calibration.plans) >= 2
+    auto = report.result("auto")
+    assert auto is not None and auto.plan is not None
+    assert [s.members for s in auto.plan.slots] == [(m,) for m in ensemble.member_names]
+    assert any(line.startswith("settled by measurement: streams") for line in auto.plan.explanation)
+    assert any("the calibration ran 3 candidate plans" in note for note in report.notes)
+    assert report.rounds == 2 and auto.round_sps == (40.0, 40.0)
+    assert set(report.tied_with_best()) == {"auto"} or report.best is auto
+
+
+# --- planning with plan measurements -------------------------------------------------------
+
+
+def _measured(p: Plan, *rounds: float, name: str | None = None) -> PlanMeasurement:
+    return PlanMeasurement(name or p.strategy, p.slots, p.batch_size, p.prediction.throughput_sps, rounds)
+
+
+@pytest.fixture(scope="module")
+def h100_batch8() -> dict[str, Plan]:
+    profiles = recorded()
+    return {p.strategy: p for p in compare_module.plan_all(profiles.members, h100(), profiles, batch_size=8)}
+
+
+def _auto(measured: tuple[PlanMeasurement, ...], objective: str = "throughput", **kw: object) -> Plan:
+    profiles = recorded()
+    return plan(
+        profiles.members, h100(), profiles, batch_size=8, objective=objective, measured_plans=measured, **kw
+    )  # type: ignore[arg-type]
+
+
+def test_measured_plans_make_auto_pick_the_measured_best(h100_batch8: dict[str, Plan]) -> None:
+    model_pick = h100_batch8["auto"]
+    seq, streams, procs = h100_batch8["sequential"], h100_batch8["streams"], h100_batch8["processes"]
+    # sequential is predicted within 10 % of auto's pick, processes far below it
+    assert seq.prediction.throughput_sps >= 0.9 * model_pick.prediction.throughput_sps
+    assert procs.prediction.throughput_sps < 0.5 * model_pick.prediction.throughput_sps
+    measured = (
+        _measured(model_pick, 306.0, 300.0, name="auto"),
+        _measured(streams, 358.0, 350.0),
+        _measured(seq, 380.0, 376.0),
+        _measured(procs, 900.0, 900.0),  # predicted far off: not a close call, ignored
+    )
+    chosen = _auto(measured)
+    assert chosen.slots == seq.slots
+    line = next(x for x in chosen.explanation if x.startswith("settled by measurement"))
+    assert line.startswith(
+        "settled by measurement: sequential measured 378 vs streams 354, auto 303 samples/s"
+    )
+    assert "instead of the model's pick" in line
+    # the model's pick measured best: it stays, and the explanation says it was confirmed
+    confirmed = _auto((_measured(model_pick, 430.0, 420.0, name="auto"), _measured(seq, 380.0, 376.0)))
+    assert confirmed.slots == model_pick.slots
+    assert any("the model's pick" in x for x in confirmed.explanation)
+
+
+def test_measured_plans_do_not_apply_without_the_pick_or_for_other_objectives(
+    h100_batch8: dict[str, Plan],
+) -> None:
+    model_pick = h100_batch8["auto"]
+    seq, streams = h100_batch8["sequential"], h100_batch8["streams"]
+    without_pick = (_measured(streams, 358.0), _measured(seq, 380.0))
+    assert _auto(without_pick).slots == model_pick.slots  # nothing measured to compare the pick with
+    both = (_measured(model_pick, 306.0, name="auto"), _measured(seq, 380.0))
+    latency = _auto(both, objective="latency")
+    assert not any("settled" in x for x in latency.explanation)
+    other_batch = tuple(dataclasses.replace(m, batch_size=1) for m in both)
+    assert _auto(other_batch).slots == model_pick.slots
+    failed = (_measured(model_pick, 306.0, name="auto"), dataclasses.replace(_measured(seq), failure="died"))
+    assert _auto(failed).slots == model_pick.slots
+    # other strategies are not settled
+    profiles = recorded()
+    fixed = plan(profiles.members, h100(), profiles, strategy="streams", batch_size=8, measured_plans=both)
+    assert fixed.slots == streams.slots
+
+
+# --- slot kinds of pair measurements ----------------------------------------------------------
+
+
+def _two_members() -> object:
+    return demands(
+        demand("a", 10.0, busy=0.3, fill=0.5, host=0.1),
+        demand("b", 8.0, busy=0.3, fill=0.5, host=0.1),
+    )
+
+
+def _finish(model: CostModel, kind: str) -> float:
+    ds = _two_members()
+    layout = (SlotSpec(kind, ("a",)), SlotSpec(kind, ("b",)))
+    if kind == "mps":
+        layout = (SlotSpec("mps", ("a",), 50.0), SlotSpec("mps", ("b",), 50.0))
+    prediction = model.predict(layout, ds)  # type: ignore[arg-type]
+    return max(m.finish_s - m.start_s for m in prediction.members)
+
+
+def test_a_pair_measurement_applies_only_to_slots_of_its_kind() -> None:
+    plain = CostModel()
+    stream_measured = CostModel(interference={("a", "b"): 3.0})
+    process_measured = CostModel(interference={("b", "a", "process"): 3.0})
+    mps_measured = CostModel(interference={("a", "b", "process"): 3.0, ("a", "b", "mps"): 1.5})
+    # a stream measurement (the old two-member key) changes stream slots only
+    assert _finish(stream_measured, "stream") > 2.5 * _finish(plain, "stream")
+    assert _finish(stream_measured, "process") == pytest.approx(_finish(plain, "process"))
+    assert _finish(stream_measured, "mps") == pytest.approx(_finish(plain, "mps"))
+    # a process measurement changes process slots, and mps slots (worker processes too) ...
+    assert _finish(process_measured, "stream") == pytest.approx(_finish(plain, "stream"))
+    assert _finish(process_measured, "process") > 2.0 * _finish(plain, "process")
+    assert _finish(process_measured, "mps") > 2.0 * _finish(plain, "mps")
+    # ... unless an mps measurement says otherwise
+    assert _finish(mps_measured, "mps") < _finish(process_measured, "mps")
+    # a stream slot beside a process slot: no measurement applies
+    ds = _two_members()
+    mixed = (SlotSpec("stream", ("a",)), SlotSpec("process", ("b",)))
+    for model in (stream_measured, process_measured):
+        assert model.predict(mixed, ds).throughput_sps == pytest.approx(
+            plain.predict(mixed, ds).throughput_sps
+        )  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="unknown slot kind 'thread'"):
+        CostModel(interference={("a", "b", "thread"): 1.2})
+
+
+def test_a_process_measurement_reproduces_the_pair_in_process_slots_on_a_gpu() -> None:
+    ds = _two_members()
+    model = CostModel(interference={("a", "b", "process"): 2.0})
+    engine = model.engine(ds)  # type: ignore[arg-type]
+    layout = (SlotSpec("process", ("a",)), SlotSpec("process", ("b",)))
+    ev = engine.evaluate(layout)
+    offset = ev.starts_s[0][0]
+    makespan = max(ev.finishes_s[0][0], ev.finishes_s[1][0]) - offset
+    assert makespan / 0.010 == pytest.approx(2.0, rel=1e-6)
+    assert engine.measured_pair("a", "b", "mps") == 2.0 and engine.measured_pair("a", "b") is None
+
+
+def test_the_conflict_graph_of_a_kind_uses_that_kinds_measurements() -> None:
+    ds = _two_members()
+    table = {("a", "b", "process"): 2.5}
+    assert conflict_graph(ds, table, kind="process").edges["a", "b"]["measured"] is True  # type: ignore[arg-type]
+    assert conflict_graph(ds, table, kind="stream").edges["a", "b"]["measured"] is False  # type: ignore[arg-type]
+
+
+def test_pairs_are_measured_in_the_kind_of_their_slots(cpu: Device) -> None:
+    assert pair_kind("stream", "stream") == "stream"
+    assert pair_kind("process", "process") == "process" and pair_kind("mps", "mps") == "process"
+    assert pair_kind("stream", "process") is None
+    mixed = Plan(
+        device=cpu,
+        batch_size=2,
+        slots=(
+            Slot("s0", "stream", ("a",)),
+            Slot("s1", "stream", ("b",)),
+            Slot("s2", "process", ("c",)),
+            Slot("s3", "mps", ("d",), thread_percentage=50.0),
+        ),
+        prediction=hand_plan(cpu, "x", [["a"]]).prediction,
+        strategy="x",
+    )
+    picks = pairs_to_measure(mixed, 10)
+    assert sorted(picks) == [("a", "b", "stream"), ("c", "d", "process")]
+
+
+def test_calibration_json_round_trips_and_old_files_load(cpu: Device, tmp_path: Path) -> None:
+    seq = hand_plan(cpu, "sequential", [["mlp", "mobilenet"]])
+    calibration = Calibration(
+        ensemble="pair",
+        device=cpu,
+        batch_size=2,
+        pairs=(
+            PairMeasurement("mlp", "mobilenet", 0.001, 0.004, 0.006, 1.5, 1.1),
+            PairMeasurement("mlp", "mobilenet", 0.002, 0.005, 0.007, 1.4, 1.2, kind="process"),
+        ),
+        plans=(
+            PlanMeasurement("sequential", seq.slots, 2, 100.0, (90.0, 95.0)),
+            PlanMeasurement("streams", seq.slots, 2, 99.0, (), failure="died"),
+        ),
+    )
+    path = serde.save(calibration, tmp_path / "cal.json")
+    assert compare_module.load_calibration(path) == calibration
+    assert calibration.interference() == {("mlp", "mobilenet"): 1.5, ("mlp", "mobilenet", "process"): 1.4}
+    assert [m.name for m in calibration.measured_plans()] == ["sequential"]
+    assert calibration.plans[0].measured_sps == 92.5
+    # a file from before kinds and plan measurements
+    data = json.loads(path.read_text())
+    del data["data"]["plans"]
+    for pair in data["data"]["pairs"]:
+        del pair["kind"]
+    old = serde.loads(Calibration, json.dumps(data))
+    assert old.plans == () and [p.kind for p in old.pairs] == ["stream", "stream"]
+    with pytest.raises(InvalidInputError, match="samples/s must be >= 0"):
+        PlanMeasurement("x", seq.slots, 2, 1.0, (-1.0,))
+
+
+def test_cli_plan_uses_a_saved_calibration(
+    h100_batch8: dict[str, Plan], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from colocate.cli import main
+    from tests.planning.helpers import EAGER
+
+    model_pick, seq = h100_batch8["auto"], h100_batch8["sequential"]
+    calibration = Calibration(
+        ensemble="default-large",
+        device=h100(),
+        batch_size=8,
+        pairs=(),
+        plans=(_measured(model_pick, 306.0, name="auto"), _measured(seq, 380.0)),
+    )
+    path = serde.save(calibration, tmp_path / "calibration.json")
+    args = ["plan", "--device", "h100", "--profiles", str(EAGER), "--batch-size", "8", "--json"]
+    assert main([*args, "--calibration", str(path)]) == 0
+    settled = serde.loads(Plan, capsys.readouterr().out)
+    assert settled.slots == seq.slots
+    assert any(
+        line.startswith("settled by measurement: sequential measured 380") for line in settled.explanation
+    )
+    assert main(args) == 0
+    assert serde.loads(Plan, capsys.readouterr().out).slots == model_pick.slots
