@@ -398,8 +398,17 @@ class Engine:
 
     # -- figures ------------------------------------------------------------------------
 
-    def eff(self, name: str, kind: str, percent: float | None) -> _Eff:
-        key = (name, kind, percent if kind == "mps" else None)
+    def eff(self, name: str, kind: str, percent: float | None, slots: int = 1) -> _Eff:
+        """A member's effective figures in a slot of ``kind`` (``percent`` for mps) in a layout
+        of ``slots`` slots: on the CPU a stream or process slot runs its members at the threads
+        the executor gives it (:func:`cpu_threads_per_slot`), so their latency and core share
+        are taken at that many threads."""
+        threads = (
+            cpu_threads_per_slot(self.demands.cores, slots)
+            if not self.gpu and kind != "mps"
+            else None
+        )
+        key = (name, kind, percent if kind == "mps" else threads)
         cached = self._eff.get(key)
         if cached is not None:
             return cached
@@ -422,7 +431,14 @@ class Engine:
                 fill_k = min(1.0, k / cores)
                 e = _Eff(lat_k, g, 0.0, fill_k, 1.0, g * fill_k, latency)
             else:
-                e = _Eff(latency, busy, 0.0, d.sm_fill, 1.0, busy * d.sm_fill, latency)
+                k = threads if threads is not None else cores
+                lat_k = d.latency_with_threads(k) if k < cores else latency
+                g = lat_k * d.busy_fraction if k < cores else busy
+                fill_k = min(1.0, k / cores) if k < cores else d.sm_fill
+                # stream slots are threads of one interpreter: the serial (dispatch) share of
+                # an eager member holds the GIL, so stream slots serialise on it
+                host = lat_k * d.serial_fraction() if kind == "stream" else 0.0
+                e = _Eff(lat_k, g, host, fill_k, 1.0, g * fill_k, latency)
         self._eff[key] = e
         return e
 
@@ -522,7 +538,7 @@ class Engine:
     def _simulate(self, layout: Layout, *, corrected: bool = True, pair_factor: float | None = None) -> _Sim:
         model = self.model
         n = len(layout)
-        effs = [[self.eff(m, s.kind, s.percent) for m in s.members] for s in layout]
+        effs = [[self.eff(m, s.kind, s.percent, len(layout)) for m in s.members] for s in layout]
         names = [s.members for s in layout]
         stream = [s.kind == "stream" for s in layout]
         if not self.gpu or any(s.kind == "mps" for s in layout):
@@ -590,18 +606,30 @@ class Engine:
                 duration = e.rest + (a if a > b else b)
                 if correct:
                     # a measured pair stretches both while side by side, in whichever concurrency
-                    # domains they run, when it was measured in slots of their kinds
+                    # domains they run, when it was measured in slots of their kinds. Beside
+                    # several measured partners a member takes their geometric mean, not their
+                    # product: the engine already counts each extra partner's share of the
+                    # cores or SMs, and multiplying pair corrections counted it again (on 2
+                    # CPU cores, five worker processes were predicted at a third of their speed)
                     me = names[k][pos[k]]
+                    log_sum = 0.0
+                    partners = 0
                     for o in active:
                         if o == k:
                             continue
                         pair_kind = measurement_kind(kinds[k], kinds[o])
                         if pair_kind is None:
                             continue
-                        if pair_factor is not None:
-                            duration *= pair_factor
-                        else:
-                            duration *= self._correction(me, names[o][pos[o]], pair_kind)
+                        factor = (
+                            pair_factor
+                            if pair_factor is not None
+                            else self._correction(me, names[o][pos[o]], pair_kind)
+                        )
+                        if factor != 1.0:
+                            log_sum += math.log(factor)
+                            partners += 1
+                    if partners:
+                        duration *= math.exp(log_sum / partners)
                 if duration < e.latency and pair_factor is None:
                     duration = e.latency
                 durations.append(duration)
@@ -667,7 +695,7 @@ class Engine:
             busy = 0.0
             latency = 0.0
             for m in s.members:
-                e = self.eff(m, s.kind, s.percent)
+                e = self.eff(m, s.kind, s.percent, len(layout))
                 slot_work += e.work
                 host += e.host
                 busy += e.g

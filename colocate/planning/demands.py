@@ -164,6 +164,25 @@ class MemberDemand:
     def measured(self) -> bool:
         return self.source == "measured"
 
+    def serial_fraction(self) -> float:
+        """CPU: the share of this member's time that does not speed up with threads (Amdahl's
+        serial fraction, fitted between 1 thread and ``self.threads`` from its thread scaling,
+        clamped to [0, 1]; ``1 - UNKNOWN_PARALLEL_FRACTION`` without figures).
+
+        For eager frameworks this is mostly the interpreter dispatching operators, which holds
+        the GIL: what stream slots of one process cannot run side by side.
+        """
+        points = sorted((k, t) for k, t in self.thread_scaling if k >= 1 and t > 0)
+        full = self.threads or (points[-1][0] if points else 1)
+        if len(points) < 2 or full <= 1:
+            return 1.0 - UNKNOWN_PARALLEL_FRACTION
+        one = _piecewise(points, 1)
+        many = _piecewise(points, full)
+        if one <= 0:
+            return 1.0 - UNKNOWN_PARALLEL_FRACTION
+        fraction = (many / one - 1.0 / full) / (1.0 - 1.0 / full)
+        return min(1.0, max(0.0, fraction))
+
     def latency_with_threads(self, threads: int) -> float:
         """Latency with ``threads`` threads (CPU device), from its thread scaling.
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 
+from colocate.devices import cpu_device
 from colocate.errors import InvalidInputError
 from colocate.planning import CostModel, DemandSet, SlotSpec, mps_percentages
+from colocate.planning.demands import MemberDemand, demand_set
 from colocate.planning.types import Slot
 
 from .helpers import MIB, demand, demands
@@ -184,3 +187,70 @@ def test_p99_adds_the_tails_of_the_last_slot_in_quadrature() -> None:
     assert p.latency_p99_s == pytest.approx(p.latency_s + 0.5 * a_time)  # b finishes early: its tail hides
     seq = M.predict((SlotSpec("stream", ("a", "b")),), ds)
     assert seq.latency_p99_s == pytest.approx(seq.latency_s + math.hypot(0.5 * 0.010, 2.0 * 0.002))
+
+
+# -- CPU slots and several measured partners (calibrated against runs on a 2-core CPU)
+
+
+def _cpu_demand(name: str, one_thread_ms: float, two_threads_ms: float) -> MemberDemand:
+    return MemberDemand(
+        member=name,
+        batch_size=8,
+        latency_s=two_threads_ms / 1e3,
+        p99_s=two_threads_ms / 1e3,
+        busy_fraction=1.0,
+        sm_fill=1.0,
+        host_share=0.0,
+        weights_bytes=10 * MIB,
+        activation_bytes=10 * MIB,
+        threads=2,
+        thread_scaling=((1, one_thread_ms / 1e3), (2, two_threads_ms / 1e3)),
+    )
+
+
+def _cpu(*members: MemberDemand) -> DemandSet:
+    device = dataclasses.replace(cpu_device(), cpu_cores=2)
+    return demand_set(device, 8, members, process_bytes=256 * MIB)
+
+
+def test_serial_fraction_from_the_thread_scaling() -> None:
+    assert _cpu_demand("a", 10, 10).serial_fraction() == pytest.approx(1.0)  # no gain from threads
+    assert _cpu_demand("a", 10, 5).serial_fraction() == pytest.approx(0.0)  # perfect scaling
+    assert _cpu_demand("a", 10, 7.5).serial_fraction() == pytest.approx(0.5)
+    assert _cpu_demand("a", 10, 12).serial_fraction() == pytest.approx(1.0)  # slower with threads: clamped
+    assert demand("a", 10).serial_fraction() == pytest.approx(0.2)  # no figures: the default
+
+
+def test_cpu_slots_run_at_their_share_of_the_threads() -> None:
+    # perfectly parallel members: two processes on one core each are no faster than one after
+    # another on both cores (before, each process was taken at its two-thread latency: 2x)
+    ds = _cpu(_cpu_demand("a", 20, 10), _cpu_demand("b", 20, 10))
+    seq = M.predict((SlotSpec("stream", ("a", "b")),), ds)
+    procs = M.predict((SlotSpec("process", ("a",)), SlotSpec("process", ("b",))), ds)
+    assert procs.throughput_sps == pytest.approx(seq.throughput_sps, rel=0.15)
+    assert {m.member: m.finish_s - m.start_s for m in procs.members}["a"] >= 0.019
+
+
+def test_cpu_stream_slots_serialise_on_the_interpreter_but_processes_do_not() -> None:
+    # members that do not speed up with threads (an eager model at batch 1): the interpreter's
+    # lock serialises stream slots, while two processes run on a core each
+    ds = _cpu(_cpu_demand("a", 10, 10), _cpu_demand("b", 10, 10))
+    seq = M.predict((SlotSpec("stream", ("a", "b")),), ds)
+    streams = M.predict((SlotSpec("stream", ("a",)), SlotSpec("stream", ("b",))), ds)
+    procs = M.predict((SlotSpec("process", ("a",)), SlotSpec("process", ("b",))), ds)
+    assert streams.throughput_sps < 1.1 * seq.throughput_sps
+    assert procs.throughput_sps > 1.6 * seq.throughput_sps
+
+
+def test_several_measured_partners_do_not_compound() -> None:
+    light = dict(busy=0.3, fill=0.1, host=0.1)
+    ds = demands(demand("a", 10, **light), demand("b", 10, **light), demand("c", 10, **light))
+    table = {("a", "b"): 2.0, ("a", "c"): 2.0, ("b", "c"): 2.0}
+    model = CostModel(interference=table)
+    pair = model.predict((SlotSpec("stream", ("a",)), SlotSpec("stream", ("b",))), ds)
+    three = model.predict(tuple(SlotSpec("stream", (m,)) for m in "abc"), ds)
+    slow_pair = max(m.slowdown for m in pair.members)
+    slow_three = max(m.slowdown for m in three.members)
+    assert slow_pair == pytest.approx(2.0, rel=0.05)
+    # each member runs beside two partners measured at 2x: that is not 4x (the product)
+    assert slow_three < 1.3 * slow_pair
