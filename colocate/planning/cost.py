@@ -435,9 +435,9 @@ class Engine:
                 lat_k = d.latency_with_threads(k) if k < cores else latency
                 g = lat_k * d.busy_fraction if k < cores else busy
                 fill_k = min(1.0, k / cores) if k < cores else d.sm_fill
-                # stream slots are threads of one interpreter: the serial (dispatch) share of
-                # an eager member holds the GIL, so stream slots serialise on it
-                host = lat_k * d.serial_fraction() if kind == "stream" else 0.0
+                # stream slots are threads of one interpreter: what of a member cannot run
+                # beside the other threads (MemberDemand.interpreter_share) serialises on it
+                host = lat_k * d.interpreter_share() if kind == "stream" else 0.0
                 e = _Eff(lat_k, g, host, fill_k, 1.0, g * fill_k, latency)
         self._eff[key] = e
         return e

@@ -254,3 +254,16 @@ def test_several_measured_partners_do_not_compound() -> None:
     assert slow_pair == pytest.approx(2.0, rel=0.05)
     # each member runs beside two partners measured at 2x: that is not 4x (the product)
     assert slow_three < 1.3 * slow_pair
+
+
+def test_cpu_stream_slots_of_eager_torch_members_do_not_overlap() -> None:
+    # perfectly parallel torch members: threads of one process still run one after another
+    # (measured on the CPU), while ONNX Runtime members overlap
+    torch_members = [dataclasses.replace(_cpu_demand(n, 10, 5), backend="torch") for n in "ab"]
+    ort_members = [dataclasses.replace(_cpu_demand(n, 10, 5), backend="onnxruntime") for n in "ab"]
+    layout = (SlotSpec("stream", ("a",)), SlotSpec("stream", ("b",)))
+    torch_streams = M.predict(layout, _cpu(*torch_members))
+    ort_streams = M.predict(layout, _cpu(*ort_members))
+    torch_seq = M.predict((SlotSpec("stream", ("a", "b")),), _cpu(*torch_members))
+    assert torch_streams.throughput_sps < 0.6 * torch_seq.throughput_sps  # 1 thread each, serialised
+    assert ort_streams.throughput_sps > 1.6 * torch_streams.throughput_sps
