@@ -729,7 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="plan 'auto' from the model alone (default: measure a few member pairs first, in the slot "
         "kind of the plans that use them, and when the best candidate plans are still predicted within "
-        "10%% of each other, run them briefly so 'auto' picks the measured-best)",
+        "20%% of each other, run them (and the best by-hand plan among them) briefly so 'auto' picks "
+        "the measured-best)",
     )
     p.add_argument("--calibration", default=None, help="reuse a saved calibration JSON")
     _add_backends_arg(p)

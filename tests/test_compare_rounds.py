@@ -563,3 +563,34 @@ def test_cli_plan_uses_a_saved_calibration(
     )
     assert main(args) == 0
     assert serde.loads(Plan, capsys.readouterr().out).slots == model_pick.slots
+
+
+def test_a_close_by_hand_plan_is_measured_when_settling_even_past_the_limit(
+    cpu: Device, pair_ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pick = hand_plan(cpu, "auto", [["mlp", "mobilenet"]], kind="process")
+    runners = [
+        hand_plan(cpu, "coloring", [["mlp"], ["mobilenet"]], kind="mps"),
+        hand_plan(cpu, "packing", [["mobilenet", "mlp"]], kind="mps"),
+        hand_plan(cpu, "mps=processes", [["mlp"], ["mobilenet"]], kind="process"),
+    ]
+    monkeypatch.setattr(compare_module, "candidate_plans", lambda *a, **k: (pick, list(runners)))
+    monkeypatch.setattr(compare_module, "_measure_pairs", lambda *a, **k: [])
+    measured: list[list[str]] = []
+
+    def fake_measure(plans: list[Plan], *_a: object, **_k: object) -> tuple[PlanMeasurement, ...]:
+        measured.append([p.strategy for p in plans])
+        return ()
+
+    monkeypatch.setattr(compare_module, "measure_plans", fake_measure)
+    compare_module.calibrate(pair_ensemble, cpu, ProfileSetStub(), batch_size=2, max_plans=3)
+    # the pick and the two best runners-up, and the by-hand plan (a process per member) as well
+    assert measured == [["auto", "coloring", "packing", "mps=processes"]]
+    monkeypatch.setattr(compare_module, "candidate_plans", lambda *a, **k: (pick, runners[:2]))
+    measured.clear()
+    compare_module.calibrate(pair_ensemble, cpu, ProfileSetStub(), batch_size=2, max_plans=3)
+    assert measured == [["auto", "coloring", "packing"]]  # no by-hand plan is close: none added
+
+
+class ProfileSetStub:
+    """Stands in for profiles where every function that reads them is replaced."""
