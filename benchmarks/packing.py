@@ -482,6 +482,7 @@ def run_case(
         "wall_s": calibration_s,
         "pairs": serde.to_dict(calibration.pairs) if calibration is not None else [],
         "plans": serde.to_dict(calibration.plans) if calibration is not None else [],
+        "time_scale": calibration.time_scale if calibration is not None else None,
     }
 
     # plan every strategy; identical slot layouts run once under a joined label
@@ -497,6 +498,7 @@ def run_case(
                 strategy="auto" if chooses else name,
                 batch_size=batch_size,
                 interference=interference,
+                model=calibration.model() if calibration is not None else None,
                 backends=(backends or "auto") if chooses else None,
                 measured_plans=measured_plans,
             )

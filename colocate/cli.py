@@ -399,6 +399,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         calibration = load_calibration(args.calibration)
         common["interference"] = calibration.interference()
         common["measured_plans"] = calibration.measured_plans()
+        common["model"] = calibration.model()
     console = _console()
     if args.all:
         plans = plan_all(ensemble, device, profiles, **common)

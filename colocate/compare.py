@@ -401,6 +401,7 @@ def compare(
             calibrated_now = True
     interference = calibration.interference() if calibration is not None else None
     measured_plans = calibration.measured_plans() if calibration is not None else ()
+    calibrated_model = calibration.model() if calibration is not None else None
 
     planned: list[tuple[str, Plan | None, str | None]] = []
     seen: set[str] = set()
@@ -420,6 +421,7 @@ def compare(
                     strategy=entry[: -len(SUFFIX)] if variants else entry,
                     batch_size=batch_size,
                     interference=interference,
+                    model=calibrated_model,
                     backends=(backends or "auto") if variants else None,
                     measured_plans=measured_plans,
                 )
@@ -694,16 +696,24 @@ def calibrate(
         by_hand = [p for p in close if set(p.strategy.split("=")) & set(BY_HAND_STRATEGIES)]
         if by_hand and by_hand[0] not in contenders:
             contenders.append(by_hand[0])
+        plan_settings = dataclasses.replace(
+            base, seconds=seconds, requests=None, rates=(), repeats=plan_rounds
+        )
         if len(contenders) >= 2:
             names = ", ".join(f"'{c.strategy}' {c.prediction.throughput_sps:,.0f}" for c in contenders)
             say(
                 f"calibrating: {len(contenders)} plans predicted within {settle_within:.0%} "
                 f"({names} samples/s): running them to settle it"
             )
-            plan_settings = dataclasses.replace(
-                base, seconds=seconds, requests=None, rates=(), repeats=plan_rounds
-            )
-            plans = measure_plans(contenders, ensemble, plan_settings, progress=say)
+        else:
+            say(f"calibrating: running '{settled_pick.strategy}' to see how fast plans run now")
+        plans = measure_plans(contenders, ensemble, plan_settings, progress=say)
+    time_scale = _time_scale(plans)
+    if abs(time_scale - 1.0) > 0.05:
+        say(
+            f"calibrating: plans ran {1 / time_scale:.2f}x the throughput the profiles predict; "
+            "the planner scales the members' times by that"
+        )
     return Calibration(
         ensemble=ensemble.name,
         device=device,
@@ -711,7 +721,20 @@ def calibrate(
         pairs=tuple(measured),
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         plans=plans,
+        time_scale=time_scale,
     )
+
+
+def _time_scale(plans: Sequence[PlanMeasurement]) -> float:
+    """How much slower than predicted the measured plans ran: the median of predicted over
+    measured throughput (1 without measurements). The profiles may come from a quieter or
+    busier moment, or other clocks; plans measured now say how fast this machine runs now."""
+    ratios = [
+        p.predicted_sps / measured
+        for p in plans
+        if (measured := p.measured_sps) is not None and measured > 0 and p.predicted_sps > 0
+    ]
+    return float(statistics.median(ratios)) if ratios else 1.0
 
 
 def _measure_pairs(

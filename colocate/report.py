@@ -11,6 +11,7 @@ write the other forms.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import statistics
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from colocate._optional import optional_import
 from colocate._timing import LatencyStats
 from colocate.devices import Device
 from colocate.execution.types import RunResult
-from colocate.planning.cost import PairKey
+from colocate.planning.cost import CostModel, PairKey
 from colocate.planning.types import Plan, PlanMeasurement, SlotKind
 
 PlanStatus = Literal["ok", "errors", "failed", "rejected"]
@@ -63,6 +64,16 @@ class Calibration:
     pairs: tuple[PairMeasurement, ...]
     created: str = ""
     plans: tuple[PlanMeasurement, ...] = ()
+    # how much slower (>1) or faster the plans run now than the model predicts from the
+    # profiles: the median over ``plans`` of predicted over measured throughput (profiles taken
+    # on a quieter or busier machine, at other clocks); 1 where no plan was measured
+    time_scale: float = 1.0
+
+    def model(self, base: CostModel | None = None) -> CostModel:
+        """The cost model this calibration implies: ``base`` (default constants) with the
+        measured pair slowdowns and the time scale."""
+        chosen = base or CostModel()
+        return dataclasses.replace(chosen, interference=self.interference(), time_scale=self.time_scale)
 
     def interference(self) -> dict[PairKey, float]:
         """The table the planner takes: ``{(a, b): slowdown}`` for pairs measured in stream

@@ -523,18 +523,22 @@ def test_calibration_json_round_trips_and_old_files_load(cpu: Device, tmp_path: 
             PlanMeasurement("streams", seq.slots, 2, 99.0, (), failure="died"),
         ),
     )
+    calibration = dataclasses.replace(calibration, time_scale=1.25)
     path = serde.save(calibration, tmp_path / "cal.json")
     assert compare_module.load_calibration(path) == calibration
+    assert calibration.model().time_scale == 1.25
     assert calibration.interference() == {("mlp", "mobilenet"): 1.5, ("mlp", "mobilenet", "process"): 1.4}
     assert [m.name for m in calibration.measured_plans()] == ["sequential"]
     assert calibration.plans[0].measured_sps == 92.5
     # a file from before kinds and plan measurements
     data = json.loads(path.read_text())
     del data["data"]["plans"]
+    del data["data"]["time_scale"]
     for pair in data["data"]["pairs"]:
         del pair["kind"]
     old = serde.loads(Calibration, json.dumps(data))
     assert old.plans == () and [p.kind for p in old.pairs] == ["stream", "stream"]
+    assert old.time_scale == 1.0
     with pytest.raises(InvalidInputError, match="samples/s must be >= 0"):
         PlanMeasurement("x", seq.slots, 2, 1.0, (-1.0,))
 
@@ -594,3 +598,40 @@ def test_a_close_by_hand_plan_is_measured_when_settling_even_past_the_limit(
 
 class ProfileSetStub:
     """Stands in for profiles where every function that reads them is replaced."""
+
+
+
+# --- how fast plans run now against the profiles ---------------------------------------------
+
+
+def test_time_scale_stretches_every_member_and_the_prediction() -> None:
+    ds = demands(demand("a", 10), demand("b", 20))
+    layout = (SlotSpec("stream", ("a", "b")),)
+    base = CostModel().predict(layout, ds)
+    slower = CostModel(time_scale=1.5).predict(layout, ds)
+    assert slower.throughput_sps == pytest.approx(base.throughput_sps / 1.5, rel=0.02)
+    assert ds.scaled(1.5)["b"].latency_s == pytest.approx(0.030)
+    assert ds.scaled(1.0) is ds
+    with pytest.raises(InvalidInputError, match="time_scale"):
+        CostModel(time_scale=0.0)
+
+
+def test_calibration_runs_the_pick_without_a_close_call_and_takes_the_time_scale(
+    cpu: Device, pair_ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pick = hand_plan(cpu, "auto", [["mlp", "mobilenet"]], kind="process")  # predicted 100 samples/s
+    monkeypatch.setattr(compare_module, "candidate_plans", lambda *a, **k: (pick, []))
+    monkeypatch.setattr(compare_module, "_measure_pairs", lambda *a, **k: [])
+    ran: list[list[str]] = []
+
+    def fake_measure(plans: list[Plan], *_a: object, **_k: object) -> tuple[PlanMeasurement, ...]:
+        ran.append([p.strategy for p in plans])
+        return tuple(PlanMeasurement(p.strategy, p.slots, 2, 100.0, (78.0, 82.0)) for p in plans)
+
+    monkeypatch.setattr(compare_module, "measure_plans", fake_measure)
+    calibration = compare_module.calibrate(pair_ensemble, cpu, ProfileSetStub(), batch_size=2)
+    assert ran == [["auto"]]  # no close call: the pick alone, to see how fast plans run now
+    assert calibration.time_scale == pytest.approx(100.0 / 80.0)
+    assert calibration.model().time_scale == pytest.approx(1.25)
+    none = compare_module.calibrate(pair_ensemble, cpu, ProfileSetStub(), batch_size=2, max_plans=0)
+    assert none.time_scale == 1.0 and ran == [["auto"]]  # pairs only: nothing run, no scale

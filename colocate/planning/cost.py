@@ -191,8 +191,13 @@ class CostModel:
     safety_margin: float = 0.10  # share of the free memory no plan may use
     mps_limit_headroom: float = 0.10  # an mps slot's memory limit: (its need + process cost) x (1 + headroom)
     interference: InterferenceTable | None = field(default=None, compare=False)
+    # every member's times x this: how much slower (>1) or faster the machine runs plans now than
+    # its profiles say (Calibration.time_scale, from plans run at calibration); 1 = as profiled
+    time_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.time_scale > 0:
+            raise InvalidInputError(f"CostModel.time_scale must be positive, got {self.time_scale!r}")
         for name in ("stream_host_capacity", "shm_copy_bytes_per_s"):
             if not getattr(self, name) > 0:
                 raise InvalidInputError(f"CostModel.{name} must be positive")
@@ -380,7 +385,7 @@ class Engine:
 
     def __init__(self, model: CostModel, demands: DemandSet) -> None:
         self.model = model
-        self.demands = demands
+        self.demands = demands.scaled(model.time_scale)
         self.gpu = demands.is_gpu
         self.limit = model.memory_limit_bytes(demands)
         self._eff: dict[tuple[str, str, float | None], _Eff] = {}

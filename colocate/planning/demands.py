@@ -260,6 +260,26 @@ class DemandSet:
                 f"no demand for member '{member}'; members: {', '.join(self.names)}"
             ) from None
 
+    def scaled(self, factor: float) -> DemandSet:
+        """These demands with every member's times multiplied by ``factor`` (latency, tail,
+        thread scaling): the machine runs ``factor`` times slower (or faster) now than when it
+        was profiled (see :attr:`colocate.report.Calibration.time_scale`)."""
+        if factor == 1.0:
+            return self
+        if not factor > 0:
+            raise InvalidInputError(f"time scale must be positive, got {factor!r}")
+        members = tuple(
+            dataclasses.replace(
+                d,
+                latency_s=d.latency_s * factor,
+                p99_s=d.p99_s * factor,
+                thread_scaling=tuple((k, t * factor) for k, t in d.thread_scaling),
+            )
+            for d in self.members
+        )
+        note = f"member times scaled by {factor:.3g} (calibration: how fast plans run now)"
+        return dataclasses.replace(self, members=members, notes=(*self.notes, note))
+
     @property
     def memory_available_bytes(self) -> int:
         """Free memory of the device (total when unknown)."""
