@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,33 @@ from colocate import serde
 from colocate.devices import Device
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def device_tag(device: Device) -> str:
+    """``cpu`` or the GPU's name as a file-name slug (e.g. ``nvidia-h200``)."""
+    if device.kind == "cpu":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device.name.lower()).strip("-") or device.kind
+
+
+def int_list(text: str) -> list[int]:
+    """``"1,8,64"`` -> ``[1, 8, 64]`` (empty items skipped)."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def word_list(text: str) -> list[str]:
+    """``"a, b"`` -> ``["a", "b"]`` (empty items skipped)."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as the PNG beside a result (its folder made), and close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def versions() -> dict[str, str | None]:

@@ -45,7 +45,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -56,7 +55,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import ROOT, write_result
+from benchmarks._common import ROOT, device_tag, save_figure, write_result
 from colocate import devices
 from colocate.devices import Device
 
@@ -64,13 +63,6 @@ TARGET_US_PER_MEMBER = 50.0
 TARGET_LOSS_PCT = 3.0
 EXECUTOR_KINDS: tuple[str, ...] = ("stream", "process", "mps")
 MODES: tuple[str, ...] = ("direct", *EXECUTOR_KINDS)
-
-
-def device_tag(device: Device) -> str:
-    """``cpu`` or the GPU's name as a file-name slug (e.g. ``nvidia-h200``)."""
-    if device.kind == "cpu":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", device.name.lower()).strip("-") or device.kind
 
 
 # --- the child: one configuration, in a fresh process ---------------------------------------------
@@ -557,10 +549,7 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
             left.annotate("failed", (i, 0), ha="center", va="bottom", rotation=90)
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> int:

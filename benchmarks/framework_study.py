@@ -42,7 +42,6 @@ import dataclasses
 import datetime as dt
 import math
 import os
-import re
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import ROOT, write_result
+from benchmarks._common import ROOT, device_tag, int_list, save_figure, word_list, write_result
 from colocate import devices, serde, zoo
 from colocate._timing import percentile
 from colocate.devices import Device
@@ -61,21 +60,6 @@ from colocate.profiling import ProfileSettings, profile
 BACKENDS: tuple[str, ...] = ("torch", "torch-cudagraph", "onnxruntime", "tensorrt")
 SMOKE_ARCHS: tuple[str, ...] = ("resnet", "mlp")
 _MIB = float(1 << 20)
-
-
-def device_tag(device: Device) -> str:
-    """``cpu`` or the GPU's name as a file-name slug (e.g. ``nvidia-h200``)."""
-    if device.kind == "cpu":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", device.name.lower()).strip("-") or device.kind
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _words(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,10 +353,7 @@ def plot(rows: list[dict[str, Any]], archs: list[str], title: str, path: Path) -
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> int:
@@ -402,15 +383,15 @@ def main() -> int:
         raise SystemExit(f"device {device.name} cannot run models; use the CPU or a real GPU")
     if args.smoke:
         scale: Any = args.scale or "tiny"
-        sizes = _ints(args.batch_sizes or "1,2")
-        archs = _words(args.archs) if args.archs else list(SMOKE_ARCHS)
+        sizes = int_list(args.batch_sizes or "1,2")
+        archs = word_list(args.archs) if args.archs else list(SMOKE_ARCHS)
         repeats = args.repeats or 3
         max_time = args.max_time if args.max_time is not None else 0.5
         warmup = 1
     else:
         scale = args.scale or ("large" if gpu else "small")
-        sizes = _ints(args.batch_sizes or ("1,8,32,128,256" if gpu else "1,8,32,64"))
-        archs = _words(args.archs) if args.archs else list(zoo.ARCHITECTURES)
+        sizes = int_list(args.batch_sizes or ("1,8,32,128,256" if gpu else "1,8,32,64"))
+        archs = word_list(args.archs) if args.archs else list(zoo.ARCHITECTURES)
         repeats = args.repeats or 20
         max_time = args.max_time if args.max_time is not None else 2.0
         warmup = 3
@@ -418,12 +399,13 @@ def main() -> int:
         scale = float(scale)
     from colocate.profiling.profiler import thread_counts
 
-    threads = _ints(args.threads) if args.threads else ([] if gpu else list(thread_counts(device.cpu_cores)))
-    precisions = _words(args.precisions or ("fp32,fp16" if gpu else "fp32"))
+    default_threads = [] if gpu else list(thread_counts(device.cpu_cores))
+    threads = int_list(args.threads) if args.threads else default_threads
+    precisions = word_list(args.precisions or ("fp32,fp16" if gpu else "fp32"))
     notes: list[str] = []
     if gpu and args.threads:
         notes.append("--threads is for the CPU only; on a GPU each library uses its default")
-    configs, skipped = plan_configs(device, _words(args.backends), precisions, threads)
+    configs, skipped = plan_configs(device, word_list(args.backends), precisions, threads)
     notes.append(
         "torch.compile: not a colocate backend option (members take cuda_graph, channels_last); not measured"
     )
@@ -509,7 +491,7 @@ def main() -> int:
             "batch_sizes": sizes,
             "threads": threads,
             "precisions": precisions,
-            "backends_requested": _words(args.backends),
+            "backends_requested": word_list(args.backends),
             "configs": [c.label for c in configs],
             "skipped": skipped,
             "notes": notes,

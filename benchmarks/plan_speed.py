@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import ROOT, write_result
+from benchmarks._common import ROOT, save_figure, write_result
 from colocate import devices
 from colocate.planning import plan
 from colocate.planning import search as _search_module
@@ -131,10 +131,7 @@ def plot(results: list[dict[str, Any]], title: str, path: Path) -> Path:
     right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> int:
