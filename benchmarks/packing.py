@@ -46,7 +46,6 @@ import dataclasses
 import datetime as dt
 import math
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -59,7 +58,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import ROOT, write_result
+from benchmarks._common import ROOT, device_tag, int_list, save_figure, word_list, write_result
 from colocate import devices, serde, zoo
 from colocate.compare import BASELINE, SETTLE_PLANS, RunSettings, calibrate, compare, variant_key
 from colocate.devices import Device
@@ -92,21 +91,6 @@ BY_HAND = {
     "processes": "one process per member",
 }
 _MIB = float(1 << 20)
-
-
-def device_tag(device: Device) -> str:
-    """``cpu`` or the GPU's name as a file-name slug (e.g. ``nvidia-h200``)."""
-    if device.kind == "cpu":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", device.name.lower()).strip("-") or device.kind
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _words(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _scale(text: str) -> str | float:
@@ -497,7 +481,6 @@ def run_case(
                 profiles,
                 strategy="auto" if chooses else name,
                 batch_size=batch_size,
-                interference=interference,
                 model=calibration.model() if calibration is not None else None,
                 backends=(backends or "auto") if chooses else None,
                 measured_plans=measured_plans,
@@ -866,10 +849,7 @@ def plot(cases: Sequence[dict[str, Any]], strategies: Sequence[str], device: Dev
     quality.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0))
     fig.suptitle(f"packing strategies on {device.name}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -948,9 +928,9 @@ def main() -> int:
     if not device.can_execute:
         raise SystemExit(f"{device.name} cannot run members; give --device cpu or cuda")
     gpu = device.kind == "cuda"
-    sizes = _ints(args.sizes)
-    batch_sizes = _ints(args.batch_sizes)
-    strategies = _words(args.strategies)
+    sizes = int_list(args.sizes)
+    batch_sizes = int_list(args.batch_sizes)
+    strategies = word_list(args.strategies)
     seconds: float | None = args.seconds if args.seconds is not None else (2.0 if gpu else 1.5)
     requests: int | None = args.requests
     synth_scale = _scale(args.scale) if args.scale else ("small" if gpu else 0.5)

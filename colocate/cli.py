@@ -397,9 +397,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from colocate.compare import load_calibration
 
         calibration = load_calibration(args.calibration)
-        common["interference"] = calibration.interference()
         common["measured_plans"] = calibration.measured_plans()
-        common["model"] = calibration.model()
+        common["model"] = calibration.model()  # the measured pairs and the time scale
     console = _console()
     if args.all:
         plans = plan_all(ensemble, device, profiles, **common)

@@ -420,8 +420,7 @@ def compare(
                     profiles,
                     strategy=entry[: -len(SUFFIX)] if variants else entry,
                     batch_size=batch_size,
-                    interference=interference,
-                    model=calibrated_model,
+                    model=calibrated_model,  # the measured pairs and the time scale
                     backends=(backends or "auto") if variants else None,
                     measured_plans=measured_plans,
                 )

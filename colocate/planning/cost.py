@@ -429,21 +429,17 @@ class Engine:
                 e = _Eff(latency, busy, d.host_s, fill, 1.0, busy * fill, latency)
         else:
             cores = self.demands.cores
-            if kind == "mps":
-                k = cpu_threads_for(percent, cores)
+            k = cpu_threads_for(percent, cores) if kind == "mps" else cpu_threads_per_slot(cores, slots)
+            if kind == "mps" or k < cores:
                 lat_k = d.latency_with_threads(k)
                 g = lat_k * d.busy_fraction
                 fill_k = min(1.0, k / cores)
-                e = _Eff(lat_k, g, 0.0, fill_k, 1.0, g * fill_k, latency)
             else:
-                k = threads if threads is not None else cores
-                lat_k = d.latency_with_threads(k) if k < cores else latency
-                g = lat_k * d.busy_fraction if k < cores else busy
-                fill_k = min(1.0, k / cores) if k < cores else d.sm_fill
-                # stream slots are threads of one interpreter: what of a member cannot run
-                # beside the other threads (MemberDemand.interpreter_share) serialises on it
-                host = lat_k * d.interpreter_share() if kind == "stream" else 0.0
-                e = _Eff(lat_k, g, host, fill_k, 1.0, g * fill_k, latency)
+                lat_k, g, fill_k = latency, busy, d.sm_fill
+            # stream slots are threads of one interpreter: what of a member cannot run beside the
+            # other threads (MemberDemand.interpreter_share) serialises on it
+            host = lat_k * d.interpreter_share() if kind == "stream" else 0.0
+            e = _Eff(lat_k, g, host, fill_k, 1.0, g * fill_k, latency)
         self._eff[key] = e
         return e
 
