@@ -621,11 +621,7 @@ def profile_isolated(
     compare plans should profile apart.
     Falls back to profiling here when the members cannot be sent to a child (they do not pickle).
     """
-    import multiprocessing
     import pickle
-    import tempfile
-
-    from colocate import serde
 
     members = _resolve_members(target)
     sizes = _check_batch_sizes(batch_sizes)
@@ -634,24 +630,13 @@ def profile_isolated(
         pickle.dumps(members)
     except Exception:
         return profile(members, device, sizes, settings=chosen)
-    with tempfile.TemporaryDirectory(prefix="colocate-profile-") as tmp:
-        out_path = f"{tmp}/profiles.json"
-        child = multiprocessing.get_context("spawn").Process(
-            target=_profile_child, args=(members, device, sizes, chosen, out_path), daemon=True
-        )
-        child.start()
-        child.join(timeout_s)
-        if child.is_alive():
-            child.kill()
-            raise MeasurementError(f"profiling in a child process took over {timeout_s:g} s; stopped it")
-        if child.exitcode != 0:
-            raise MeasurementError(
-                f"profiling in a child process failed (exit code {child.exitcode}); run "
-                "colocate.profiling.profile(...) in this process to see the error"
-            )
-        from colocate.profiling.types import ProfileSet as _ProfileSet
-
-        return serde.load(_ProfileSet, out_path)
+    return _in_child(
+        _profile_child,
+        (members, device, sizes, chosen),
+        ProfileSet,
+        timeout_s=timeout_s,
+        rerun_hint="run colocate.profiling.profile(...) in this process to see the error",
+    )
 
 
 def profile_variants(
@@ -753,9 +738,18 @@ def _variants_child(
 
 
 def _in_child(
-    target: Callable[..., None], args: tuple[Any, ...], result_type: type[_T], *, timeout_s: float
+    target: Callable[..., None],
+    args: tuple[Any, ...],
+    result_type: type[_T],
+    *,
+    timeout_s: float,
+    rerun_hint: str = "run it with isolated=False to see the error in this process",
 ) -> _T:
-    """Run ``target(*args, out_path)`` in a spawned child; load its ``result_type`` from ``out_path``."""
+    """Run ``target(*args, out_path)`` in a spawned child; load its ``result_type`` from ``out_path``.
+
+    A child that fails may leave its error in ``out_path`` with the suffix ``.error``; the
+    raised error quotes it, or the exit code, and ``rerun_hint``.
+    """
     import multiprocessing
     import tempfile
     from pathlib import Path
@@ -774,8 +768,5 @@ def _in_child(
         if child.exitcode != 0:
             error = Path(out_path).with_suffix(".error")
             why = error.read_text(encoding="utf-8") if error.is_file() else f"exit code {child.exitcode}"
-            raise MeasurementError(
-                f"profiling in a child process failed ({why}); run it with isolated=False to see the "
-                "error in this process"
-            )
+            raise MeasurementError(f"profiling in a child process failed ({why}); {rerun_hint}")
         return serde.load(result_type, out_path)
