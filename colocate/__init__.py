@@ -47,6 +47,7 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module(module_name), attribute)
     raise AttributeError(f"module 'colocate' has no attribute {name!r}")
 
+
 __all__ = [
     "BackendUnavailableError",
     "ColocateError",

@@ -77,9 +77,7 @@ def run_demo(
                 repeats=repeats,
             )
             outputs[member.name] = runner.infer(batch)
-            timings.append(
-                MemberTiming(member.name, member.backend, runner.load_time_s or 0.0, latency)
-            )
+            timings.append(MemberTiming(member.name, member.backend, runner.load_time_s or 0.0, latency))
     combined = ensemble.combine_outputs(outputs)
     predicted = combined.argmax(axis=1)
     return DemoResult(

@@ -325,9 +325,7 @@ class Ensemble:
         """Combine raw member outputs (name -> array) into one (batch, classes) array."""
         missing = [n for n in self.member_names if n not in outputs]
         if missing:
-            raise InvalidInputError(
-                f"ensemble '{self.name}': no output for member(s) {', '.join(missing)}"
-            )
+            raise InvalidInputError(f"ensemble '{self.name}': no output for member(s) {', '.join(missing)}")
         probs = [self.to_probs(m, outputs[m.name]) for m in self.members]
         shapes = {p.shape for p in probs}
         if len(shapes) != 1:

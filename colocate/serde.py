@@ -144,9 +144,7 @@ def loads(cls: type[T], text: str, *, source: str = "<string>") -> T:
     if not isinstance(payload, dict) or "data" not in payload:
         raise InvalidInputError(f"{source}: not a colocate JSON file (no 'data' key)")
     if payload.get("type") != cls.__name__:
-        raise InvalidInputError(
-            f"{source}: holds a {payload.get('type')!r}, expected a {cls.__name__!r}"
-        )
+        raise InvalidInputError(f"{source}: holds a {payload.get('type')!r}, expected a {cls.__name__!r}")
     version = payload.get("schema_version")
     if version != SCHEMA_VERSION:
         raise InvalidInputError(

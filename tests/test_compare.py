@@ -37,7 +37,10 @@ def hand_plan(device: Device, strategy: str, groups: list[list[str]], kind: str 
     slots = tuple(Slot(name=f"s{i}", kind=kind, members=tuple(g)) for i, g in enumerate(groups))  # type: ignore[arg-type]
     members = tuple(m for g in groups for m in g)
     return Plan(
-        device=device, batch_size=2, slots=slots, strategy=strategy,
+        device=device,
+        batch_size=2,
+        slots=slots,
+        strategy=strategy,
         prediction=Prediction(100.0, 0.02, 0.03, 1 << 20, members[0], "test", ()),
     )
 
@@ -89,8 +92,11 @@ def test_failing_plan_is_reported_and_others_run(cpu: Device, tmp_path: Path) ->
     # one good plan beside a broken one still gets measured
     ok_ens = Ensemble((good,), name="only-good")
     mixed = compare(
-        ok_ens, cpu, [hand_plan(cpu, "sequential", [["mlp"]]), hand_plan(cpu, "wrong", [["mlp", "nope"]])],
-        batch_size=2, settings=FAST,
+        ok_ens,
+        cpu,
+        [hand_plan(cpu, "sequential", [["mlp"]]), hand_plan(cpu, "wrong", [["mlp", "nope"]])],
+        batch_size=2,
+        settings=FAST,
     )
     assert mixed.result("sequential").status == "ok"  # type: ignore[union-attr]
     wrong = mixed.result("wrong")
@@ -99,7 +105,9 @@ def test_failing_plan_is_reported_and_others_run(cpu: Device, tmp_path: Path) ->
 
 def test_calibration_round_trips_and_feeds_the_planner(cpu: Device, tmp_path: Path) -> None:
     calibration = Calibration(
-        ensemble="pair", device=cpu, batch_size=2,
+        ensemble="pair",
+        device=cpu,
+        batch_size=2,
         pairs=(PairMeasurement("mlp", "mobilenet", 0.001, 0.004, 0.006, 1.5, 1.1),),
     )
     path = serde.save(calibration, tmp_path / "cal.json")

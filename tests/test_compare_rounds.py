@@ -600,7 +600,6 @@ class ProfileSetStub:
     """Stands in for profiles where every function that reads them is replaced."""
 
 
-
 # --- how fast plans run now against the profiles ---------------------------------------------
 
 

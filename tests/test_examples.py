@@ -22,7 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_example_runs(script: str, args: list[str], expected: str) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / script), *args],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert expected in proc.stdout

@@ -41,9 +41,7 @@ _REGISTRY: dict[str, BackendInfo] = {
             ("onnxruntime",),
             False,
         ),
-        BackendInfo(
-            "tensorrt", "colocate.backends.tensorrt_backend:TensorRTRunner", ("tensorrt",), True
-        ),
+        BackendInfo("tensorrt", "colocate.backends.tensorrt_backend:TensorRTRunner", ("tensorrt",), True),
         BackendInfo("cupy", "colocate.backends.cupy_backend:CupyRunner", ("cupy",), True),
     )
 }
@@ -59,9 +57,7 @@ def info(name: str) -> BackendInfo:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise InvalidInputError(
-            f"unknown backend {name!r}; choose one of {', '.join(_REGISTRY)}"
-        ) from None
+        raise InvalidInputError(f"unknown backend {name!r}; choose one of {', '.join(_REGISTRY)}") from None
 
 
 def available() -> dict[str, bool]:

@@ -78,9 +78,7 @@ class MemberRunner(ABC):
                 "this device is the CPU. Use backend 'torch' or 'onnxruntime' on the CPU"
             )
         if device.kind == "cuda" and not self.supports_cuda:
-            raise DeviceError(
-                f"member '{member.name}': backend '{self.backend_name}' cannot run on a GPU"
-            )
+            raise DeviceError(f"member '{member.name}': backend '{self.backend_name}' cannot run on a GPU")
         if stream is not None and device.kind != "cuda":
             raise InvalidInputError(
                 f"member '{member.name}': a CUDA stream was given but the device is {device.kind}"

@@ -11,15 +11,21 @@ What travels how (one request, one slot):
 - the answer: ``("ok", request id, [(member, shape, dtype, raw bytes), ...])``:
   the outputs are ``batch x classes`` scores, a few kilobytes, sent as raw bytes
   inside the reply (no tensor is pickled, no per-slot output segment to manage);
-  or ``("error", request id, member, error type, message)``.
+  or ``("error", request id, member, error type, message)``. Both directions use
+  ``send_bytes`` of a plain ``pickle.dumps`` (the same framing as ``Connection.send``,
+  without its per-message pickler set-up).
 
 Lifecycle: :meth:`ProcessSlot.start` spawns the worker (``worker_main``, a
 module-level function), which sets its environment (MPS variables, CPU affinity)
 *before* unpickling its members, so that nothing initialises CUDA earlier; loads
-the members; and answers ``ready`` (the handshake has a timeout). A monitor
-thread waits on the reply pipe and on the process sentinel at once
-(``multiprocessing.connection.wait``): replies resolve their futures, and a
-worker's death fails every request in flight at once with a
+the members; and answers ``ready`` (the handshake has a timeout). A reader
+thread blocks on the reply pipe (a plain blocking read: building a selector per
+reply cost tens of microseconds a request) and resolves each reply's future; the
+pipe's end means the worker is gone. A watcher thread per worker waits for its
+exit (its sentinel, and its exit code every quarter second, since a process the
+worker forked holds the sentinel open too) and, should the pipe stay open after
+the death (that fork holds the worker's end of it as well), shuts the pipe down
+so the reader sees the end. A worker's death fails every request in flight at once with a
 :class:`~colocate.errors.WorkerFailedError` naming the slot, its members and the
 exit code or signal. Then the slot is restarted (``on_worker_death="restart"``,
 at most ``max_restarts`` times; requests submitted meanwhile wait for the new
@@ -35,7 +41,9 @@ import contextlib
 import multiprocessing
 import os
 import pickle
+import select
 import signal
+import socket
 import threading
 import time
 from collections import deque
@@ -72,6 +80,8 @@ if TYPE_CHECKING:
 OnWorkerDeath = Literal["fail", "restart"]
 _State = Literal["new", "running", "restarting", "failed", "stopping", "stopped"]
 _POLL_S = 0.25  # how often a waiting handshake checks whether the slot is being stopped
+_EOF_GRACE_S = 1.0  # how long a dead worker's pipe may stay open before the watcher shuts it
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 @dataclass(frozen=True)
@@ -249,8 +259,9 @@ class ProcessSlot:
             self._reap(process)
             conn.close()
             raise WorkerFailedError(f"{describe_slot(self.slot)} was stopped while starting")
+        self._watch(process, conn)
         self._monitor = threading.Thread(
-            target=self._monitor_loop, name=f"colocate-monitor-{self.name}", daemon=True
+            target=self._read_loop, name=f"colocate-reader-{self.name}", daemon=True
         )
         self._monitor.start()
 
@@ -281,7 +292,7 @@ class ProcessSlot:
                 self._backlog.append(message)
                 return future
             conn = self._conn
-        self._send(conn, message)
+        self._send(conn, pickle.dumps(message, _PROTOCOL))
         return future
 
     def stop(self) -> None:
@@ -302,9 +313,11 @@ class ProcessSlot:
             _fail(future, stopped)
         if process is not None:
             if conn is not None and process.is_alive():
-                self._send(conn, ("stop",))
+                self._send(conn, pickle.dumps(("stop",), _PROTOCOL))
             process.join(self.stop_grace_s)
             self._reap(process)
+        if conn is not None:
+            _shut_down(conn)  # the reader's blocking read ends even if the worker's end lives on
         monitor = self._monitor
         if monitor is not None and monitor is not threading.current_thread():
             monitor.join(timeout=self.stop_grace_s + 2 * _POLL_S + 5.0)
@@ -356,7 +369,7 @@ class ProcessSlot:
                 if message is not None and message[0] == "load_error":
                     _, member, type_name, text, context = message
                     raise rebuild_error(type_name, text, member, self.name, context)
-            if conn in ready or process.sentinel in ready:
+            if conn in ready or process.sentinel in ready or process.exitcode is not None:
                 process.join(timeout=5.0)
                 raise WorkerFailedError(
                     f"{describe_slot(self.slot)}: the worker (pid {process.pid}) died while loading its "
@@ -372,16 +385,17 @@ class ProcessSlot:
             process.kill()
             process.join(2.0)
 
-    def _send(self, conn: Connection | None, message: tuple[Any, ...]) -> None:
+    def _send(self, conn: Connection | None, payload: bytes) -> None:
         if conn is None:
             return
-        # a dead worker: the monitor sees its sentinel and fails the request
+        # a dead worker: the reader sees the pipe's end and fails the request
         with self._send_lock, contextlib.suppress(OSError, ValueError):
-            conn.send(message)
+            conn.send_bytes(payload)
 
-    # -- internals: the monitor thread
+    # -- internals: the reader and watcher threads
 
-    def _monitor_loop(self) -> None:
+    def _read_loop(self) -> None:
+        """Read replies until the pipe ends; then handle the worker's death (or return on stop)."""
         while True:
             with self._lock:
                 process, conn = self._process, self._conn
@@ -389,27 +403,37 @@ class ProcessSlot:
             if process is None or conn is None or state in ("stopping", "stopped"):
                 return
             try:
-                ready = wait([conn, process.sentinel])
-            except (OSError, ValueError):  # the pipe was closed under us: stop() is running
-                ready = [process.sentinel]
-            alive = True
-            if conn in ready:
-                alive = self._drain(conn)
-            if not alive or process.sentinel in ready:
-                self._drain(conn)  # answers sent before the death still count
-                process.join(timeout=1.0)
-                self._reap(process)
-                if not self._on_death(process, conn):
-                    return
+                while True:
+                    self._on_reply(pickle.loads(conn.recv_bytes()))
+            except (EOFError, OSError, ValueError, pickle.UnpicklingError):
+                pass  # the pipe ended: the worker is gone, or stop() shut the pipe
+            process.join(timeout=1.0)
+            self._reap(process)
+            if not self._on_death(process, conn):
+                return
 
-    def _drain(self, conn: Connection) -> bool:
-        """Handle every reply waiting in the pipe; False when the pipe is at its end."""
-        try:
-            while conn.poll():
-                self._on_reply(conn.recv())
-        except (EOFError, OSError, ValueError):
-            return False
-        return True
+    def _watch(self, process: BaseProcess, conn: Connection) -> None:
+        """Start a thread that shuts ``conn`` should it outlive ``process`` (see the module doc)."""
+
+        def watch() -> None:
+            # the sentinel alone is not enough: a fork of the worker holds its write end too
+            while process.exitcode is None:
+                with self._lock:
+                    if self._process is not process or self._state in ("stopping", "stopped"):
+                        return
+                try:
+                    wait([process.sentinel], timeout=_POLL_S)
+                except (OSError, ValueError):
+                    return
+            deadline = time.monotonic() + _EOF_GRACE_S
+            while time.monotonic() < deadline:
+                with self._lock:
+                    if self._conn is not conn or self._state != "running":
+                        return  # the reader saw the end (or the slot stops): nothing to do
+                time.sleep(0.02)
+            _shut_down(conn)
+
+        threading.Thread(target=watch, name=f"colocate-watch-{self.name}", daemon=True).start()
 
     def _on_reply(self, message: tuple[Any, ...]) -> None:
         kind, request_id = message[0], message[1]
@@ -483,8 +507,9 @@ class ProcessSlot:
             self._reap(process)
             conn.close()
             return False
+        self._watch(process, conn)
         for message in backlog:
-            self._send(conn, message)
+            self._send(conn, pickle.dumps(message, _PROTOCOL))
         return True
 
     def _restart_failed(self, reason: str, exc: Exception, process: BaseProcess | None) -> bool:
@@ -501,6 +526,12 @@ class ProcessSlot:
         for future in failed:
             _fail(future, error)
         return False
+
+
+def _shut_down(conn: Connection) -> None:
+    """End ``conn`` for every thread blocked reading it (closing the descriptor would not)."""
+    with contextlib.suppress(OSError, ValueError), socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _resolve(future: Future[dict[str, Array]], value: dict[str, Array]) -> None:
@@ -564,12 +595,14 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
 
 def _serve(conn: Connection, runners: list[MemberRunner], blocks: BlockCache, slot: str) -> None:
     inbox: deque[tuple[Any, ...]] = deque()
+    waiting = select.poll()  # one for the worker's life: Connection.poll builds a selector per call
+    waiting.register(conn.fileno(), select.POLLIN)
     while True:
         try:
             if not inbox:
-                inbox.append(conn.recv())
-            while conn.poll(0):  # take everything already sent, so a stop is seen at once
-                inbox.append(conn.recv())
+                inbox.append(pickle.loads(conn.recv_bytes()))
+            while waiting.poll(0):  # take everything already sent, so a stop is seen at once
+                inbox.append(pickle.loads(conn.recv_bytes()))
         except (EOFError, OSError):
             return  # the serving process is gone
         if any(message[0] == "stop" for message in inbox):
@@ -620,7 +653,7 @@ def _error_text(exc: BaseException) -> str:
 
 def _worker_send(conn: Connection, message: tuple[Any, ...]) -> bool:
     try:
-        conn.send(message)
+        conn.send_bytes(pickle.dumps(message, _PROTOCOL))
     except (OSError, ValueError):
         return False
     return True

@@ -408,11 +408,7 @@ class Engine:
         of ``slots`` slots: on the CPU a stream or process slot runs its members at the threads
         the executor gives it (:func:`cpu_threads_per_slot`), so their latency and core share
         are taken at that many threads."""
-        threads = (
-            cpu_threads_per_slot(self.demands.cores, slots)
-            if not self.gpu and kind != "mps"
-            else None
-        )
+        threads = cpu_threads_per_slot(self.demands.cores, slots) if not self.gpu and kind != "mps" else None
         key = (name, kind, percent if kind == "mps" else threads)
         cached = self._eff.get(key)
         if cached is not None:

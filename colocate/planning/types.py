@@ -155,9 +155,7 @@ class Plan:
         for slot in self.slots:
             if member in slot.members:
                 return slot
-        raise InvalidInputError(
-            f"member '{member}' is not in this plan; members: {', '.join(self.members)}"
-        )
+        raise InvalidInputError(f"member '{member}' is not in this plan; members: {', '.join(self.members)}")
 
     def check_covers(self, member_names: tuple[str, ...] | list[str]) -> None:
         """Raise unless the plan runs exactly these members."""

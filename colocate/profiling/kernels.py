@@ -494,9 +494,10 @@ def cpu_trace(
         raise InvalidInputError(f"batches must be at least 1, got {batches}")
     torch = optional_import("torch", purpose="operator tracing (colocate.profiling.kernels.cpu_trace)")
     profiler = torch.profiler
-    with quiet_profiler_log(), profiler.profile(
-        activities=[profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
+    with (
+        quiet_profiler_log(),
+        profiler.profile(activities=[profiler.ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         for _ in range(batches):
             with profiler.record_function(BATCH_ANNOTATION):
                 run_batch()

@@ -596,7 +596,10 @@ def _nvml_process_bytes(index: int) -> int | None:
 
 
 def _profile_child(
-    members: tuple[Member, ...], device: Device, sizes: tuple[int, ...], settings: ProfileSettings,
+    members: tuple[Member, ...],
+    device: Device,
+    sizes: tuple[int, ...],
+    settings: ProfileSettings,
     out_path: str,
 ) -> None:
     """Spawned child of :func:`profile_isolated`: profile, write the set, exit."""

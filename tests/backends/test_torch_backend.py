@@ -100,8 +100,9 @@ def test_bad_factories(source: object, pattern: str, cpu: Device) -> None:
 
 
 def test_input_checked_before_running(cpu: Device) -> None:
-    with create_runner(member(), cpu) as runner, pytest.raises(
-        InvalidInputError, match=r"member 'tiny': input shape \(2, 5\)"
+    with (
+        create_runner(member(), cpu) as runner,
+        pytest.raises(InvalidInputError, match=r"member 'tiny': input shape \(2, 5\)"),
     ):
         runner.infer(np.zeros((2, 5), np.float32))
 

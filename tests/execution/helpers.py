@@ -109,6 +109,34 @@ class SleeperFactory:
         return Sleeper(self.delay_s)
 
 
+@dataclass(frozen=True)
+class ForkingSleeperFactory:
+    """A :class:`Sleeper` whose loading forks a process that holds every descriptor of the worker
+    (its pipe to the serving process too) for ``hold_s``; the fork's pid goes to ``pid_file``."""
+
+    delay_s: float
+    pid_file: str
+    hold_s: float = 30.0
+
+    def __call__(self) -> torch.nn.Module:
+        pid = os.fork()
+        if pid == 0:  # the fork: keep the inherited descriptors open, then leave without clean-up
+            time.sleep(self.hold_s)
+            os._exit(0)
+        with open(self.pid_file, "w") as out:
+            out.write(str(pid))
+        return Sleeper(self.delay_s)
+
+
+def forking_sleeper(name: str, delay_s: float, pid_file: str) -> Member:
+    return Member(
+        name=name,
+        backend="torch",
+        source=ForkingSleeperFactory(delay_s, pid_file),
+        input=InputSpec(TINY_SHAPE),
+    )
+
+
 def bomb(name: str, trigger: float) -> Member:
     return Member(name=name, backend="torch", source=BombFactory(trigger), input=InputSpec(TINY_SHAPE))
 

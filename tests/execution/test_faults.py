@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from concurrent.futures import Future
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,15 @@ from colocate.errors import WorkerFailedError
 from colocate.execution import EnsembleResult, Executor, run_requests
 from colocate.planning.types import Plan, Slot
 
-from .helpers import assert_released, batch_with_first, make_plan, pid_exists, shm_left, sleeper
+from .helpers import (
+    assert_released,
+    batch_with_first,
+    forking_sleeper,
+    make_plan,
+    pid_exists,
+    shm_left,
+    sleeper,
+)
 
 TIMEOUT_S = 60.0
 DETECT_S = 2.0  # a dead worker's requests must fail within this
@@ -59,6 +68,31 @@ def test_killed_worker_fails_in_flight_and_new_requests_and_breaks_the_plan() ->
         assert result.status == "failed" and result.requests_completed == 0
         assert any("p0" in e for e in result.errors)
     assert_released(executor, [pid], prefix)
+
+
+def test_a_dead_worker_is_seen_even_when_a_process_it_forked_keeps_its_pipe_open(tmp_path: Path) -> None:
+    # the reader blocks on the pipe; the fork holds the worker's end open, so no end-of-file
+    # comes: the watcher must see the death and shut the pipe
+    pid_file = tmp_path / "fork.pid"
+    ensemble = Ensemble((forking_sleeper("slow", 0.3, str(pid_file)),))
+    plan = make_plan(Slot("p0", "process", ("slow",), cpu_threads=1))
+    executor = Executor(plan, ensemble, on_worker_death="fail", request_timeout_s=TIMEOUT_S)
+    fork_pid = None
+    try:
+        with executor:
+            fork_pid = int(pid_file.read_text())
+            assert pid_exists(fork_pid)
+            in_flight = executor.submit(batch_with_first(0.0))
+            time.sleep(0.1)
+            os.kill(executor.worker_pids()["p0"], signal.SIGKILL)
+            killed_at = time.monotonic()
+            with pytest.raises(WorkerFailedError, match=r"slot 'p0'.*died.*SIGKILL"):
+                in_flight.result(timeout=DETECT_S + 2.0)
+            assert time.monotonic() - killed_at < DETECT_S + 2.0
+            assert not executor.alive
+    finally:
+        if fork_pid is not None and pid_exists(fork_pid):
+            os.kill(fork_pid, signal.SIGKILL)
 
 
 def test_killed_worker_is_restarted_and_serving_goes_on() -> None:
