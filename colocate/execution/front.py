@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import select
 import threading
 import time
 import weakref
@@ -427,6 +428,10 @@ class Executor:
         Raises:
             InvalidInputError: the executor is not started or is closed.
         """
+        return self._submit(batch, return_members)[0]
+
+    def _submit(self, batch: Array, return_members: bool) -> tuple[Future[EnsembleResult], _Request | None]:
+        """:meth:`submit`, also returning the request's bookkeeping (None when it failed at once)."""
         start_s = time.perf_counter()
         future: Future[EnsembleResult] = Future()
         with self._lock:
@@ -440,7 +445,7 @@ class Executor:
         error = self._check_batch(batch)
         if error is not None:
             self._finish_failed(future, error)
-            return future
+            return future, None
         array = np.asarray(batch)
         block: SharedBlock | None = None
         pool = self._resources.pool
@@ -454,7 +459,7 @@ class Executor:
                 slot_batch = RequestBatch(request_id, np.array(array, copy=True))
         except (ColocateError, OSError) as exc:  # no room in shared memory
             self._finish_failed(future, exc)
-            return future
+            return future, None
         slots = self._resources.slots
         request = _Request(
             request_id=request_id,
@@ -472,7 +477,7 @@ class Executor:
             # their callbacks) must not keep the executor, and so its workers, alive
             done = functools.partial(_slot_done, weakref.ref(self), request, slot.name)
             slot.submit(slot_batch).add_done_callback(done)
-        return future
+        return future, request
 
     @overload
     def predict(self, batch: Array, *, return_members: Literal[False] = False) -> Array: ...
@@ -488,12 +493,51 @@ class Executor:
         Raises:
             ColocateError: the request failed (a member's error names it; a dead worker's names the slot).
         """
-        result = self.submit(batch, return_members=return_members).result(
-            timeout=self.request_timeout_s + 5.0
-        )
+        result = self._submit_and_wait(batch, return_members)
         if return_members:
             return result.combined, dict(result.members or {})
         return result.combined
+
+    def _submit_and_wait(self, batch: Array, return_members: bool) -> EnsembleResult:
+        """Submit ``batch`` and wait for it, reading the worker processes' replies in this thread.
+
+        A process slot's reply then wakes this thread directly, instead of waking the slot's
+        reader thread, which would then wake this one (see ``ProcessSlot.begin_foreground``).
+        """
+        readers: dict[int, ProcessSlot] = {}
+        for slot in self._resources.slots:
+            if isinstance(slot, ProcessSlot):
+                fd = slot.begin_foreground()
+                if fd is not None:
+                    readers[fd] = slot
+        try:
+            future, request = self._submit(batch, return_members)
+            if readers and request is not None:
+                self._read_in_foreground(request, dict(readers))
+        finally:
+            for slot in readers.values():
+                slot.end_foreground()
+        return future.result(timeout=self.request_timeout_s + 5.0)
+
+    def _read_in_foreground(self, request: _Request, readers: dict[int, ProcessSlot]) -> None:
+        """Read the process slots' replies until none of them is still to answer ``request``."""
+        waiting = select.poll()
+        for fd in readers:
+            waiting.register(fd, select.POLLIN)
+        deadline = request.deadline_s
+
+        def unanswered() -> bool:
+            return not request.future.done() and any(s.name in request.waiting for s in readers.values())
+
+        while readers and unanswered():
+            remaining_ms = (deadline - time.perf_counter()) * 1000.0
+            if remaining_ms <= 0:
+                return  # the watchdog fails the request
+            for fd, _ in waiting.poll(remaining_ms):
+                slot = readers.get(fd)
+                if slot is not None and not slot.read_replies():
+                    del readers[fd]  # its pipe ended: the slot's reader thread handles that
+                    waiting.unregister(fd)
 
     def predict_many(
         self, batches: Iterable[Array], *, return_members: bool = False, max_in_flight: int | None = None

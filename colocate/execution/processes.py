@@ -25,7 +25,12 @@ pipe's end means the worker is gone. A watcher thread per worker waits for its
 exit (its sentinel, and its exit code every quarter second, since a process the
 worker forked holds the sentinel open too) and, should the pipe stay open after
 the death (that fork holds the worker's end of it as well), shuts the pipe down
-so the reader sees the end. A worker's death fails every request in flight at once with a
+so the reader sees the end. A thread that waits for its own request (``Executor.predict``) reads the replies
+itself while it waits (:meth:`ProcessSlot.begin_foreground`): the reply then
+wakes that thread directly instead of the reader thread, which would then wake
+it, one thread wake-up less per request. The reader thread parks meanwhile, and
+also whenever no reply is due, so a loop of ``predict`` calls never wakes it.
+A worker's death fails every request in flight at once with a
 :class:`~colocate.errors.WorkerFailedError` naming the slot, its members and the
 exit code or signal. Then the slot is restarted (``on_worker_death="restart"``,
 at most ``max_restarts`` times; requests submitted meanwhile wait for the new
@@ -184,6 +189,15 @@ class ProcessSlot:
         )
         self._lock = threading.Lock()  # state, pending, backlog, process, conn
         self._send_lock = threading.Lock()  # writes to the pipe (never held with _lock)
+        # reading replies: one whole message at a time, by the reader thread or by a foreground
+        # reader (see begin_foreground); _lock may be taken while holding it, never the reverse
+        self._read_lock = threading.Lock()
+        self._foreground = False  # a thread waiting on a request reads the pipe itself
+        # the reader thread parks on this while it has nothing to read (see _read_until_end)
+        self._reader_wanted = threading.Condition(self._read_lock)
+        self._reader_parked = False
+        self._reader_woken = False  # the worker exited or the slot stops: look at the pipe
+        self._ready_poll: select.poll | None = None  # over the current pipe; used under _read_lock
         self._state: _State = "new"
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
@@ -292,6 +306,9 @@ class ProcessSlot:
                 self._backlog.append(message)
                 return future
             conn = self._conn
+        with self._read_lock:  # a reply will come: the reader reads it, unless a foreground reader does
+            if self._reader_parked and not self._foreground:
+                self._reader_wanted.notify_all()
         self._send(conn, pickle.dumps(message, _PROTOCOL))
         return future
 
@@ -308,6 +325,7 @@ class ProcessSlot:
             pending = list(self._pending.values())
             self._pending.clear()
             self._backlog.clear()
+        self._wake_reader()
         stopped = WorkerFailedError(f"{describe_slot(self.slot)} was stopped before this request finished")
         for future in pending:
             _fail(future, stopped)
@@ -329,6 +347,62 @@ class ProcessSlot:
                 process.close()
         with self._lock:
             self._state = "stopped"
+
+    # -- foreground reading: the waiting thread reads its own reply
+
+    def begin_foreground(self) -> int | None:
+        """Let the calling thread read this slot's replies itself, until :meth:`end_foreground`.
+
+        A thread that waits for a request can read the reply from the pipe directly
+        instead of being woken by the reader thread once that thread has read it: one
+        thread wake-up less per request, which on a small or virtual machine is a good
+        part of a process slot's cost. The reader thread stands aside meanwhile (it
+        still handles the worker's death). Only one foreground reader at a time.
+
+        Returns:
+            The pipe's file descriptor to wait on (``select.poll``), then call
+            :meth:`read_replies` when it is readable; None when the slot is not running
+            or another thread reads in the foreground (wait on the future instead).
+        """
+        with self._read_lock:
+            if self._foreground:
+                return None
+            with self._lock:
+                conn = self._conn if self._state == "running" else None
+            if conn is None or self._ready_poll is None:
+                return None
+            try:
+                fd = conn.fileno()
+            except (OSError, ValueError):
+                return None
+            self._foreground = True
+            return fd
+
+    def read_replies(self) -> bool:
+        """Read and resolve every reply waiting in the pipe (foreground reader only).
+
+        Returns:
+            False when the pipe has ended (the worker died or the slot stops): stop reading
+            in the foreground; the reader thread handles the end.
+        """
+        with self._read_lock:
+            with self._lock:
+                conn = self._conn
+            ready = self._ready_poll
+            if conn is None or ready is None:
+                return False
+            try:
+                while ready.poll(0):
+                    self._on_reply(pickle.loads(conn.recv_bytes()))
+            except (EOFError, OSError, ValueError, pickle.UnpicklingError):
+                return False
+            return True
+
+    def end_foreground(self) -> None:
+        """Hand the pipe back to the reader thread."""
+        with self._read_lock:
+            self._foreground = False
+            self._reader_wanted.notify_all()
 
     # -- internals: spawning
 
@@ -369,7 +443,7 @@ class ProcessSlot:
                 if message is not None and message[0] == "load_error":
                     _, member, type_name, text, context = message
                     raise rebuild_error(type_name, text, member, self.name, context)
-            if conn in ready or process.sentinel in ready or process.exitcode is not None:
+            if conn in ready or process.sentinel in ready or _has_exited(process):
                 process.join(timeout=5.0)
                 raise WorkerFailedError(
                     f"{describe_slot(self.slot)}: the worker (pid {process.pid}) died while loading its "
@@ -402,22 +476,63 @@ class ProcessSlot:
                 state = self._state
             if process is None or conn is None or state in ("stopping", "stopped"):
                 return
-            try:
-                while True:
-                    self._on_reply(pickle.loads(conn.recv_bytes()))
-            except (EOFError, OSError, ValueError, pickle.UnpicklingError):
-                pass  # the pipe ended: the worker is gone, or stop() shut the pipe
+            self._read_until_end(conn)
             process.join(timeout=1.0)
             self._reap(process)
             if not self._on_death(process, conn):
                 return
+
+    def _read_until_end(self, conn: Connection) -> None:
+        """Resolve replies from ``conn`` until it ends, standing aside while a foreground reader reads."""
+        waiting = select.poll()  # this thread's own: a poll object may not be polled by two threads
+        ready = select.poll()
+        try:
+            waiting.register(conn.fileno(), select.POLLIN)
+            ready.register(conn.fileno(), select.POLLIN)
+        except (OSError, ValueError):
+            return
+        with self._read_lock:
+            self._ready_poll = ready
+        try:
+            while True:
+                with self._read_lock:
+                    # park while a foreground reader reads, or while no reply is due: then a
+                    # predict() loop never wakes this thread. submit(), end_foreground(), the
+                    # watcher (the worker exited) and stop() wake it.
+                    while not self._reader_woken and (self._foreground or not self._expects_replies()):
+                        self._reader_parked = True
+                        self._reader_wanted.wait()
+                    self._reader_parked = self._reader_woken = False
+                # a message, the pipe's end, or stop() shutting it wakes this (a plain blocking
+                # read would hold the read lock while it waits, and keep foreground readers out)
+                waiting.poll()
+                with self._read_lock:
+                    if self._foreground:
+                        continue  # the foreground reader takes it
+                    while ready.poll(0):
+                        self._on_reply(pickle.loads(conn.recv_bytes()))
+        except (EOFError, OSError, ValueError, pickle.UnpicklingError):
+            return  # the pipe ended: the worker is gone, or stop() shut the pipe
+        finally:
+            with self._read_lock:
+                if self._ready_poll is ready:
+                    self._ready_poll = None
+
+    def _expects_replies(self) -> bool:
+        with self._lock:
+            return bool(self._pending) and self._state == "running"
+
+    def _wake_reader(self) -> None:
+        with self._read_lock:
+            self._reader_woken = True
+            self._reader_wanted.notify_all()
 
     def _watch(self, process: BaseProcess, conn: Connection) -> None:
         """Start a thread that shuts ``conn`` should it outlive ``process`` (see the module doc)."""
 
         def watch() -> None:
             # the sentinel alone is not enough: a fork of the worker holds its write end too
-            while process.exitcode is None:
+            while not _has_exited(process):
                 with self._lock:
                     if self._process is not process or self._state in ("stopping", "stopped"):
                         return
@@ -425,6 +540,7 @@ class ProcessSlot:
                     wait([process.sentinel], timeout=_POLL_S)
                 except (OSError, ValueError):
                     return
+            self._wake_reader()  # it may be parked with nothing due: it must read the pipe's end
             deadline = time.monotonic() + _EOF_GRACE_S
             while time.monotonic() < deadline:
                 with self._lock:
@@ -526,6 +642,20 @@ class ProcessSlot:
         for future in failed:
             _fail(future, error)
         return False
+
+
+def _has_exited(process: BaseProcess) -> bool:
+    """Whether ``process`` exited, without reaping it (``process.exitcode`` reaps it, and a thread
+    reaping it while another joins it can leave the other with no exit code)."""
+    pid = process.pid
+    if pid is None:
+        return False
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True  # reaped already
+    except (AttributeError, OSError):  # no waitid (not Linux)
+        return not process.is_alive()
 
 
 def _shut_down(conn: Connection) -> None:

@@ -1,0 +1,111 @@
+"""predict() reads its worker processes' replies in the calling thread; the reader thread stands aside.
+
+Waiting threads read their own replies so that a reply wakes the waiting thread
+directly (one wake-up less per request). These tests check that this happens, and
+that it never costs an answer: asynchronous requests beside it, several callers at
+once, a reader thread parked for a while, and a worker dying under a foreground read.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from colocate.ensemble import Ensemble
+from colocate.errors import WorkerFailedError
+from colocate.execution import Executor
+from colocate.execution.processes import ProcessSlot
+from colocate.planning.types import Slot
+
+from .helpers import assert_close, assert_released, batch_with_first, make_plan, sequential, sleeper
+
+TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def ensemble() -> Ensemble:
+    return Ensemble((sleeper("a", delay_s=0.02), sleeper("b", delay_s=0.02), sleeper("c", delay_s=0.0)))
+
+
+@pytest.fixture(scope="module")
+def executor(ensemble: Ensemble) -> Iterator[Executor]:
+    plan = make_plan(
+        Slot("p0", "process", ("a",), cpu_threads=1),
+        Slot("p1", "process", ("b",), cpu_threads=1),
+        Slot("s0", "stream", ("c",), cpu_threads=1),
+    )
+    executor = Executor(plan, ensemble, request_timeout_s=TIMEOUT_S)
+    with executor:
+        yield executor
+    assert_released(executor, [], executor.shared_memory_prefix)
+
+
+def _record_readers(executor: Executor, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the threads that handle each process-slot reply, in order."""
+    seen: list[str] = []
+    for slot in executor.slots:
+        if isinstance(slot, ProcessSlot):
+            original = slot._on_reply
+
+            def recording(message: tuple[object, ...], original: object = original) -> None:
+                seen.append(threading.current_thread().name)
+                original(message)  # type: ignore[operator]
+
+            monkeypatch.setattr(slot, "_on_reply", recording)
+    return seen
+
+
+def test_predict_reads_the_replies_in_the_calling_thread_and_submit_leaves_them_to_the_readers(
+    executor: Executor, ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = batch_with_first(0.5)
+    expected, _ = sequential(ensemble, batch)
+    seen = _record_readers(executor, monkeypatch)
+    for _ in range(3):
+        assert_close(executor.predict(batch), expected)
+    assert seen == [threading.current_thread().name] * 6  # 3 requests x 2 process slots
+    seen.clear()
+    # after the foreground reads, the parked reader threads must still answer asynchronous requests
+    assert_close(executor.submit(batch).result(timeout=10.0).combined, expected)
+    assert sorted(seen) == ["colocate-reader-p0", "colocate-reader-p1"]
+
+
+def test_callers_at_once_beside_asynchronous_requests_each_get_their_own_answer(
+    executor: Executor, ensemble: Ensemble
+) -> None:
+    batches = [batch_with_first(float(i), seed=i) for i in range(24)]
+    expected = [sequential(ensemble, b)[0] for b in batches]
+
+    def call(i: int) -> np.ndarray:
+        if i % 3 == 0:
+            return executor.submit(batches[i]).result(timeout=TIMEOUT_S).combined
+        return executor.predict(batches[i])
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(call, range(len(batches))))
+    for answer, wanted in zip(got, expected, strict=True):
+        assert_close(answer, wanted)
+
+
+def test_a_worker_killed_under_a_foreground_read_fails_the_call_at_once() -> None:
+    ensemble = Ensemble((sleeper("slow", delay_s=0.5),))
+    executor = Executor(make_plan(Slot("p0", "process", ("slow",), cpu_threads=1)), ensemble)
+    with executor:
+        executor.predict(batch_with_first(0.0))
+        pid = executor.worker_pids()["p0"]
+        killer = threading.Timer(0.15, os.kill, args=(pid, signal.SIGKILL))
+        killer.start()
+        started = time.monotonic()
+        with pytest.raises(WorkerFailedError, match=r"slot 'p0'.*died.*SIGKILL"):
+            executor.predict(batch_with_first(0.0))
+        assert time.monotonic() - started < 3.0
+        killer.join()
+    # the module's executor is still open: its workers are children too
+    assert_released(executor, [pid], executor.shared_memory_prefix, no_children=False)
