@@ -499,10 +499,16 @@ class Executor:
         return result.combined
 
     def _submit_and_wait(self, batch: Array, return_members: bool) -> EnsembleResult:
-        """Submit ``batch`` and wait for it, reading the worker processes' replies in this thread.
+        """Submit ``batch`` and wait for its result, reading worker replies in this thread."""
+        return self._submit_and_read(batch, return_members).result(timeout=self.request_timeout_s + 5.0)
+
+    def _submit_and_read(self, batch: Array, return_members: bool = False) -> Future[EnsembleResult]:
+        """Submit ``batch`` and read the process slots' replies in this thread until they answered it.
 
         A process slot's reply then wakes this thread directly, instead of waking the slot's
         reader thread, which would then wake this one (see ``ProcessSlot.begin_foreground``).
+        The future is done when this returns, unless a stream slot is still running the request
+        (or the request timed out).
         """
         readers: dict[int, ProcessSlot] = {}
         for slot in self._resources.slots:
@@ -517,7 +523,7 @@ class Executor:
         finally:
             for slot in readers.values():
                 slot.end_foreground()
-        return future.result(timeout=self.request_timeout_s + 5.0)
+        return future
 
     def _read_in_foreground(self, request: _Request, readers: dict[int, ProcessSlot]) -> None:
         """Read the process slots' replies until none of them is still to answer ``request``."""

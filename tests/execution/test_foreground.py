@@ -20,7 +20,7 @@ import pytest
 
 from colocate.ensemble import Ensemble
 from colocate.errors import WorkerFailedError
-from colocate.execution import Executor
+from colocate.execution import Executor, run_requests
 from colocate.execution.processes import ProcessSlot
 from colocate.planning.types import Slot
 
@@ -75,6 +75,19 @@ def test_predict_reads_the_replies_in_the_calling_thread_and_submit_leaves_them_
     # after the foreground reads, the parked reader threads must still answer asynchronous requests
     assert_close(executor.submit(batch).result(timeout=10.0).combined, expected)
     assert sorted(seen) == ["colocate-reader-p0", "colocate-reader-p1"]
+
+
+def test_run_requests_one_at_a_time_reads_in_the_foreground_and_more_at_once_does_not(
+    executor: Executor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _record_readers(executor, monkeypatch)
+    result = run_requests(executor, requests=4, concurrency=1, warmup=0, batch=batch_with_first(0.5))
+    assert result.status == "ok" and result.requests_completed == 4
+    assert set(seen) == {threading.current_thread().name}
+    seen.clear()
+    result = run_requests(executor, requests=6, concurrency=3, warmup=0, batch=batch_with_first(0.5))
+    assert result.status == "ok" and result.requests_completed == 6
+    assert set(seen) == {"colocate-reader-p0", "colocate-reader-p1"}
 
 
 def test_callers_at_once_beside_asynchronous_requests_each_get_their_own_answer(
