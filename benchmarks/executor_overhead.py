@@ -18,8 +18,6 @@ answers ``--requests`` requests of ``--batch-size`` at concurrency 1, in these w
   through shared memory).
 - ``mps``: one mps slot at 100 % (on the CPU: a worker pinned to every core; on a GPU only
   with ``--allow-mps-start``, which lets the executor start a private MPS daemon).
-- ``stream-caller``: the stream slot with ``Executor(run_in_caller=True)`` (CPU): the
-  waiting caller runs the idle slot's members itself (no hand-over to the slot's thread).
 
 Every configuration runs in a fresh child process, so that no earlier work in the same
 process (loaded models, torch's thread pools) affects it: docs/results.md records a plan run
@@ -64,8 +62,7 @@ from colocate.devices import Device
 TARGET_US_PER_MEMBER = 50.0
 TARGET_LOSS_PCT = 3.0
 EXECUTOR_KINDS: tuple[str, ...] = ("stream", "process", "mps")
-CALLER_MODE = "stream-caller"  # a stream slot with Executor(run_in_caller=True)
-MODES: tuple[str, ...] = ("direct", *EXECUTOR_KINDS, CALLER_MODE)
+MODES: tuple[str, ...] = ("direct", *EXECUTOR_KINDS)
 
 
 # --- the child: one configuration, in a fresh process ---------------------------------------------
@@ -213,9 +210,6 @@ def _executor(
     from colocate.planning.types import Plan, Prediction, Slot
 
     members = ensemble.member_names
-    run_in_caller = kind == CALLER_MODE
-    if run_in_caller:
-        kind = "stream"
     if kind == "mps":
         # 100 %, or (CPU, --threads) the share of the cores that gives the worker that many threads
         share = 100.0 if threads is None else min(100.0, 100.0 * threads / len(usable_cores()))
@@ -230,7 +224,7 @@ def _executor(
         strategy=f"one {kind} slot",
     )
     t0 = time.perf_counter()
-    with Executor(plan, ensemble, allow_mps_start=allow_mps_start, run_in_caller=run_in_caller) as executor:
+    with Executor(plan, ensemble, allow_mps_start=allow_mps_start) as executor:
         load_s = time.perf_counter() - t0
         result = run_requests(executor, requests=requests, batch=batch, concurrency=1, warmup=warmup)
         paired: dict[str, Any] = {}
@@ -634,9 +628,6 @@ def main() -> int:
         )
     )
     skipped: dict[str, str] = {}
-    if gpu and CALLER_MODE in modes:
-        modes.remove(CALLER_MODE)
-        skipped[CALLER_MODE] = "run_in_caller applies to CPU stream slots only"
     if gpu and "mps" in modes and not args.allow_mps_start:
         modes.remove("mps")
         skipped["mps"] = "on a GPU the mps slot runs only with --allow-mps-start"

@@ -83,12 +83,12 @@ def test_executor_overhead_smoke(tmp_path: Path) -> None:
     assert data["kind"] == "executor-overhead"
     assert data["device"]["kind"] == "cpu"
     summary = {row["mode"]: row for row in data["summary"]}
-    assert set(summary) == {"direct", "stream", "process", "mps", "stream-caller"}
+    assert set(summary) == {"direct", "stream", "process", "mps"}
     for row in summary.values():
         for key in ("per_request_s", "throughput_sps", "overhead_per_member_us", "throughput_loss_pct"):
             assert key in row, f"executor-overhead summary has no '{key}'"
         assert row["per_request_s"] is not None, f"{row['mode']} failed: {row['errors']}"
-    for mode in ("stream", "process", "mps", "stream-caller"):
+    for mode in ("stream", "process", "mps"):
         assert summary[mode]["overhead_per_member_us"] is not None
         assert summary[mode]["throughput_loss_pct"] is not None
     assert all(run["status"] == "ok" for run in data["runs"])

@@ -159,12 +159,6 @@ class Executor:
         warmup: each slot runs one random batch of the plan's batch size through its members
             before serving (lazy initialisation, autotuning and CUDA-graph capture happen then,
             one member at a time in a process); a member failing on it fails :meth:`start`.
-        run_in_caller: on the CPU, :meth:`predict` (and ``run_requests`` one request at a
-            time) runs an idle stream slot's members in the calling thread instead of handing
-            them to the slot's thread: no hand-over and no wake-up back, the lowest latency
-            one request at a time. The price: ``request_timeout_s`` cannot interrupt a member
-            running in the caller, so a member that hangs hangs that call (it still fails
-            with the timeout error once the member returns). Off by default.
 
     Worker processes are started with ``spawn``: a script that uses process or mps
     slots needs the usual ``if __name__ == "__main__":`` guard, and their members must
@@ -184,7 +178,6 @@ class Executor:
         cuda_graphs: bool = False,
         stop_grace_s: float = 5.0,
         warmup: bool = True,
-        run_in_caller: bool = False,
     ) -> None:
         if on_worker_death not in ("fail", "restart"):
             raise InvalidInputError(f"on_worker_death must be 'fail' or 'restart', got {on_worker_death!r}")
@@ -201,7 +194,6 @@ class Executor:
         self.max_restarts = max_restarts
         self.cuda_graphs = cuda_graphs
         self.stop_grace_s = stop_grace_s
-        self.run_in_caller = run_in_caller
         #: batch size of the warm-up batch each slot runs before serving (None: no warm-up)
         self.warmup_batch_size: int | None = plan.batch_size if warmup else None
         self._resources = _Resources()
@@ -438,15 +430,8 @@ class Executor:
         """
         return self._submit(batch, return_members)[0]
 
-    def _submit(
-        self, batch: Array, return_members: bool, *, run_here: bool = False
-    ) -> tuple[Future[EnsembleResult], _Request | None]:
-        """:meth:`submit`, also returning the request's bookkeeping (None when it failed at once).
-
-        With ``run_here``, once the other slots have the request, the calling thread runs an
-        idle CPU stream slot's members itself (``StreamSlot.run_here``) instead of handing
-        the request to the slot's thread.
-        """
+    def _submit(self, batch: Array, return_members: bool) -> tuple[Future[EnsembleResult], _Request | None]:
+        """:meth:`submit`, also returning the request's bookkeeping (None when it failed at once)."""
         start_s = time.perf_counter()
         future: Future[EnsembleResult] = Future()
         with self._lock:
@@ -487,19 +472,12 @@ class Executor:
         )
         with self._lock:
             self._pending[request_id] = request
-        here = next((s for s in slots if isinstance(s, StreamSlot)), None) if run_here else None
         for slot in slots:
-            if slot is not here:
-                slot.submit(slot_batch).add_done_callback(self._on_done_callback(request, slot.name))
-        if here is not None:
-            slot_future = here.run_here(slot_batch) or here.submit(slot_batch)
-            slot_future.add_done_callback(self._on_done_callback(request, here.name))
+            # the callback holds the executor weakly: a finished future kept somewhere (futures keep
+            # their callbacks) must not keep the executor, and so its workers, alive
+            done = functools.partial(_slot_done, weakref.ref(self), request, slot.name)
+            slot.submit(slot_batch).add_done_callback(done)
         return future, request
-
-    def _on_done_callback(self, request: _Request, slot: str) -> functools.partial[None]:
-        # the callback holds the executor weakly: a finished future kept somewhere (futures keep
-        # their callbacks) must not keep the executor, and so its workers, alive
-        return functools.partial(_slot_done, weakref.ref(self), request, slot)
 
     @overload
     def predict(self, batch: Array, *, return_members: Literal[False] = False) -> Array: ...
@@ -539,7 +517,7 @@ class Executor:
                 if fd is not None:
                     readers[fd] = slot
         try:
-            future, request = self._submit(batch, return_members, run_here=self.run_in_caller)
+            future, request = self._submit(batch, return_members)
             if readers and request is not None:
                 self._read_in_foreground(request, dict(readers))
         finally:

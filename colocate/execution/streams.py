@@ -78,8 +78,6 @@ class StreamSlot:
         self._load_error: BaseException | None = None
         self._lock = threading.Lock()
         self._stopped = False
-        self._runners: list[MemberRunner] | None = None  # once the thread has loaded them
-        self._busy = threading.Lock()  # held while the members run a request (thread or caller)
 
     @property
     def name(self) -> str:
@@ -129,34 +127,6 @@ class StreamSlot:
             self._queue.put((batch, future))
         return future
 
-    def run_here(self, batch: RequestBatch) -> Future[dict[str, Array]] | None:
-        """Run ``batch`` through the members in the calling thread, if the slot is idle (CPU only).
-
-        A caller that would otherwise wait for the slot's thread runs the members itself:
-        no hand-over to the thread and no wake-up back, which at one request at a time
-        is most of a stream slot's cost. Only on the CPU (on a GPU the slot's thread owns
-        its CUDA stream and graphs) and only when nothing is queued, so requests keep
-        their order. The members never run in two threads at once.
-
-        Returns:
-            The finished future, or None when the slot is busy, has queued work, is not on
-            the CPU or is not serving: submit the batch instead.
-        """
-        runners = self._runners
-        if self.device.kind != "cpu" or runners is None or self._stopped or not self._queue.empty():
-            return None
-        if not self._busy.acquire(blocking=False):
-            return None
-        try:
-            if self._stopped:
-                return None
-            future: Future[dict[str, Array]] = Future()
-            future.set_running_or_notify_cancel()
-            self._run_request(runners, batch, future)
-            return future
-        finally:
-            self._busy.release()
-
     def stop(self, grace_s: float = 10.0) -> None:
         """Fail the queued requests, let the running one finish, stop the thread. Idempotent.
 
@@ -199,7 +169,6 @@ class StreamSlot:
             self._load_error = exc
             self._ready.set()
             return
-        self._runners = runners
         self._ready.set()
         try:
             while True:
@@ -209,25 +178,17 @@ class StreamSlot:
                 batch, future = item
                 if not future.set_running_or_notify_cancel():
                     continue
-                with self._busy:
-                    self._run_request(runners, batch, future)
+                try:
+                    outputs = run_members(runners, batch.array, self.name)
+                except BaseException as exc:  # a failing member fails its request, never the thread
+                    if not isinstance(exc, ColocateError):
+                        exc = WorkerFailedError(f"{describe_slot(self.slot)}: {type(exc).__name__}: {exc}")
+                    future.set_exception(exc)
+                else:
+                    future.set_result(outputs)
                 del item, batch, future  # hold nothing of a finished request while waiting
         finally:
-            with self._busy:  # a caller running a request here finishes first
-                self._runners = None
-                deactivate_runners(runners)
-
-    def _run_request(
-        self, runners: list[MemberRunner], batch: RequestBatch, future: Future[dict[str, Array]]
-    ) -> None:
-        try:
-            outputs = run_members(runners, batch.array, self.name)
-        except BaseException as exc:  # a failing member fails its request, never the thread
-            if not isinstance(exc, ColocateError):
-                exc = WorkerFailedError(f"{describe_slot(self.slot)}: {type(exc).__name__}: {exc}")
-            future.set_exception(exc)
-        else:
-            future.set_result(outputs)
+            deactivate_runners(runners)
 
 
 def _fail(future: Future[dict[str, Array]], error: BaseException) -> None:

@@ -1,12 +1,9 @@
-"""predict() does the waiting work in the calling thread: it reads its worker processes' replies
-and runs an idle CPU stream slot's members itself.
+"""predict() reads its worker processes' replies in the calling thread; the reader thread stands aside.
 
-A waiting thread reads its own replies so that a reply wakes it directly (one
-wake-up less per request), and runs a stream slot's members rather than handing
-them to the slot's thread and being woken back. These tests check that this
-happens, and that it never costs an answer: asynchronous requests beside it,
-several callers at once, a reader thread parked for a while, and a worker dying
-under a foreground read.
+Waiting threads read their own replies so that a reply wakes the waiting thread
+directly (one wake-up less per request). These tests check that this happens, and
+that it never costs an answer: asynchronous requests beside it, several callers at
+once, a reader thread parked for a while, and a worker dying under a foreground read.
 """
 
 from __future__ import annotations
@@ -125,72 +122,3 @@ def test_a_worker_killed_under_a_foreground_read_fails_the_call_at_once() -> Non
         killer.join()
     # the module's executor is still open: its workers are children too
     assert_released(executor, [pid], executor.shared_memory_prefix, no_children=False)
-
-
-def test_predict_runs_an_idle_cpu_stream_slot_in_the_calling_thread_if_asked_and_submit_does_not(
-    executor: Executor, ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from colocate.execution import streams
-
-    ran_in: list[str] = []
-    original = streams.run_members
-
-    def recording(*args: object, **kwargs: object) -> object:
-        ran_in.append(threading.current_thread().name)
-        return original(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(streams, "run_members", recording)
-    batch = batch_with_first(0.25)
-    expected, _ = sequential(ensemble, batch)
-    assert_close(executor.predict(batch), expected)
-    assert ran_in == ["colocate-slot-s0"]  # off by default
-    ran_in.clear()
-    monkeypatch.setattr(executor, "run_in_caller", True)
-    for _ in range(3):
-        assert_close(executor.predict(batch), expected)
-    assert ran_in == [threading.current_thread().name] * 3
-    ran_in.clear()
-    assert_close(executor.submit(batch).result(timeout=10.0).combined, expected)
-    assert ran_in == ["colocate-slot-s0"]
-
-
-def test_stream_only_plan_with_callers_at_once_never_runs_the_members_twice_at_once() -> None:
-    inside = 0
-    most = 0
-    guard = threading.Lock()
-    ensemble = Ensemble((sleeper("a", delay_s=0.01), sleeper("b", delay_s=0.0)))
-    plan = make_plan(Slot("s0", "stream", ("a", "b"), cpu_threads=1))
-    executor = Executor(plan, ensemble, run_in_caller=True)
-    from colocate.execution import streams
-
-    original = streams.run_members
-
-    def counting(*args: object, **kwargs: object) -> object:
-        nonlocal inside, most
-        with guard:
-            inside += 1
-            most = max(most, inside)
-        try:
-            return original(*args, **kwargs)  # type: ignore[arg-type]
-        finally:
-            with guard:
-                inside -= 1
-
-    batches = [batch_with_first(float(i), seed=i) for i in range(30)]
-    expected = [sequential(ensemble, b)[0] for b in batches]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(streams, "run_members", counting)
-        with executor, ThreadPoolExecutor(max_workers=5) as pool:
-            got = list(pool.map(executor.predict, batches))
-    for answer, wanted in zip(got, expected, strict=True):
-        assert_close(answer, wanted)
-    assert most == 1
-
-
-def test_run_in_caller_still_fails_a_late_request_with_the_timeout_error() -> None:
-    ensemble = Ensemble((sleeper("slow", delay_s=0.6),))
-    plan = make_plan(Slot("s0", "stream", ("slow",)))
-    with Executor(plan, ensemble, request_timeout_s=0.2, run_in_caller=True) as executor:
-        with pytest.raises(WorkerFailedError, match=r"no answer within 0.2 s from slot 's0'"):
-            executor.predict(batch_with_first(0.0))
-        assert executor.stats().failed == 1
