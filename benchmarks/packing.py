@@ -21,7 +21,7 @@ names such as ``resnet-0``, ``mobilenet-1``. The ensemble of N members is the fi
 largest one.
 
 Planner quality comes from the same run: when ``auto`` is compared, a few member pairs are
-measured first (:func:`colocate.compare.calibrate`) and every plan is predicted with and
+measured first (:func:`colocate.comparison.calibrate`) and every plan is predicted with and
 without those measurements. ``regret`` is how much slower the plan ``auto`` chose ran than
 the best plan measured (of the plans that run every member as given); the cost model's
 error is the median over the plans that ran of
@@ -60,7 +60,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import ROOT, device_tag, int_list, save_figure, word_list, write_result
 from colocate import devices, serde, zoo
-from colocate.compare import BASELINE, SETTLE_PLANS, RunSettings, calibrate, compare, variant_key
+from colocate.comparison import (
+    BASELINE,
+    SETTLE_PLANS,
+    RunSettings,
+    calibrate,
+    calibrate_backends,
+    compare,
+    variant_key,
+)
 from colocate.devices import Device
 from colocate.ensemble import Ensemble, Member
 from colocate.errors import ColocateError
@@ -488,6 +496,35 @@ def run_case(
         except ColocateError as exc:
             planned[name] = None
             rejected[name] = f"{type(exc).__name__}: {exc}"
+    # the members' calibration measured them as given: measure the variants auto+backends chose
+    record["calibration_backends"] = None
+    chose = planned.get(WITH_BACKENDS)
+    changed = chose is not None and bool(variant_key(chose))
+    if chose is not None and changed and calibration is not None and isinstance(profiles, VariantProfiles):
+        t0 = time.perf_counter()
+        try:
+            planned[WITH_BACKENDS], variant_calibration = calibrate_backends(
+                ensemble,
+                device,
+                profiles,
+                chose,
+                batch_size=batch_size,
+                max_pairs=calibrate_pairs,
+                seconds=calibrate_seconds,
+                max_plans=settle_plans,
+                run_settings=settings,
+                progress=say,
+            )
+            record["calibration_backends"] = {
+                "error": None,
+                "wall_s": time.perf_counter() - t0,
+                "pairs": serde.to_dict(variant_calibration.pairs),
+                "plans": serde.to_dict(variant_calibration.plans),
+                "time_scale": variant_calibration.time_scale,
+            }
+        except ColocateError as exc:
+            say(f"calibrating the variants failed, keeping the plan as chosen: {exc}")
+            record["calibration_backends"] = {"error": f"{type(exc).__name__}: {exc}"}
     groups: dict[tuple[Any, ...], list[str]] = {}
     for name, made in planned.items():
         if made is not None:
@@ -942,7 +979,9 @@ def main() -> int:
         sizes, batch_sizes, strategies = [2], [1], list(SMOKE_STRATEGIES)
         seconds, requests = None, 4
         synth_scale = default_scale = "tiny"
-        calibrate_pairs = 0
+        calibrate_pairs = args.calibrate_pairs or 0  # the CI smoke passes 1 to check calibration too
+        args.calibrate_seconds = min(args.calibrate_seconds, 0.3)
+        args.settle_plans = min(args.settle_plans, 2)
         profile_settings = ProfileSettings(
             warmup=1,
             repeats=3,

@@ -38,6 +38,13 @@ _LAZY = {
     "plan": ("colocate.planning", "plan"),
     "Plan": ("colocate.planning.types", "Plan"),
     "Executor": ("colocate.execution", "Executor"),
+    "compare": ("colocate.comparison", "compare"),
+    "calibrate": ("colocate.comparison", "calibrate"),
+    "calibrate_backends": ("colocate.comparison", "calibrate_backends"),
+    "load_calibration": ("colocate.comparison", "load_calibration"),
+    "Calibration": ("colocate.comparison", "Calibration"),
+    "RunSettings": ("colocate.comparison", "RunSettings"),
+    "Report": ("colocate.report", "Report"),
 }
 
 

@@ -115,7 +115,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _full_demo(args: argparse.Namespace) -> int:
     """Profile the default ensemble, plan it with every strategy, run and compare the plans."""
     from colocate import demo, devices
-    from colocate.compare import RunSettings, compare, dedupe_plans, save_report
+    from colocate.comparison import RunSettings, compare, dedupe_plans, save_report
     from colocate.planning import plan_all
     from colocate.profiling import profile_isolated
     from colocate.report import render_table
@@ -394,7 +394,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "backends": args.backends,
     }
     if args.calibration:
-        from colocate.compare import load_calibration
+        from colocate.comparison import load_calibration
 
         calibration = load_calibration(args.calibration)
         common["measured_plans"] = calibration.measured_plans()
@@ -422,7 +422,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _run_settings(args: argparse.Namespace) -> Any:
-    from colocate.compare import RunSettings
+    from colocate.comparison import RunSettings
 
     seconds = args.seconds if args.requests is None else None
     return RunSettings(
@@ -438,7 +438,7 @@ def _run_settings(args: argparse.Namespace) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from colocate import devices
-    from colocate.compare import execute
+    from colocate.comparison import execute
     from colocate.planning import plan
     from colocate.planning.types import Plan
 
@@ -508,7 +508,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from colocate import devices
-    from colocate.compare import compare, load_calibration, regime_rows, save_report
+    from colocate.comparison import compare, load_calibration, regime_rows, save_report
     from colocate.report import rate_rows, render_table
 
     device = devices.find_device(args.device)

@@ -26,9 +26,7 @@ FEATURES, CLASSES = 32, 4
 def build_head() -> torch.nn.Module:
     """A small classifier head (module-level, so the member can go to a worker process)."""
     torch.manual_seed(1)
-    return torch.nn.Sequential(
-        torch.nn.Linear(FEATURES, 64), torch.nn.GELU(), torch.nn.Linear(64, CLASSES)
-    )
+    return torch.nn.Sequential(torch.nn.Linear(FEATURES, 64), torch.nn.GELU(), torch.nn.Linear(64, CLASSES))
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Quickstart: profile the default ensemble on the best device and print the key figures.
 
-    python examples/quickstart.py            # small models on the CPU, large on a GPU
-    python examples/quickstart.py --scale tiny --batch-sizes 1,4
+python examples/quickstart.py            # small models on the CPU, large on a GPU
+python examples/quickstart.py --scale tiny --batch-sizes 1,4
 """
 
 from __future__ import annotations

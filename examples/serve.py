@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Serve the default ensemble with the planner's plan (the README's serving example).
 
-    python examples/serve.py [--scale tiny|small|large] [--batch-size 8]
+python examples/serve.py [--scale tiny|small|large] [--batch-size 8]
 """
 
 from __future__ import annotations

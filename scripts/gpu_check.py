@@ -39,36 +39,84 @@ GPU_BENCHMARKS: list[tuple[str, list[str], int]] = [
     (
         "packing",
         [
-            "{python}", "benchmarks/packing.py", "--device", "cuda", "--no-default", "--sizes", "8",
-            "--batch-sizes", "1,8", "--strategies", "sequential,streams,processes,mps,auto",
-            "--seconds", "2", "--calibrate-pairs", "1", "--allow-mps-start", "--backends", "auto",
-            "--out", "{outdir}/packing.json",
+            "{python}",
+            "benchmarks/packing.py",
+            "--device",
+            "cuda",
+            "--no-default",
+            "--sizes",
+            "8",
+            "--batch-sizes",
+            "1,8",
+            "--strategies",
+            "sequential,streams,processes,mps,auto",
+            "--seconds",
+            "2",
+            "--calibrate-pairs",
+            "1",
+            "--allow-mps-start",
+            "--backends",
+            "auto",
+            "--out",
+            "{outdir}/packing.json",
         ],
         240,
     ),
     (
         "profile-default-ensemble",
         [
-            "{python}", "benchmarks/profile_default_ensemble.py", "--device", "cuda",
-            "--batch-sizes", "1,8,32,128", "--precisions", "fp32",
-            "--out", "{outdir}/profile-default-ensemble.json",
+            "{python}",
+            "benchmarks/profile_default_ensemble.py",
+            "--device",
+            "cuda",
+            "--batch-sizes",
+            "1,8,32,128",
+            "--precisions",
+            "fp32",
+            "--out",
+            "{outdir}/profile-default-ensemble.json",
         ],
         150,
     ),
     (
         "compare",
         [
-            "{python}", "-m", "colocate", "compare", "--device", "cuda",
-            "--strategies", "sequential,streams,processes,mps,auto", "--batch-sizes", "8",
-            "--seconds", "2", "--allow-mps-start", "--out", "{outdir}/compare",
+            "{python}",
+            "-m",
+            "colocate",
+            "compare",
+            "--device",
+            "cuda",
+            "--strategies",
+            "sequential,streams,processes,mps,auto",
+            "--batch-sizes",
+            "8",
+            "--seconds",
+            "2",
+            "--allow-mps-start",
+            "--out",
+            "{outdir}/compare",
         ],
         240,
     ),
     (
         "run-auto",
         [
-            "{python}", "-m", "colocate", "run", "--device", "cuda", "--strategy", "auto",
-            "--batch-size", "8", "--seconds", "3", "--allow-mps-start", "--out", "{outdir}/run-auto.json",
+            "{python}",
+            "-m",
+            "colocate",
+            "run",
+            "--device",
+            "cuda",
+            "--strategy",
+            "auto",
+            "--batch-size",
+            "8",
+            "--seconds",
+            "3",
+            "--allow-mps-start",
+            "--out",
+            "{outdir}/run-auto.json",
         ],
         120,
     ),
@@ -78,18 +126,40 @@ GPU_BENCHMARKS: list[tuple[str, list[str], int]] = [
     (
         "executor-overhead",
         [
-            "{python}", "benchmarks/executor_overhead.py", "--device", "cuda", "--rounds", "2",
-            "--requests", "150", "--warmup", "10", "--modes", "direct,stream",
-            "--out", "{outdir}/executor-overhead.json",
+            "{python}",
+            "benchmarks/executor_overhead.py",
+            "--device",
+            "cuda",
+            "--rounds",
+            "2",
+            "--requests",
+            "150",
+            "--warmup",
+            "10",
+            "--modes",
+            "direct,stream",
+            "--out",
+            "{outdir}/executor-overhead.json",
         ],
         90,
     ),
     (
         "framework-study",
         [
-            "{python}", "benchmarks/framework_study.py", "--device", "cuda",
-            "--batch-sizes", "1,8,64,256", "--backends", "torch,torch-cudagraph,onnxruntime,tensorrt",
-            "--repeats", "10", "--max-time", "0.4", "--out", "{outdir}/framework-study.json",
+            "{python}",
+            "benchmarks/framework_study.py",
+            "--device",
+            "cuda",
+            "--batch-sizes",
+            "1,8,64,256",
+            "--backends",
+            "torch,torch-cudagraph,onnxruntime,tensorrt",
+            "--repeats",
+            "10",
+            "--max-time",
+            "0.4",
+            "--out",
+            "{outdir}/framework-study.json",
         ],
         100,
     ),
@@ -153,9 +223,12 @@ def versions() -> dict[str, str | None]:
     except Exception:
         pass
     try:
-        found["colocate_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
-        ).stdout.strip() or None
+        found["colocate_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         found["colocate_commit"] = None
     return found
@@ -168,7 +241,9 @@ def device_info() -> dict[str, Any]:
         query = "name,driver_version,memory.total,compute_cap,mig.mode.current,compute_mode"
         proc = subprocess.run(
             [smi, f"--query-gpu={query}", "--format=csv,noheader"],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         info["nvidia_smi"] = proc.stdout.strip() or proc.stderr.strip()
     try:
@@ -259,8 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     checks.append(
         run_check(
             "pytest -m gpu",
-            [PY, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
-             f"--junitxml={junit}"],
+            [PY, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={junit}"],
             180,
             env,
         )
@@ -307,8 +381,14 @@ def main(argv: list[str] | None = None) -> int:
         if allowed is None:
             print(f"== {name}: skipped, {left:.0f}s of the budget left", flush=True)
             checks.append(
-                {"name": name, "command": " ".join(command), "returncode": None, "seconds": 0.0,
-                 "outcome": "skipped", "output_tail": f"skipped: {left:.0f}s of --budget-s left"}
+                {
+                    "name": name,
+                    "command": " ".join(command),
+                    "returncode": None,
+                    "seconds": 0.0,
+                    "outcome": "skipped",
+                    "output_tail": f"skipped: {left:.0f}s of --budget-s left",
+                }
             )
             write_summary(False)
             continue

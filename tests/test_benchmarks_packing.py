@@ -63,6 +63,8 @@ def test_packing_smoke(tmp_path: Path) -> None:
         "cpu",
         "--backends",
         "torch,onnxruntime",
+        "--calibrate-pairs",
+        "1",
     ]
     proc = subprocess.run(
         [*command, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
@@ -114,6 +116,12 @@ def test_packing_smoke(tmp_path: Path) -> None:
             assert key in planner
         if planner["regret_backends"] is not None:
             assert 0.0 <= planner["regret_backends"] <= 1.0
+        # the variants auto+backends chose were calibrated as they run, when the members were
+        variants = case["calibration_backends"]
+        assert case["calibration"]["ran"], case["calibration"]["error"]
+        if with_backends["backends"] != "every member as given":
+            assert variants is not None and variants.get("error") is None, variants
+            assert variants["time_scale"] is not None
         members = case["members"]
         assert len(members) == case["member_count"]
         assert len({m["name"] for m in members}) == len(members)

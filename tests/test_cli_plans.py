@@ -10,7 +10,7 @@ import pytest
 
 from colocate import Device, serde, zoo
 from colocate.cli import main
-from colocate.compare import Calibration, PairMeasurement, dedupe_plans, pareto_set, regime_rows
+from colocate.comparison import Calibration, PairMeasurement, dedupe_plans, pareto_set, regime_rows
 from colocate.execution.types import RunResult
 from colocate.planning import conflict_graph, member_demands, plan
 from colocate.planning.types import Plan
@@ -113,7 +113,7 @@ def test_dedupe_names_agreeing_strategies(cpu: Device, tiny_profiles: Path) -> N
 
 
 def test_pareto_and_regime_rows_on_a_recorded_report(tmp_path: Path) -> None:
-    from colocate.compare import compare
+    from colocate.comparison import compare
     from colocate.devices import cpu_device
     from tests.test_compare import FAST, hand_plan
 
@@ -135,7 +135,7 @@ def test_pareto_and_regime_rows_on_a_recorded_report(tmp_path: Path) -> None:
 def test_compare_calibrates_auto_by_default_and_reports_model_error(
     cpu: Device, tiny_profiles: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import colocate.compare as compare_module
+    import colocate.comparison as compare_module
     from tests.test_compare import FAST
 
     ensemble = zoo.default_ensemble(scale="tiny")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from colocate import Device, Ensemble, Member, serde, zoo
-from colocate.compare import (
+from colocate.comparison import (
     Calibration,
     PairMeasurement,
     RunSettings,

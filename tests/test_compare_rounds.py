@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-import colocate.compare as compare_module
+import colocate.comparison as compare_module
 from colocate import Device, Ensemble, serde, zoo
 from colocate._timing import LatencyStats
 from colocate.cli import _run_settings, build_parser
-from colocate.compare import (
+from colocate.comparison import (
     Calibration,
     PairMeasurement,
     RunSettings,

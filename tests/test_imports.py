@@ -70,3 +70,23 @@ def test_missing_backend_error_names_the_extra() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "member 'mlp'" in proc.stdout and "colocate[torch]" in proc.stdout
+
+
+def test_the_top_level_api_names_the_functions_the_docs_use() -> None:
+    proc = run_blocked(
+        """
+        import colocate
+        import colocate.comparison as comparison
+        from colocate.comparison import RunSettings
+        # the submodule is 'comparison', so 'colocate.compare' stays the function after its import
+        assert colocate.compare is comparison.compare and callable(colocate.compare)
+        assert colocate.calibrate is comparison.calibrate
+        assert colocate.calibrate_backends is comparison.calibrate_backends
+        assert colocate.RunSettings is RunSettings
+        for name in colocate.__all__:
+            assert getattr(colocate, name) is not None, name
+        print("ok")
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("ok")

@@ -141,7 +141,7 @@ def test_executor_runs_the_plans_variant_with_the_same_prediction(cache: Path, k
 
 
 def test_plans_with_other_variants_are_not_deduplicated() -> None:
-    from colocate.compare import dedupe_plans, profiles_for_plan
+    from colocate.comparison import dedupe_plans, profiles_for_plan
 
     base = make_plan(Slot("s0", "stream", ("mlp",)), batch_size=1)
     onnx = dataclasses.replace(
@@ -189,3 +189,54 @@ def test_on_a_gpu_the_plan_can_choose_cuda_graphs_and_runs_them(cache: Path, cud
         assert all(m.options.get("cuda_graph") for m in executor._variants.values())
         got = executor.submit(batch, return_members=True).result(timeout=120)
     np.testing.assert_allclose(got.combined, expected.combined, rtol=1e-3, atol=1e-4)
+
+
+def test_calibrate_backends_measures_the_chosen_variants_and_keeps_the_choice(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import colocate.comparison as compare_module
+
+    ensemble = Ensemble((zoo.member("mlp", scale="tiny"), zoo.member("resnet", scale="tiny")), name="pair")
+    profiles = profile_variants(
+        ensemble, cpu_device(), (2,), settings=QUICK, isolated=False, cache=ProfileCache(cache / "p")
+    )
+    chosen = plan(ensemble, cpu_device(), profiles, batch_size=2, backends=("onnxruntime",))
+    assert chosen.backend_of("mlp") is not None  # at least one member runs as another variant
+    seen: list[tuple[Ensemble, Any]] = []
+    real = compare_module.calibrate
+
+    def spy(ens: Ensemble, device: Any, profs: Any, **options: Any) -> Any:
+        seen.append((ens, profs))
+        return real(ens, device, profs, **options)
+
+    monkeypatch.setattr(compare_module, "calibrate", spy)
+    replanned, calibration = compare_module.calibrate_backends(
+        ensemble, cpu_device(), profiles, chosen, batch_size=2, max_pairs=1, seconds=0.3, max_plans=2
+    )
+    ((as_run, run_profiles),) = seen
+    # the calibration measured the members as the plan runs them, under the same names
+    assert [m.name for m in as_run.members] == ["mlp", "resnet"]
+    for choice in chosen.backends:
+        assert as_run.member(choice.member).backend == choice.backend
+        assert {p.backend for p in run_profiles.profiles if p.member == choice.member} == {choice.backend}
+    assert replanned.backends == chosen.backends
+    assert replanned.strategy == chosen.strategy
+    assert any("laid out again" in line for line in replanned.explanation)
+    # the pick (at least) ran as the variants, which gives the variants' own time scale
+    assert calibration.plans and all(p.round_sps for p in calibration.plans)
+    assert calibration.time_scale != 1.0
+    batch = ensemble.members[0].input.example(2, seed=3)
+    with Executor(replanned, ensemble, warmup=False) as executor:
+        assert executor._variants["mlp"].backend == chosen.backend_of("mlp").backend  # type: ignore[union-attr]
+        assert executor.predict(batch).shape == (2, 10)
+
+
+def test_calibrate_backends_refuses_a_plan_without_variants() -> None:
+    import colocate.comparison as compare_module
+    from colocate.errors import InvalidInputError
+
+    as_given = make_plan(Slot("s0", "stream", ("mlp",)), batch_size=1)
+    ensemble = Ensemble((zoo.member("mlp", scale="tiny"),), name="one")
+    empty = VariantProfiles(sets={}, defaults={})
+    with pytest.raises(InvalidInputError, match="chose no backend variants"):
+        compare_module.calibrate_backends(ensemble, cpu_device(), empty, as_given)

@@ -66,6 +66,7 @@ from colocate.planning.types import Plan, Slot
 
 _WATCHDOG_INTERVAL_S = 0.1
 _LATENCY_WINDOW = 100_000
+_ACCEPTED_LAYOUTS_KEPT = 64  # batch layouts remembered as accepted by every member
 
 
 @dataclass
@@ -209,6 +210,7 @@ class Executor:
         self._failed = 0
         self._latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
         self._variants: dict[str, Member] = {}  # member name -> member as run (the plan's variant)
+        self._accepted_layouts: set[tuple[tuple[int, ...], str]] = set()  # (shape, dtype) checked ok
 
     # -- lifecycle
 
@@ -592,11 +594,17 @@ class Executor:
                 f"ensemble '{self.ensemble.name}': a batch must be a numpy array, got "
                 f"{type(batch).__name__}; convert it with numpy.asarray(...)"
             )
+        # the checks depend on shape and dtype only: a layout every member accepted once passes
+        layout = (batch.shape, batch.dtype.str)
+        if layout in self._accepted_layouts:
+            return None
         for member in self.ensemble.members:
             try:
                 member.input.check(member.name, batch)
             except InvalidInputError as exc:
                 return exc
+        if len(self._accepted_layouts) < _ACCEPTED_LAYOUTS_KEPT:
+            self._accepted_layouts.add(layout)
         return None
 
     def _finish_failed(self, future: Future[EnsembleResult], error: BaseException) -> None:

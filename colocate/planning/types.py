@@ -175,7 +175,7 @@ class PlanMeasurement:
 
     ``auto`` planning given such measurements picks the measured-best of the measured plans
     predicted near its own pick (see :func:`colocate.planning.plan`); a calibration records
-    them (:func:`colocate.compare.calibrate`).
+    them (:func:`colocate.comparison.calibrate`).
     """
 
     name: str  # what proposed it when it was measured, e.g. "auto", "streams", "sequential"

@@ -424,6 +424,18 @@ def compare(
                     backends=(backends or "auto") if variants else None,
                     measured_plans=measured_plans,
                 )
+                changed = bool(variant_key(made))
+                if variants and calibrated_now and changed and isinstance(profiles, VariantProfiles):
+                    # the calibration above measured the members as given; measure these variants
+                    made, _ = calibrate_backends(
+                        ensemble,
+                        device,
+                        profiles,
+                        made,
+                        batch_size=batch_size,
+                        run_settings=chosen,
+                        progress=say,
+                    )
                 planned_entry = (label, made, None)
             except ColocateError as exc:
                 planned_entry = (label, None, str(exc))
@@ -624,6 +636,87 @@ def candidate_plans(
     runners = [p for p in unique if _layout_key(p) != chosen_key and p.prediction.throughput_sps >= floor]
     runners.sort(key=lambda p: p.prediction.throughput_sps, reverse=True)
     return chosen, runners
+
+
+def calibrate_backends(
+    ensemble: Ensemble,
+    device: Device,
+    profiles: VariantProfiles,
+    chosen: Plan,
+    *,
+    batch_size: int = 8,
+    max_pairs: int = 3,
+    seconds: float = 1.0,
+    max_plans: int = SETTLE_PLANS,
+    run_settings: RunSettings | None = None,
+    progress: Progress | None = None,
+) -> tuple[Plan, Calibration]:
+    """Calibrate the backend variants ``chosen`` runs, and lay them out again with that calibration.
+
+    :func:`calibrate` measures the members as given; a ``+backends`` plan that runs them as
+    other variants (say, every member on ONNX Runtime) would otherwise be predicted with
+    pair slowdowns and a time scale measured on other code. This keeps ``chosen``'s backend
+    for each member, builds the ensemble as it runs (:func:`colocate.variants.variant_member`,
+    same names), calibrates that ensemble on the variants' profiles (pairs, close calls, time
+    scale: as :func:`calibrate`), and plans ``auto`` for it with the result. The plan returned
+    has ``chosen``'s backends and strategy name, and that calibrated layout and prediction.
+
+    Returns:
+        The plan, and the calibration of the variants (its pairs name the members).
+    """
+    from colocate.variants import variant_member
+
+    if not chosen.backends:
+        raise InvalidInputError(
+            f"plan '{chosen.strategy}' chose no backend variants; calibrate it with calibrate()"
+        )
+    assignment = {b.member: b.label for b in chosen.backends}
+    as_run = dataclasses.replace(
+        ensemble,
+        members=tuple(
+            variant_member(m, assignment[m.name], device) if m.name in assignment else m
+            for m in ensemble.members
+        ),
+    )
+    run_profiles = profiles.for_assignment(assignment)
+    say = progress or (lambda _line: None)
+    say(
+        "calibrating the backend variants '"
+        + chosen.strategy
+        + "' chose: "
+        + ", ".join(f"{b.member} as {b.label}" for b in chosen.backends if b.label != b.default)
+    )
+    calibration = calibrate(
+        as_run,
+        device,
+        run_profiles,
+        batch_size=batch_size,
+        max_pairs=max_pairs,
+        seconds=seconds,
+        max_plans=max_plans,
+        run_settings=run_settings,
+        progress=progress,
+    )
+    laid_out = make_plan(
+        as_run,
+        device,
+        run_profiles,
+        strategy="auto",
+        batch_size=batch_size,
+        model=calibration.model(),
+        measured_plans=calibration.measured_plans(),
+    )
+    plan = dataclasses.replace(
+        laid_out,
+        strategy=chosen.strategy,
+        backends=chosen.backends,
+        explanation=(
+            *chosen.explanation,
+            "slots laid out again after calibrating these backend variants:",
+            *laid_out.explanation,
+        ),
+    )
+    return plan, calibration
 
 
 def calibrate(
@@ -886,6 +979,7 @@ __all__ = [
     "RoundsSummary",
     "RunSettings",
     "calibrate",
+    "calibrate_backends",
     "candidate_plans",
     "compare",
     "dedupe_plans",
