@@ -391,12 +391,9 @@ class ProcessSlot:
             ready = self._ready_poll
             if conn is None or ready is None:
                 return False
-            try:
-                while ready.poll(0):
-                    self._on_reply(pickle.loads(conn.recv_bytes()))
-            except (EOFError, OSError, ValueError, pickle.UnpicklingError):
-                return False
-            return True
+            replies, ended = _read_waiting(conn, ready)
+        self._resolve_all(replies)
+        return not ended
 
     def end_foreground(self) -> None:
         """Hand the pipe back to the reader thread."""
@@ -509,14 +506,21 @@ class ProcessSlot:
                 with self._read_lock:
                     if self._foreground:
                         continue  # the foreground reader takes it
-                    while ready.poll(0):
-                        self._on_reply(pickle.loads(conn.recv_bytes()))
-        except (EOFError, OSError, ValueError, pickle.UnpicklingError):
-            return  # the pipe ended: the worker is gone, or stop() shut the pipe
+                    replies, ended = _read_waiting(conn, ready)
+                self._resolve_all(replies)
+                if ended:
+                    return  # the pipe ended: the worker is gone, or stop() shut the pipe
+        except (OSError, ValueError):
+            return
         finally:
             with self._read_lock:
                 if self._ready_poll is ready:
                     self._ready_poll = None
+
+    def _resolve_all(self, replies: list[tuple[Any, ...]]) -> None:
+        # outside the read lock: a future's callbacks may submit again, or read in the foreground
+        for message in replies:
+            self._on_reply(message)
 
     def _expects_replies(self) -> bool:
         with self._lock:
@@ -642,6 +646,17 @@ class ProcessSlot:
         for future in failed:
             _fail(future, error)
         return False
+
+
+def _read_waiting(conn: Connection, ready: select.poll) -> tuple[list[tuple[Any, ...]], bool]:
+    """Every reply already in ``conn`` (``ready`` polls it), and whether the pipe has ended."""
+    replies: list[tuple[Any, ...]] = []
+    try:
+        while ready.poll(0):
+            replies.append(pickle.loads(conn.recv_bytes()))
+    except (EOFError, OSError, ValueError, pickle.UnpicklingError):
+        return replies, True
+    return replies, False
 
 
 def _has_exited(process: BaseProcess) -> bool:

@@ -13,14 +13,14 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from colocate.ensemble import Ensemble
 from colocate.errors import WorkerFailedError
-from colocate.execution import Executor, run_requests
+from colocate.execution import EnsembleResult, Executor, run_requests
 from colocate.execution.processes import ProcessSlot
 from colocate.planning.types import Slot
 
@@ -122,3 +122,22 @@ def test_a_worker_killed_under_a_foreground_read_fails_the_call_at_once() -> Non
         killer.join()
     # the module's executor is still open: its workers are children too
     assert_released(executor, [pid], executor.shared_memory_prefix, no_children=False)
+
+
+def test_a_done_callback_may_submit_again_to_the_same_process_slots(
+    executor: Executor, ensemble: Ensemble
+) -> None:
+    # replies are resolved outside the slot's read lock: a callback that submits (which takes
+    # that lock to wake the reader) must not deadlock the reader thread that runs it
+    batch = batch_with_first(0.75)
+    expected, _ = sequential(ensemble, batch)
+    chained: list[Future[EnsembleResult]] = []
+    first = executor.submit(batch)
+    first.add_done_callback(lambda _done: chained.append(executor.submit(batch)))
+    assert_close(first.result(timeout=10.0).combined, expected)
+    deadline = time.monotonic() + 10.0
+    while not chained and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert chained, "the callback never ran to its end (deadlock?)"
+    assert_close(chained[0].result(timeout=10.0).combined, expected)
+    assert_close(executor.predict(batch), expected)  # and the slots still serve
