@@ -404,6 +404,7 @@ def compare(
     calibrated_model = calibration.model() if calibration is not None else None
 
     planned: list[tuple[str, Plan | None, str | None]] = []
+    variant_notes: list[str] = []
     seen: set[str] = set()
     for entry in entries:
         if isinstance(entry, Plan):
@@ -427,7 +428,7 @@ def compare(
                 changed = bool(variant_key(made))
                 if variants and calibrated_now and changed and isinstance(profiles, VariantProfiles):
                     # the calibration above measured the members as given; measure these variants
-                    made, _ = calibrate_backends(
+                    made, variant_calibration = calibrate_backends(
                         ensemble,
                         device,
                         profiles,
@@ -435,6 +436,12 @@ def compare(
                         batch_size=batch_size,
                         run_settings=chosen,
                         progress=say,
+                    )
+                    pairs, runs = len(variant_calibration.pairs), len(variant_calibration.plans)
+                    variant_notes.append(
+                        f"'{label}': the variants it chose were calibrated as they run ({pairs} pair(s), "
+                        f"{runs} plan(s) measured, time scale {variant_calibration.time_scale:.2f}) "
+                        "and its slots laid out again"
                     )
                 planned_entry = (label, made, None)
             except ColocateError as exc:
@@ -495,6 +502,7 @@ def compare(
                 f"{figures} samples/s; 'auto' takes the measured-best of them when its own pick is "
                 "among them (its explanation says 'settled by measurement')"
             )
+    notes.extend(variant_notes)
 
     return Report(
         ensemble=ensemble.name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,3 +145,51 @@ def test_plan_for_a_simulated_gpu_chooses_cuda_graphs(
     chosen = json.loads(capsys.readouterr().out)["data"]
     assert chosen["strategy"] == "auto+backends"
     assert {b["label"] for b in chosen["backends"]} == {"torch+cudagraph"}
+
+
+def test_compare_calibrates_the_variants_auto_backends_chose(
+    variant_file: Path, cache: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the calibration itself is stubbed (tests/test_variants.py runs it for real): this checks
+    # that compare calibrates auto+backends' variants as they run and says so
+    import colocate.comparison as comparison
+    from colocate.report import Calibration
+
+    calibrated: list[tuple[str, ...]] = []
+
+    def quick(ensemble: Any, device: Any, profiles: Any, **options: Any) -> Calibration:
+        calibrated.append(tuple(m.backend for m in ensemble.members))
+        return Calibration(ensemble.name, device, options.get("batch_size", 1), (), time_scale=0.9)
+
+    monkeypatch.setattr(comparison, "calibrate", quick)
+    out = tmp_path / "cmp"
+    args = [
+        "compare",
+        *TINY,
+        "--profiles",
+        str(variant_file),
+        "--backends",
+        "onnxruntime",
+        "--strategies",
+        "sequential,auto",
+        "--batch-sizes",
+        "1",
+        "--requests",
+        "4",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    report = serde.load(Report, out / "report.json")
+    with_backends = next(r for r in report.results if r.name == "auto+backends")
+    assert with_backends.status == "ok", with_backends.reason
+    assert with_backends.plan is not None
+    chosen = {b.member: b.backend for b in with_backends.plan.backends if b.label != b.default}
+    assert chosen, "with only onnxruntime allowed besides torch, some member runs on it"
+    # first the members as given, then the ensemble as auto+backends runs it
+    assert len(calibrated) == 2 and set(calibrated[0]) == {"torch"}
+    assert "onnxruntime" in calibrated[1]
+    said = "'auto+backends': the variants it chose were calibrated"
+    noted = [n for n in report.notes if n.startswith(said)]
+    assert len(noted) == 1 and "time scale 0.90" in noted[0], report.notes
+    assert any("laid out again" in line for line in with_backends.plan.explanation)
