@@ -151,6 +151,17 @@ def _layout_key(plan: Plan) -> tuple[Any, ...]:
     )
 
 
+def _measured(calibration: Calibration | None) -> dict[str, Any]:
+    """What a calibration measured, for the result JSON (empty figures without one)."""
+    if calibration is None:
+        return {"pairs": [], "plans": [], "time_scale": None}
+    return {
+        "pairs": serde.to_dict(calibration.pairs),
+        "plans": serde.to_dict(calibration.plans),
+        "time_scale": calibration.time_scale,
+    }
+
+
 def _backends_text(plan: Plan | None) -> str | None:
     """The variants a plan changed, e.g. ``"resnet: onnxruntime, vit: onnxruntime"``; None if none."""
     if plan is None or not plan.backends:
@@ -447,21 +458,20 @@ def run_case(
     calibration: Calibration | None = None
     calibration_error = None
     calibration_s = 0.0
+    # the same for the members as given and for the variants auto+backends chooses
+    calibrating: dict[str, Any] = {
+        "batch_size": batch_size,
+        "max_pairs": calibrate_pairs,
+        "seconds": calibrate_seconds,
+        "max_plans": settle_plans,
+        "run_settings": settings,
+        "progress": say,
+    }
     if "auto" in strategies and calibrate_pairs > 0:
         say(f"calibrating: up to {calibrate_pairs} member pair(s) that matter most to 'auto'")
         t0 = time.perf_counter()
         try:
-            calibration = calibrate(
-                ensemble,
-                device,
-                as_given,
-                batch_size=batch_size,
-                max_pairs=calibrate_pairs,
-                seconds=calibrate_seconds,
-                max_plans=settle_plans,
-                run_settings=settings,
-                progress=say,
-            )
+            calibration = calibrate(ensemble, device, as_given, **calibrating)
         except ColocateError as exc:
             calibration_error = f"{type(exc).__name__}: {exc}"
             say(f"calibration failed, planning from the model alone: {calibration_error}")
@@ -472,9 +482,7 @@ def run_case(
         "ran": calibration is not None,
         "error": calibration_error,
         "wall_s": calibration_s,
-        "pairs": serde.to_dict(calibration.pairs) if calibration is not None else [],
-        "plans": serde.to_dict(calibration.plans) if calibration is not None else [],
-        "time_scale": calibration.time_scale if calibration is not None else None,
+        **_measured(calibration),
     }
 
     # plan every strategy; identical slot layouts run once under a joined label
@@ -499,28 +507,21 @@ def run_case(
     # the members' calibration measured them as given: measure the variants auto+backends chose
     record["calibration_backends"] = None
     chose = planned.get(WITH_BACKENDS)
-    changed = chose is not None and bool(variant_key(chose))
-    if chose is not None and changed and calibration is not None and isinstance(profiles, VariantProfiles):
+    if (
+        chose is not None
+        and variant_key(chose)  # some member runs as another variant
+        and calibration is not None
+        and isinstance(profiles, VariantProfiles)
+    ):
         t0 = time.perf_counter()
         try:
             planned[WITH_BACKENDS], variant_calibration = calibrate_backends(
-                ensemble,
-                device,
-                profiles,
-                chose,
-                batch_size=batch_size,
-                max_pairs=calibrate_pairs,
-                seconds=calibrate_seconds,
-                max_plans=settle_plans,
-                run_settings=settings,
-                progress=say,
+                ensemble, device, profiles, chose, **calibrating
             )
             record["calibration_backends"] = {
                 "error": None,
                 "wall_s": time.perf_counter() - t0,
-                "pairs": serde.to_dict(variant_calibration.pairs),
-                "plans": serde.to_dict(variant_calibration.plans),
-                "time_scale": variant_calibration.time_scale,
+                **_measured(variant_calibration),
             }
         except ColocateError as exc:
             say(f"calibrating the variants failed, keeping the plan as chosen: {exc}")

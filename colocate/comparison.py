@@ -425,8 +425,12 @@ def compare(
                     backends=(backends or "auto") if variants else None,
                     measured_plans=measured_plans,
                 )
-                changed = bool(variant_key(made))
-                if variants and calibrated_now and changed and isinstance(profiles, VariantProfiles):
+                if (
+                    variants
+                    and calibrated_now
+                    and variant_key(made)  # some member runs as another variant
+                    and isinstance(profiles, VariantProfiles)
+                ):
                     # the calibration above measured the members as given; measure these variants
                     made, variant_calibration = calibrate_backends(
                         ensemble,

@@ -495,14 +495,10 @@ class Executor:
         Raises:
             ColocateError: the request failed (a member's error names it; a dead worker's names the slot).
         """
-        result = self._submit_and_wait(batch, return_members)
+        result = self._submit_and_read(batch, return_members).result(timeout=self.request_timeout_s + 5.0)
         if return_members:
             return result.combined, dict(result.members or {})
         return result.combined
-
-    def _submit_and_wait(self, batch: Array, return_members: bool) -> EnsembleResult:
-        """Submit ``batch`` and wait for its result, reading worker replies in this thread."""
-        return self._submit_and_read(batch, return_members).result(timeout=self.request_timeout_s + 5.0)
 
     def _submit_and_read(self, batch: Array, return_members: bool = False) -> Future[EnsembleResult]:
         """Submit ``batch`` and read the process slots' replies in this thread until they answered it.

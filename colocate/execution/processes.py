@@ -19,14 +19,16 @@ Lifecycle: :meth:`ProcessSlot.start` spawns the worker (``worker_main``, a
 module-level function), which sets its environment (MPS variables, CPU affinity)
 *before* unpickling its members, so that nothing initialises CUDA earlier; loads
 the members; and answers ``ready`` (the handshake has a timeout). A reader
-thread blocks on the reply pipe (a plain blocking read: building a selector per
-reply cost tens of microseconds a request) and resolves each reply's future; the
-pipe's end means the worker is gone. A watcher thread per worker waits for its
-exit (its sentinel, and its exit code every quarter second, since a process the
-worker forked holds the sentinel open too) and, should the pipe stay open after
-the death (that fork holds the worker's end of it as well), shuts the pipe down
-so the reader sees the end. A thread that waits for its own request (``Executor.predict``) reads the replies
-itself while it waits (:meth:`ProcessSlot.begin_foreground`): the reply then
+thread waits on the reply pipe with one ``select.poll`` object for the pipe's
+life (``multiprocessing.connection.wait`` builds a selector per call, tens of
+microseconds a request) and resolves each reply's future; the pipe's end means
+the worker is gone. A watcher thread per worker waits for its exit (its
+sentinel, and ``waitid`` every quarter second, since a process the worker
+forked holds the sentinel open too) and, should the pipe stay open after the
+death (that fork holds the worker's end of it as well), shuts the pipe down so
+the reader sees the end. A thread that waits for its own request
+(``Executor.predict``) reads the replies itself while it waits
+(:meth:`ProcessSlot.begin_foreground`): the reply then
 wakes that thread directly instead of the reader thread, which would then wake
 it, one thread wake-up less per request. The reader thread parks meanwhile, and
 also whenever no reply is due, so a loop of ``predict`` calls never wakes it.
@@ -195,7 +197,6 @@ class ProcessSlot:
         self._foreground = False  # a thread waiting on a request reads the pipe itself
         # the reader thread parks on this while it has nothing to read (see _read_until_end)
         self._reader_wanted = threading.Condition(self._read_lock)
-        self._reader_parked = False
         self._reader_woken = False  # the worker exited or the slot stops: look at the pipe
         self._ready_poll: select.poll | None = None  # over the current pipe; used under _read_lock
         self._state: _State = "new"
@@ -203,7 +204,7 @@ class ProcessSlot:
         self._conn: Connection | None = None
         self._pending: dict[int, Future[dict[str, Array]]] = {}
         self._backlog: list[tuple[Any, ...]] = []  # requests waiting for a restarted worker
-        self._monitor: threading.Thread | None = None
+        self._reader: threading.Thread | None = None
         self._failure: str | None = None
         self._restarts = 0
         self._pids: list[int] = []
@@ -274,10 +275,10 @@ class ProcessSlot:
             conn.close()
             raise WorkerFailedError(f"{describe_slot(self.slot)} was stopped while starting")
         self._watch(process, conn)
-        self._monitor = threading.Thread(
+        self._reader = threading.Thread(
             target=self._read_loop, name=f"colocate-reader-{self.name}", daemon=True
         )
-        self._monitor.start()
+        self._reader.start()
 
     def submit(self, batch: RequestBatch) -> Future[dict[str, Array]]:
         """Send ``batch`` (which must live in shared memory) to the worker; a future of the outputs."""
@@ -307,8 +308,8 @@ class ProcessSlot:
                 return future
             conn = self._conn
         with self._read_lock:  # a reply will come: the reader reads it, unless a foreground reader does
-            if self._reader_parked and not self._foreground:
-                self._reader_wanted.notify_all()
+            if not self._foreground:
+                self._reader_wanted.notify_all()  # a no-op unless the reader is parked
         self._send(conn, pickle.dumps(message, _PROTOCOL))
         return future
 
@@ -335,10 +336,10 @@ class ProcessSlot:
             process.join(self.stop_grace_s)
             self._reap(process)
         if conn is not None:
-            _shut_down(conn)  # the reader's blocking read ends even if the worker's end lives on
-        monitor = self._monitor
-        if monitor is not None and monitor is not threading.current_thread():
-            monitor.join(timeout=self.stop_grace_s + 2 * _POLL_S + 5.0)
+            _shut_down(conn)  # the reader's wait on the pipe ends even if the worker's end lives on
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(timeout=self.stop_grace_s + 2 * _POLL_S + 5.0)
         if conn is not None:
             with contextlib.suppress(OSError):
                 conn.close()
@@ -497,9 +498,8 @@ class ProcessSlot:
                     # predict() loop never wakes this thread. submit(), end_foreground(), the
                     # watcher (the worker exited) and stop() wake it.
                     while not self._reader_woken and (self._foreground or not self._expects_replies()):
-                        self._reader_parked = True
                         self._reader_wanted.wait()
-                    self._reader_parked = self._reader_woken = False
+                    self._reader_woken = False
                 # a message, the pipe's end, or stop() shutting it wakes this (a plain blocking
                 # read would hold the read lock while it waits, and keep foreground readers out)
                 waiting.poll()
