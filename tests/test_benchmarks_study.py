@@ -91,6 +91,14 @@ def test_executor_overhead_smoke(tmp_path: Path) -> None:
     for mode in ("stream", "process", "mps"):
         assert summary[mode]["overhead_per_member_us"] is not None
         assert summary[mode]["throughput_loss_pct"] is not None
+        # the executor's own per-request timing: never negative, and less than a whole request
+        dispatch_us = summary[mode]["dispatch_overhead_per_member_us"]
+        assert dispatch_us is not None
+        assert 0.0 <= dispatch_us * data["members"] * 1e-6 < summary[mode]["per_request_s"]
+        assert 0.0 <= summary[mode]["dispatch_throughput_loss_pct"] < 100.0
+        assert summary[mode]["dispatch_within_target"] in (True, False)
+    for mode in ("process", "mps"):  # interleaved (in the smoke's two blocks): the members' own time too
+        assert summary[mode]["compute_difference_per_member_us"] is not None
     assert all(run["status"] == "ok" for run in data["runs"])
 
 

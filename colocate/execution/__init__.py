@@ -15,7 +15,14 @@ from __future__ import annotations
 from colocate.execution.front import Executor
 from colocate.execution.measure import default_batch, run_at_rate, run_requests
 from colocate.execution.mps import MpsDaemon
-from colocate.execution.types import EnsembleResult, ExecutorStats, ProcessMemory, RunResult
+from colocate.execution.types import (
+    EnsembleResult,
+    ExecutorStats,
+    ProcessMemory,
+    RunResult,
+    SlotAnswer,
+    SlotTiming,
+)
 
 __all__ = [
     "EnsembleResult",
@@ -24,6 +31,8 @@ __all__ = [
     "MpsDaemon",
     "ProcessMemory",
     "RunResult",
+    "SlotAnswer",
+    "SlotTiming",
     "default_batch",
     "run_at_rate",
     "run_requests",

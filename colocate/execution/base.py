@@ -31,6 +31,7 @@ from colocate.errors import ColocateError, MemberOutOfMemoryError, WorkerFailedE
 if TYPE_CHECKING:
     from colocate.backends.base import MemberRunner
     from colocate.devices import Device
+    from colocate.execution.types import SlotAnswer
     from colocate.planning.types import Slot
 
 
@@ -53,10 +54,11 @@ class SlotExecutor(Protocol):
     """The running form of one slot of a plan.
 
     ``start`` loads the slot's members (blocking; raises when a member cannot be
-    loaded); ``submit`` returns a future of ``{member name: raw output}`` for one
-    batch, run through the slot's members one after another; ``stop`` releases
-    everything the slot holds and fails what is still in flight; ``alive`` says
-    whether the slot can still serve.
+    loaded); ``submit`` returns a future of a
+    :class:`~colocate.execution.types.SlotAnswer` (``{member name: raw output}``
+    and when they ran) for one batch, run through the slot's members one after
+    another; ``stop`` releases everything the slot holds and fails what is still
+    in flight; ``alive`` says whether the slot can still serve.
     """
 
     @property
@@ -73,8 +75,8 @@ class SlotExecutor(Protocol):
         """Load the members and get ready to serve (blocking)."""
         ...
 
-    def submit(self, batch: RequestBatch) -> Future[dict[str, Array]]:
-        """Run the slot's members on ``batch``; the future holds their raw outputs."""
+    def submit(self, batch: RequestBatch) -> Future[SlotAnswer]:
+        """Run the slot's members on ``batch``; the future holds their raw outputs and when they ran."""
         ...
 
     def stop(self) -> None:

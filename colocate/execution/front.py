@@ -60,7 +60,7 @@ from colocate.execution.base import (
 from colocate.execution.mps import MpsDaemon, MpsSlot, cpu_share, usable_cores
 from colocate.execution.processes import OnWorkerDeath, ProcessSlot, pickle_members
 from colocate.execution.streams import StreamSlot
-from colocate.execution.types import EnsembleResult, ExecutorStats
+from colocate.execution.types import EnsembleResult, ExecutorStats, SlotAnswer, SlotTiming
 from colocate.planning.cost import cpu_threads_per_slot
 from colocate.planning.types import Plan, Slot
 
@@ -81,6 +81,7 @@ class _Request:
     waiting: set[str]  # slots that have not answered yet
     block: SharedBlock | None
     outputs: dict[str, Array] = field(default_factory=dict)
+    timings: list[SlotTiming] = field(default_factory=list)  # in the order the slots answered
     error: BaseException | None = None
 
 
@@ -209,6 +210,7 @@ class Executor:
         self._completed = 0
         self._failed = 0
         self._latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
+        self._overheads: deque[float] = deque(maxlen=_LATENCY_WINDOW)
         self._variants: dict[str, Member] = {}  # member name -> member as run (the plan's variant)
         self._accepted_layouts: set[tuple[tuple[int, ...], str]] = set()  # (shape, dtype) checked ok
 
@@ -495,10 +497,22 @@ class Executor:
         Raises:
             ColocateError: the request failed (a member's error names it; a dead worker's names the slot).
         """
-        result = self._submit_and_read(batch, return_members).result(timeout=self.request_timeout_s + 5.0)
+        result = self.predict_result(batch, return_members=return_members)
         if return_members:
             return result.combined, dict(result.members or {})
         return result.combined
+
+    def predict_result(self, batch: Array, *, return_members: bool = False) -> EnsembleResult:
+        """:meth:`predict`, giving the whole :class:`EnsembleResult`: the prediction and where its time went.
+
+        ``result.slots`` says, per slot, how long the request waited to start, computed and
+        took to come back; ``result.overhead_s`` is the latency neither the members nor the
+        combine rule spent.
+
+        Raises:
+            ColocateError: the request failed (a member's error names it; a dead worker's names the slot).
+        """
+        return self._submit_and_read(batch, return_members).result(timeout=self.request_timeout_s + 5.0)
 
     def _submit_and_read(self, batch: Array, return_members: bool = False) -> Future[EnsembleResult]:
         """Submit ``batch`` and read the process slots' replies in this thread until they answered it.
@@ -568,6 +582,7 @@ class Executor:
         """Counters and request latencies so far."""
         with self._lock:
             latencies = list(self._latencies)
+            overheads = list(self._overheads)
             in_flight = len(self._pending)
             submitted, completed, failed = self._submitted, self._completed, self._failed
         restarts = sum(int(getattr(slot, "restarts", 0)) for slot in self._resources.slots)
@@ -580,6 +595,7 @@ class Executor:
             alive=self.alive,
             broken_reason=self.broken_reason,
             latency=LatencyStats.from_samples(latencies) if latencies else None,
+            overhead=LatencyStats.from_samples(overheads) if overheads else None,
         )
 
     # -- internals
@@ -608,14 +624,24 @@ class Executor:
             with self._lock:
                 self._failed += 1
 
-    def _on_slot_done(self, request: _Request, slot: str, slot_future: Future[dict[str, Array]]) -> None:
+    def _on_slot_done(self, request: _Request, slot: str, slot_future: Future[SlotAnswer]) -> None:
+        answered_s = time.perf_counter()
         error = slot_future.exception()
         with self._lock:
             if error is not None:
                 if request.error is None:
                     request.error = error
             else:
-                request.outputs.update(slot_future.result())
+                answer = slot_future.result()
+                request.outputs.update(answer.outputs)
+                request.timings.append(
+                    SlotTiming(
+                        slot=slot,
+                        queued_s=answer.started_s - request.start_s,
+                        compute_s=answer.finished_s - answer.started_s,
+                        returned_s=answered_s - answer.finished_s,
+                    )
+                )
             request.waiting.discard(slot)
             if request.waiting:
                 return
@@ -630,17 +656,21 @@ class Executor:
         if request.error is not None:
             self._finish_failed(request.future, request.error)
             return
+        combine_start_s = time.perf_counter()
         try:
             combined = self.ensemble.combine_outputs(request.outputs)
         except Exception as exc:
             self._finish_failed(request.future, exc)
             return
-        latency = time.perf_counter() - request.start_s
+        end_s = time.perf_counter()
+        latency = end_s - request.start_s
         result = EnsembleResult(
             combined=combined,
             members=dict(request.outputs) if request.return_members else None,
             latency_s=latency,
             request_id=request.request_id,
+            slots=tuple(request.timings),
+            combine_s=end_s - combine_start_s,
         )
         try:
             request.future.set_result(result)
@@ -649,6 +679,7 @@ class Executor:
         with self._lock:
             self._completed += 1
             self._latencies.append(latency)
+            self._overheads.append(max(0.0, result.overhead_s))  # < 0 only by rounding
 
     def _expire(self, now_s: float) -> None:
         """Fail the requests past their deadline (called by the watchdog thread)."""
@@ -668,7 +699,7 @@ class Executor:
 
 
 def _slot_done(
-    ref: weakref.ReferenceType[Executor], request: _Request, slot: str, future: Future[dict[str, Array]]
+    ref: weakref.ReferenceType[Executor], request: _Request, slot: str, future: Future[SlotAnswer]
 ) -> None:
     executor = ref()
     if executor is not None:

@@ -170,6 +170,7 @@ def run_requests(
         prediction=plan.prediction,
         versions=_versions(executor.ensemble, device, tuple(b.backend for b in executor.plan.backends)),
         notes=tuple(notes),
+        overhead=_latency(outcome.overheads),
     )
 
 
@@ -179,6 +180,7 @@ class _Outcome:
         self.completed = 0
         self.failed = 0
         self.latencies: list[float] = []
+        self.overheads: list[float] = []
         self.errors: list[str] = []
         self.first_submit_s: float | None = None
         self.last_answer_s: float | None = None
@@ -215,7 +217,9 @@ def _drive(
             outcome.last_answer_s = time.perf_counter()
             if error is None:
                 outcome.completed += 1
-                outcome.latencies.append(future.result().latency_s)
+                result = future.result()
+                outcome.latencies.append(result.latency_s)
+                outcome.overheads.append(max(0.0, result.overhead_s))  # < 0 only by rounding
             else:
                 outcome.failed += 1
                 text = f"{type(error).__name__}: {error}"

@@ -8,7 +8,8 @@ What travels how (one request, one slot):
   their pinned staging buffer) on the slot's own stream;
 - the request: a small header over a ``multiprocessing`` pipe,
   ``("run", request id, block name, shape, dtype)``;
-- the answer: ``("ok", request id, [(member, shape, dtype, raw bytes), ...])``:
+- the answer: ``("ok", request id, [(member, shape, dtype, raw bytes), ...], started, finished)``
+  (``perf_counter`` readings around the members' run, for the request's timing):
   the outputs are ``batch x classes`` scores, a few kilobytes, sent as raw bytes
   inside the reply (no tensor is pickled, no per-slot output segment to manage);
   or ``("error", request id, member, error type, message)``. Both directions use
@@ -62,7 +63,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from colocate.ensemble import Array, Member
+from colocate.ensemble import Member
 from colocate.errors import ColocateError, InternalError, InvalidInputError, WorkerFailedError
 from colocate.execution._shm import BlockCache
 from colocate.execution.base import (
@@ -76,6 +77,7 @@ from colocate.execution.base import (
     rebuild_error,
     set_torch_threads,
 )
+from colocate.execution.types import SlotAnswer
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -202,7 +204,7 @@ class ProcessSlot:
         self._state: _State = "new"
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
-        self._pending: dict[int, Future[dict[str, Array]]] = {}
+        self._pending: dict[int, Future[SlotAnswer]] = {}
         self._backlog: list[tuple[Any, ...]] = []  # requests waiting for a restarted worker
         self._reader: threading.Thread | None = None
         self._failure: str | None = None
@@ -280,9 +282,9 @@ class ProcessSlot:
         )
         self._reader.start()
 
-    def submit(self, batch: RequestBatch) -> Future[dict[str, Array]]:
+    def submit(self, batch: RequestBatch) -> Future[SlotAnswer]:
         """Send ``batch`` (which must live in shared memory) to the worker; a future of the outputs."""
-        future: Future[dict[str, Array]] = Future()
+        future: Future[SlotAnswer] = Future()
         if batch.shm_name is None:
             _fail(
                 future,
@@ -562,11 +564,12 @@ class ProcessSlot:
         if future is None:  # failed already (timeout, death, stop)
             return
         if kind == "ok":
+            _, _, packed, started_s, finished_s = message
             outputs = {
                 name: np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape).copy()
-                for name, shape, dtype, data in message[2]
+                for name, shape, dtype, data in packed
             }
-            _resolve(future, outputs)
+            _resolve(future, SlotAnswer(outputs, started_s, finished_s))
         else:
             _, _, member, type_name, text = message
             _fail(future, rebuild_error(type_name, text, member, self.name))
@@ -679,7 +682,7 @@ def _shut_down(conn: Connection) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-def _resolve(future: Future[dict[str, Array]], value: dict[str, Array]) -> None:
+def _resolve(future: Future[SlotAnswer], value: SlotAnswer) -> None:
     with contextlib.suppress(InvalidStateError):
         future.set_result(value)
 
@@ -774,7 +777,9 @@ def _run_request(
             f"cannot map the request's shared memory {shm_name!r}: {exc}",
         )
     try:
+        started_s = time.perf_counter()
         outputs = call_members(runners, array)
+        finished_s = time.perf_counter()
     except MemberCallError as failure:
         return ("error", request_id, failure.member, type(failure.error).__name__, _error_text(failure.error))
     finally:
@@ -786,6 +791,8 @@ def _run_request(
             (name, tuple(out.shape), out.dtype.str, np.ascontiguousarray(out).tobytes())
             for name, out in outputs.items()
         ],
+        started_s,
+        finished_s,
     )
 
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
-from colocate.ensemble import Array, Member
+from colocate.ensemble import Member
 from colocate.errors import ColocateError, WorkerFailedError
 from colocate.execution.base import (
     MemberCallError,
@@ -35,13 +36,14 @@ from colocate.execution.base import (
     member_error,
     run_members,
 )
+from colocate.execution.types import SlotAnswer
 
 if TYPE_CHECKING:
     from colocate.backends.base import MemberRunner
     from colocate.devices import Device
     from colocate.planning.types import Slot
 
-_Item = tuple[RequestBatch, "Future[dict[str, Array]]"]
+_Item = tuple[RequestBatch, "Future[SlotAnswer]"]
 
 
 class StreamSlot:
@@ -115,9 +117,9 @@ class StreamSlot:
                 f"{describe_slot(self.slot)}: loading the members failed: {type(error).__name__}: {error}"
             ) from error
 
-    def submit(self, batch: RequestBatch) -> Future[dict[str, Array]]:
+    def submit(self, batch: RequestBatch) -> Future[SlotAnswer]:
         """Queue ``batch``; the future holds every member's raw output (or the member's error)."""
-        future: Future[dict[str, Array]] = Future()
+        future: Future[SlotAnswer] = Future()
         with self._lock:
             if self._stopped or not self.alive:
                 future.set_exception(
@@ -179,19 +181,21 @@ class StreamSlot:
                 if not future.set_running_or_notify_cancel():
                     continue
                 try:
+                    started_s = time.perf_counter()
                     outputs = run_members(runners, batch.array, self.name)
+                    finished_s = time.perf_counter()
                 except BaseException as exc:  # a failing member fails its request, never the thread
                     if not isinstance(exc, ColocateError):
                         exc = WorkerFailedError(f"{describe_slot(self.slot)}: {type(exc).__name__}: {exc}")
                     future.set_exception(exc)
                 else:
-                    future.set_result(outputs)
+                    future.set_result(SlotAnswer(outputs, started_s, finished_s))
                 del item, batch, future  # hold nothing of a finished request while waiting
         finally:
             deactivate_runners(runners)
 
 
-def _fail(future: Future[dict[str, Array]], error: BaseException) -> None:
+def _fail(future: Future[SlotAnswer], error: BaseException) -> None:
     if future.set_running_or_notify_cancel():
         future.set_exception(error)
 

@@ -20,13 +20,53 @@ RunStatus = Literal["ok", "errors", "failed"]
 
 
 @dataclass(frozen=True)
+class SlotAnswer:
+    """One slot's answer to one request: its members' raw outputs, and when it ran them.
+
+    The times are ``time.perf_counter()`` readings taken where the members ran (the serving
+    process, or a worker process: on Linux that clock is ``CLOCK_MONOTONIC``, the same in
+    every process), so the front can tell the members' time from the time around it.
+    """
+
+    outputs: dict[str, Array]  # raw output by member name
+    started_s: float  # the slot began running the members (perf_counter)
+    finished_s: float  # every member's output was fetched (perf_counter)
+
+
+@dataclass(frozen=True)
+class SlotTiming:
+    """Where one request's time went in one slot (seconds)."""
+
+    slot: str  # the slot's name in the plan
+    queued_s: float  # submit -> the slot began: checks, staging, queueing, the hand-off (pipe, wake-up)
+    compute_s: float  # the slot ran its members: prepare, run and fetch, one after another
+    returned_s: float  # the slot finished -> the front had its outputs: the hand-off back, unpacking
+
+
+@dataclass(frozen=True)
 class EnsembleResult:
-    """One request's answer."""
+    """One request's answer, with where its latency went."""
 
     combined: Array  # the ensemble's combined prediction, (batch, classes)
     members: dict[str, Array] | None  # each member's raw output, when asked for (return_members=True)
     latency_s: float  # from submit to the combined result, perf_counter seconds
     request_id: int  # the executor's id of the request, increasing in submission order
+    slots: tuple[SlotTiming, ...] = ()  # one per slot, in the order they answered
+    combine_s: float = 0.0  # the ensemble's combine rule on the members' outputs
+
+    @property
+    def overhead_s(self) -> float:
+        """The latency that neither the members nor the combine rule spent.
+
+        ``latency_s`` less ``combine_s`` less the compute time of the slot that answered last:
+        checks, staging, queueing behind other requests, the hand-offs to and from that slot
+        (thread wake-ups, pipes) and the front's bookkeeping. With one request in flight it is
+        what the executor adds over calling the members directly, as long as they compute as
+        fast in their slot as in the caller.
+        """
+        if not self.slots:
+            return self.latency_s - self.combine_s
+        return self.latency_s - self.combine_s - self.slots[-1].compute_s
 
 
 @dataclass(frozen=True)
@@ -41,6 +81,7 @@ class ExecutorStats:
     alive: bool  # every slot serves
     broken_reason: str | None  # why the executor cannot serve any more, else None
     latency: LatencyStats | None  # request latencies of the completed requests (the last 100 000)
+    overhead: LatencyStats | None = None  # their EnsembleResult.overhead_s (the same requests)
 
 
 @dataclass(frozen=True)
@@ -79,6 +120,7 @@ class RunResult:
     prediction: Prediction | None  # the plan's prediction, for side-by-side comparison
     versions: dict[str, str] = field(default_factory=dict)  # colocate, python, numpy, frameworks, driver
     notes: tuple[str, ...] = ()  # caveats: memory or utilisation unavailable, and why
+    overhead: LatencyStats | None = None  # EnsembleResult.overhead_s of the completed requests
 
     @property
     def peak_memory_bytes(self) -> int | None:
@@ -94,4 +136,12 @@ class RunResult:
         return self.requests_completed / self.wall_s if self.wall_s > 0 else 0.0
 
 
-__all__ = ["EnsembleResult", "ExecutorStats", "ProcessMemory", "RunResult", "RunStatus"]
+__all__ = [
+    "EnsembleResult",
+    "ExecutorStats",
+    "ProcessMemory",
+    "RunResult",
+    "RunStatus",
+    "SlotAnswer",
+    "SlotTiming",
+]
