@@ -399,10 +399,11 @@ class ProcessSlot:
         return not ended
 
     def end_foreground(self) -> None:
-        """Hand the pipe back to the reader thread."""
+        """Hand the pipe back to the reader thread (woken only when a reply is still due)."""
         with self._read_lock:
             self._foreground = False
-            self._reader_wanted.notify_all()
+            if self._expects_replies():  # else waking it costs a thread wake-up for nothing
+                self._reader_wanted.notify_all()
 
     # -- internals: spawning
 

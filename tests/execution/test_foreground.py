@@ -77,6 +77,30 @@ def test_predict_reads_the_replies_in_the_calling_thread_and_submit_leaves_them_
     assert sorted(seen) == ["colocate-reader-p0", "colocate-reader-p1"]
 
 
+def test_a_loop_of_predict_calls_never_wakes_the_reader_threads(
+    executor: Executor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # each wake-up of a parked reader costs a thread wake-up (CPU beside the caller) per request
+    wakes: list[str] = []
+    for slot in executor.slots:
+        if isinstance(slot, ProcessSlot):
+            condition = slot._reader_wanted
+            original = condition.notify_all
+
+            def counting(name: str = slot.name, original: object = original) -> None:
+                wakes.append(name)
+                original()  # type: ignore[operator]
+
+            monkeypatch.setattr(condition, "notify_all", counting)
+    batch = batch_with_first(0.5)
+    for _ in range(5):
+        executor.predict(batch)
+    assert wakes == []
+    # an asynchronous request still wakes its readers, which answer it
+    executor.submit(batch).result(timeout=10.0)
+    assert sorted(set(wakes)) == ["p0", "p1"]
+
+
 def test_run_requests_one_at_a_time_reads_in_the_foreground_and_more_at_once_does_not(
     executor: Executor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
