@@ -39,9 +39,16 @@ as "noise") can be far above the target. *Interleaved*: after its own run, each 
 child loads the members' runners itself (after the executor started, so no torch work precedes
 it) and alternates ``--interleave`` blocks of executor requests and direct requests; the
 median of the per-block differences, then over rounds. Both sides then run seconds apart in
-the same process, which resolves overheads far below the separate-process noise.
+the same process, which resolves overheads far below the separate-process noise, though on
+a small shared machine not always to the target's 50 µs.
 
-On the CPU the stream slot is measured by separate processes only: its interleaved blocks
+Each executor's child also splits a request's latency (``predict_result``, a third as many
+requests again): the time until the slot began (queued: checks, staging, the hand-off), the
+members' compute, the time back (returned), the combine and the overhead; and the parent
+measures the floor under any worker-process dispatch on this machine: a bare pipe round trip
+to a spawned process that busy-waits the direct request's time (``pipe_floor``).
+
+On the CPU the stream slot's interleaved figure is left out: its interleaved blocks
 would run torch in two threads of one process (the slot's and the direct loop's), and with
 torch's OpenMP pools that makes both sides about 3x slower here (28-33 ms against 10 ms a
 request in the runs of 11:12 and 11:19 on 2026-11-27), which measures that effect, not
@@ -76,6 +83,14 @@ TARGET_US_PER_MEMBER = 50.0
 TARGET_LOSS_PCT = 3.0
 EXECUTOR_KINDS: tuple[str, ...] = ("stream", "process", "mps")
 MODES: tuple[str, ...] = ("direct", *EXECUTOR_KINDS)
+BREAKDOWN_KEYS: tuple[str, ...] = (
+    "breakdown_latency_s",
+    "breakdown_queued_s",
+    "breakdown_compute_s",
+    "breakdown_returned_s",
+    "breakdown_combine_s",
+    "breakdown_overhead_s",
+)
 
 
 # --- the child: one configuration, in a fresh process ---------------------------------------------
@@ -218,6 +233,24 @@ def _interleaved(
     }
 
 
+def _breakdown(executor: Any, batch: Any, requests: int) -> dict[str, Any]:
+    """Where one request's time goes (medians over ``requests`` predict_result calls, one slot)."""
+    results = [executor.predict_result(batch) for _ in range(requests)]
+
+    def median(values: list[float]) -> float:
+        return statistics.median(values)
+
+    return {
+        "breakdown_requests": requests,
+        "breakdown_latency_s": median([r.latency_s for r in results]),
+        "breakdown_queued_s": median([r.slots[-1].queued_s for r in results]),
+        "breakdown_compute_s": median([r.slots[-1].compute_s for r in results]),
+        "breakdown_returned_s": median([r.slots[-1].returned_s for r in results]),
+        "breakdown_combine_s": median([r.combine_s for r in results]),
+        "breakdown_overhead_s": median([r.overhead_s for r in results]),
+    }
+
+
 def _executor(
     kind: str,
     device: Device,
@@ -251,6 +284,7 @@ def _executor(
     with Executor(plan, ensemble, allow_mps_start=allow_mps_start) as executor:
         load_s = time.perf_counter() - t0
         result = run_requests(executor, requests=requests, batch=batch, concurrency=1, warmup=warmup)
+        breakdown = _breakdown(executor, batch, max(5, requests // 3)) if result.status == "ok" else {}
         paired: dict[str, Any] = {}
         if kind == "stream" and device.kind == "cpu":
             interleave_blocks = 0  # two torch threads in one process: see the module doc
@@ -263,6 +297,7 @@ def _executor(
         # what the executor's own timing says of each request: latency - member compute - combine
         "dispatch_overhead_p50_s": overhead.median_s if overhead is not None else None,
         "dispatch_overhead_p90_s": overhead.p90_s if overhead is not None else None,
+        **breakdown,
         "status": result.status,
         "error": "; ".join(result.errors) or None,
         "requests_completed": result.requests_completed,
@@ -305,6 +340,55 @@ def child(args: argparse.Namespace) -> int:
         }
     Path(args.child_out).write_text(json.dumps(got))
     return 0
+
+
+# --- the floor: what any process-based server pays per request on this machine ------------------
+
+
+def _busy_worker(conn: Any, busy_s: float) -> None:
+    """Answer each message after busy-waiting ``busy_s`` (a stand-in for the members' compute)."""
+    while True:
+        message = conn.recv_bytes()
+        if message == b"stop":
+            return
+        until = time.perf_counter() + busy_s
+        while time.perf_counter() < until:
+            pass
+        conn.send_bytes(b"done")
+
+
+def pipe_floor(busy_s: float, requests: int = 200) -> dict[str, Any]:
+    """A bare pipe round trip to a spawned process that busy-waits ``busy_s`` per request.
+
+    Both sides idle through the wait, as a process slot's front and worker do, so this is the
+    cost of the two wake-ups and the pipe alone: the floor under any worker-process dispatch
+    here (colocate's process slots, one process per model by hand, a server's worker pool).
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    worker = context.Process(target=_busy_worker, args=(theirs, busy_s), daemon=True)
+    worker.start()
+    try:
+        extra = []
+        for i in range(requests + 10):
+            t = time.perf_counter()
+            ours.send_bytes(b"run")
+            ours.recv_bytes()
+            if i >= 10:  # the first ones warm up
+                extra.append(time.perf_counter() - t - busy_s)
+        ours.send_bytes(b"stop")
+    finally:
+        worker.join(timeout=10.0)
+        if worker.is_alive():
+            worker.kill()
+    return {
+        "busy_s": busy_s,
+        "requests": requests,
+        "round_trip_extra_p50_s": statistics.median(extra),
+        "round_trip_extra_p90_s": statistics.quantiles(extra, n=10)[-1],
+    }
 
 
 # --- the parent: run every configuration in children, compare ------------------------------------
@@ -414,8 +498,14 @@ def summarise(
             for r in inter
             if r.get("interleaved_slot_compute_s") is not None
         ]
+        breakdown = {
+            key: statistics.median(values)
+            for key in BREAKDOWN_KEYS
+            if (values := [r[key] for r in mine if r.get(key) is not None])
+        }
         per_mode[mode] = {
             "mode": mode,
+            "breakdown_s": breakdown,
             "dispatch_overhead_per_member_us": statistics.median(dispatch_us) if dispatch_us else None,
             "dispatch_overhead_per_member_us_rounds": dispatch_us,
             "dispatch_throughput_loss_pct": statistics.median(dispatch_loss) if dispatch_loss else None,
@@ -583,6 +673,36 @@ _ESTIMATES: tuple[tuple[str, str, str, str, str], ...] = (
 )
 
 
+def print_breakdown(rows: list[dict[str, Any]], floor: dict[str, Any] | None) -> None:
+    """Where a request's time goes in each slot kind (µs per request, medians over rounds)."""
+    print(
+        f"\n{'mode':<8} {'latency':>9} {'queued':>8} {'compute':>9} {'returned':>9} {'combine':>8} "
+        f"{'overhead':>9}   µs per request (the executor's own timing, medians over rounds)"
+    )
+    for row in rows:
+        parts = row.get("breakdown_s") or {}
+        if not parts:
+            continue
+        cells = [
+            _fmt(parts.get(f"breakdown_{k}_s"), 1e6, f"{w}.0f")
+            for k, w in (
+                ("latency", 9),
+                ("queued", 8),
+                ("compute", 9),
+                ("returned", 9),
+                ("combine", 8),
+                ("overhead", 9),
+            )
+        ]
+        print(f"{row['mode']:<8} " + " ".join(cells))
+    if floor is not None:
+        p50_us, p90_us = floor["round_trip_extra_p50_s"] * 1e6, floor["round_trip_extra_p90_s"] * 1e6
+        print(
+            f"floor: a bare pipe round trip to a process busy for {floor['busy_s'] * 1e3:.2f} ms adds "
+            f"{p50_us:.0f} µs (p90 {p90_us:.0f}): what any worker-process dispatch pays here"
+        )
+
+
 def plot(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
     """Bars by slot kind: overhead µs per member per request and throughput loss, three estimates."""
     import matplotlib
@@ -739,13 +859,16 @@ def main() -> int:
                 )
             else:
                 print(f"round {r + 1}/{rounds} {mode:>8}: {got['status']}: {got.get('error')}", flush=True)
-    wall = time.perf_counter() - start
     rows = summarise(runs, modes, members, args.batch_size)
+    direct_s = next((r["per_request_s"] for r in rows if r["mode"] == "direct"), None)
+    floor = pipe_floor(direct_s, requests=40 if args.smoke else 200) if direct_s else None
+    wall = time.perf_counter() - start
     print(
         f"\ndefault ensemble '{scale}' ({members} members) on {device.name}, batch {args.batch_size}, "
         f"{requests} requests x {rounds} round(s), concurrency 1, medians over rounds"
     )
     print_table(rows)
+    print_breakdown(rows, floor)
     png = plot(
         rows,
         f"executor overhead: '{scale}' ensemble on {device.name}, batch {args.batch_size}"
@@ -775,6 +898,7 @@ def main() -> int:
             "wall_s": wall,
             "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
             "summary": rows,
+            "pipe_floor": floor,
             "runs": runs,
             "plot": png.name,
         },

@@ -495,6 +495,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"latency ms: p50 {lat.median_s * 1e3:.2f}  p90 {lat.p90_s * 1e3:.2f}  p99 {lat.p99_s * 1e3:.2f}"
             f"  (predicted p50 {chosen.prediction.latency_s * 1e3:.2f})"
         )
+    overhead = result.overhead
+    if lat is not None and overhead is not None:
+        console.print(
+            f"outside the members ms: p50 {overhead.median_s * 1e3:.2f} of the {lat.median_s * 1e3:.2f} "
+            "(queueing behind other requests, hand-offs to and from the slots, bookkeeping)"
+        )
     peak = result.peak_memory_bytes
     if peak is not None:
         console.print(

@@ -99,6 +99,21 @@ def test_executor_overhead_smoke(tmp_path: Path) -> None:
         assert summary[mode]["dispatch_within_target"] in (True, False)
     for mode in ("process", "mps"):  # interleaved (in the smoke's two blocks): the members' own time too
         assert summary[mode]["compute_difference_per_member_us"] is not None
+    for mode in ("stream", "process", "mps"):  # where a request's time went, per slot kind
+        parts = summary[mode]["breakdown_s"]
+        assert set(parts) == {
+            "breakdown_latency_s",
+            "breakdown_queued_s",
+            "breakdown_compute_s",
+            "breakdown_returned_s",
+            "breakdown_combine_s",
+            "breakdown_overhead_s",
+        }
+        assert all(value >= 0.0 for value in parts.values()), parts
+        assert 0.0 < parts["breakdown_compute_s"] < parts["breakdown_latency_s"]
+    floor = data["pipe_floor"]
+    assert floor["busy_s"] == summary["direct"]["per_request_s"]
+    assert 0.0 < floor["round_trip_extra_p50_s"] <= floor["round_trip_extra_p90_s"]
     assert all(run["status"] == "ok" for run in data["runs"])
 
 

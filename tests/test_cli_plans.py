@@ -43,6 +43,10 @@ def test_plan_then_run_a_saved_plan(
     result = serde.load(RunResult, out)
     assert result.status == "ok" and result.requests_completed == 4 and result.throughput_sps > 0
     assert result.prediction == saved.prediction
+    # where the time went: the overhead of each counted request, and the line that says it
+    assert result.overhead is not None and len(result.overhead.samples_s) == 4
+    assert result.latency is not None and result.overhead.median_s < result.latency.median_s
+    assert f"outside the members ms: p50 {result.overhead.median_s * 1e3:.2f}" in capsys.readouterr().out
 
 
 def test_plan_all_for_a_simulated_h100_from_recorded_profiles(capsys: pytest.CaptureFixture[str]) -> None:
