@@ -39,6 +39,15 @@ def _check(executor: Executor, ensemble: Ensemble, cuda: Device) -> None:
         np.testing.assert_allclose(future.result(timeout=120).combined, reference, rtol=RTOL, atol=ATOL)
     result = run_requests(executor, requests=20, concurrency=4)
     assert result.status == "ok" and result.throughput_sps > 0
+    # each slot's clock readings (the worker's, for process and mps slots) bracket its members'
+    # run, GPU work included (fetching the outputs waits for the slot's stream)
+    timed = executor.predict_result(batch)
+    assert {t.slot for t in timed.slots} == {s.name for s in executor.plan.slots}
+    for timing in timed.slots:
+        assert timing.compute_s > 0.0 and timing.queued_s >= 0.0 and timing.returned_s >= 0.0
+        assert timing.queued_s + timing.compute_s + timing.returned_s <= timed.latency_s
+    assert 0.0 <= timed.overhead_s < timed.latency_s
+    assert result.overhead is not None and len(result.overhead.samples_s) == result.requests_completed
 
 
 @pytest.mark.gpu
