@@ -46,7 +46,8 @@ Each executor's child also splits a request's latency (``predict_result``, a thi
 requests again): the time until the slot began (queued: checks, staging, the hand-off), the
 members' compute, the time back (returned), the combine and the overhead; and the parent
 measures the floor under any worker-process dispatch on this machine: a bare pipe round trip
-to a spawned process that busy-waits the direct request's time (``pipe_floor``).
+to a spawned process that busy-waits the direct request's time (``pipe_floor``), and how much
+slower a thread runs a front's reply-reading code right after idling (``idle_penalty``).
 
 On the CPU the stream slot's interleaved figure is left out: its interleaved blocks
 would run torch in two threads of one process (the slot's and the direct loop's), and with
@@ -388,6 +389,54 @@ def pipe_floor(busy_s: float, requests: int = 200) -> dict[str, Any]:
         "requests": requests,
         "round_trip_extra_p50_s": statistics.median(extra),
         "round_trip_extra_p90_s": statistics.quantiles(extra, n=10)[-1],
+    }
+
+
+def idle_penalty(idle_s: float = 0.01, repeats: int = 300) -> dict[str, Any]:
+    """How much slower a thread runs the same short code right after waiting ``idle_s``.
+
+    The code is what a front does with a reply: read one small message from a pipe and
+    unpickle it. Run back to back, after sleeping ``idle_s`` (the thread idles, as a front
+    does while its worker computes), and after busy-waiting as long (the thread stays on
+    its core). On a virtual machine the sleep can cost far more than the wake-up itself:
+    caches and TLBs go cold while the core idles, which slows every hand-off that follows a wait.
+    """
+    import multiprocessing
+    import pickle
+    import select
+
+    ours, theirs = multiprocessing.Pipe()
+    ready = select.poll()
+    ready.register(ours.fileno(), select.POLLIN)
+    message = pickle.dumps(("ok", 1, [(f"m{i}", (4, 10), "<f4", bytes(160)) for i in range(5)], 0.0, 0.0))
+
+    def read_one(wait: str) -> float:
+        if wait == "sleep":
+            time.sleep(idle_s)
+        elif wait == "spin":
+            until = time.perf_counter() + idle_s
+            while time.perf_counter() < until:
+                pass
+        theirs.send_bytes(message)
+        start = time.perf_counter()
+        while ready.poll(0):
+            pickle.loads(ours.recv_bytes())
+        return time.perf_counter() - start
+
+    try:
+        medians = {
+            wait: statistics.median([read_one(wait) for _ in range(repeats)])
+            for wait in ("back_to_back", "sleep", "spin")
+        }
+    finally:
+        ours.close()
+        theirs.close()
+    return {
+        "idle_s": idle_s,
+        "repeats": repeats,
+        "read_back_to_back_s": medians["back_to_back"],
+        "read_after_sleep_s": medians["sleep"],
+        "read_after_spin_s": medians["spin"],
     }
 
 
@@ -862,6 +911,7 @@ def main() -> int:
     rows = summarise(runs, modes, members, args.batch_size)
     direct_s = next((r["per_request_s"] for r in rows if r["mode"] == "direct"), None)
     floor = pipe_floor(direct_s, requests=40 if args.smoke else 200) if direct_s else None
+    penalty = idle_penalty(repeats=30 if args.smoke else 300)
     wall = time.perf_counter() - start
     print(
         f"\ndefault ensemble '{scale}' ({members} members) on {device.name}, batch {args.batch_size}, "
@@ -869,6 +919,13 @@ def main() -> int:
     )
     print_table(rows)
     print_breakdown(rows, floor)
+    hot_us, slept_us, spun_us = (
+        penalty[key] * 1e6 for key in ("read_back_to_back_s", "read_after_sleep_s", "read_after_spin_s")
+    )
+    print(
+        f"after idling: reading a small reply takes {hot_us:.1f} µs back to back, {slept_us:.1f} µs after "
+        f"sleeping {penalty['idle_s'] * 1e3:.0f} ms, {spun_us:.1f} µs after busy-waiting as long"
+    )
     png = plot(
         rows,
         f"executor overhead: '{scale}' ensemble on {device.name}, batch {args.batch_size}"
@@ -899,6 +956,7 @@ def main() -> int:
             "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
             "summary": rows,
             "pipe_floor": floor,
+            "idle_penalty": penalty,
             "runs": runs,
             "plot": png.name,
         },
