@@ -910,8 +910,10 @@ def main() -> int:
                 print(f"round {r + 1}/{rounds} {mode:>8}: {got['status']}: {got.get('error')}", flush=True)
     rows = summarise(runs, modes, members, args.batch_size)
     direct_s = next((r["per_request_s"] for r in rows if r["mode"] == "direct"), None)
-    floor = pipe_floor(direct_s, requests=40 if args.smoke else 200) if direct_s else None
-    penalty = idle_penalty(repeats=30 if args.smoke else 300)
+    # each probe about 2 s: the floor's requests take the direct request's time each
+    floor_requests = 40 if args.smoke else min(200, max(40, int(2.0 / direct_s))) if direct_s else 0
+    floor = pipe_floor(direct_s, requests=floor_requests) if direct_s else None
+    penalty = idle_penalty(repeats=30 if args.smoke else 100)
     wall = time.perf_counter() - start
     print(
         f"\ndefault ensemble '{scale}' ({members} members) on {device.name}, batch {args.batch_size}, "

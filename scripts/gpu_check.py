@@ -141,7 +141,7 @@ GPU_BENCHMARKS: list[tuple[str, list[str], int]] = [
             "--out",
             "{outdir}/executor-overhead.json",
         ],
-        90,
+        100,  # 2 rounds x 2 modes in fresh processes, then the pipe floor and the idle penalty (~4 s)
     ),
     (
         "framework-study",
