@@ -71,6 +71,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,14 +85,16 @@ TARGET_US_PER_MEMBER = 50.0
 TARGET_LOSS_PCT = 3.0
 EXECUTOR_KINDS: tuple[str, ...] = ("stream", "process", "mps")
 MODES: tuple[str, ...] = ("direct", *EXECUTOR_KINDS)
-BREAKDOWN_KEYS: tuple[str, ...] = (
-    "breakdown_latency_s",
-    "breakdown_queued_s",
-    "breakdown_compute_s",
-    "breakdown_returned_s",
-    "breakdown_combine_s",
-    "breakdown_overhead_s",
+# the parts of a request's time, from its EnsembleResult (one slot), with their column widths
+BREAKDOWN_PARTS: tuple[tuple[str, Callable[[Any], float], int], ...] = (
+    ("latency", lambda r: r.latency_s, 9),
+    ("queued", lambda r: r.slots[-1].queued_s, 8),
+    ("compute", lambda r: r.slots[-1].compute_s, 9),
+    ("returned", lambda r: r.slots[-1].returned_s, 9),
+    ("combine", lambda r: r.combine_s, 8),
+    ("overhead", lambda r: r.overhead_s, 9),
 )
+BREAKDOWN_KEYS: tuple[str, ...] = tuple(f"breakdown_{name}_s" for name, _, _ in BREAKDOWN_PARTS)
 
 
 # --- the child: one configuration, in a fresh process ---------------------------------------------
@@ -237,19 +240,11 @@ def _interleaved(
 def _breakdown(executor: Any, batch: Any, requests: int) -> dict[str, Any]:
     """Where one request's time goes (medians over ``requests`` predict_result calls, one slot)."""
     results = [executor.predict_result(batch) for _ in range(requests)]
-
-    def median(values: list[float]) -> float:
-        return statistics.median(values)
-
-    return {
-        "breakdown_requests": requests,
-        "breakdown_latency_s": median([r.latency_s for r in results]),
-        "breakdown_queued_s": median([r.slots[-1].queued_s for r in results]),
-        "breakdown_compute_s": median([r.slots[-1].compute_s for r in results]),
-        "breakdown_returned_s": median([r.slots[-1].returned_s for r in results]),
-        "breakdown_combine_s": median([r.combine_s for r in results]),
-        "breakdown_overhead_s": median([r.overhead_s for r in results]),
+    parts = {
+        key: statistics.median([part(r) for r in results])
+        for key, (_, part, _) in zip(BREAKDOWN_KEYS, BREAKDOWN_PARTS, strict=True)
     }
+    return {"breakdown_requests": requests, **parts}
 
 
 def _executor(
@@ -724,24 +719,15 @@ _ESTIMATES: tuple[tuple[str, str, str, str, str], ...] = (
 
 def print_breakdown(rows: list[dict[str, Any]], floor: dict[str, Any] | None) -> None:
     """Where a request's time goes in each slot kind (µs per request, medians over rounds)."""
-    print(
-        f"\n{'mode':<8} {'latency':>9} {'queued':>8} {'compute':>9} {'returned':>9} {'combine':>8} "
-        f"{'overhead':>9}   µs per request (the executor's own timing, medians over rounds)"
-    )
+    header = " ".join(f"{name:>{width}}" for name, _, width in BREAKDOWN_PARTS)
+    print(f"\n{'mode':<8} {header}   µs per request (the executor's own timing, medians over rounds)")
     for row in rows:
         parts = row.get("breakdown_s") or {}
         if not parts:
             continue
         cells = [
-            _fmt(parts.get(f"breakdown_{k}_s"), 1e6, f"{w}.0f")
-            for k, w in (
-                ("latency", 9),
-                ("queued", 8),
-                ("compute", 9),
-                ("returned", 9),
-                ("combine", 8),
-                ("overhead", 9),
-            )
+            _fmt(parts.get(key), 1e6, f"{width}.0f")
+            for key, (_, _, width) in zip(BREAKDOWN_KEYS, BREAKDOWN_PARTS, strict=True)
         ]
         print(f"{row['mode']:<8} " + " ".join(cells))
     if floor is not None:

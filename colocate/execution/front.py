@@ -679,7 +679,7 @@ class Executor:
         with self._lock:
             self._completed += 1
             self._latencies.append(latency)
-            self._overheads.append(max(0.0, result.overhead_s))  # < 0 only by rounding
+            self._overheads.append(result.overhead_s)
 
     def _expire(self, now_s: float) -> None:
         """Fail the requests past their deadline (called by the watchdog thread)."""

@@ -219,7 +219,7 @@ def _drive(
                 outcome.completed += 1
                 result = future.result()
                 outcome.latencies.append(result.latency_s)
-                outcome.overheads.append(max(0.0, result.overhead_s))  # < 0 only by rounding
+                outcome.overheads.append(result.overhead_s)
             else:
                 outcome.failed += 1
                 text = f"{type(error).__name__}: {error}"

@@ -62,11 +62,10 @@ class EnsembleResult:
         checks, staging, queueing behind other requests, the hand-offs to and from that slot
         (thread wake-ups, pipes) and the front's bookkeeping. With one request in flight it is
         what the executor adds over calling the members directly, as long as they compute as
-        fast in their slot as in the caller.
+        fast in their slot as in the caller. Never below 0 (a difference below it is rounding).
         """
-        if not self.slots:
-            return self.latency_s - self.combine_s
-        return self.latency_s - self.combine_s - self.slots[-1].compute_s
+        compute_s = self.slots[-1].compute_s if self.slots else 0.0
+        return max(0.0, self.latency_s - self.combine_s - compute_s)
 
 
 @dataclass(frozen=True)
