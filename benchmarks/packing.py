@@ -936,8 +936,9 @@ def main() -> int:
         "--settle-plans",
         type=int,
         default=SETTLE_PLANS,
-        help="candidate plans the calibration runs (2 rounds each) when they are predicted within 10 %% "
-        "of auto's pick, so auto picks the measured-best (0: pairs only)",
+        help="most candidate plans the calibration runs (2 rounds each) when they are predicted within "
+        "20 %% of auto's pick; the plans made by hand run as well; auto picks the measured-best "
+        "(0: pairs only)",
     )
     parser.add_argument(
         "--repeats",

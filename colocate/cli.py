@@ -734,9 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-calibrate",
         action="store_true",
         help="plan 'auto' from the model alone (default: measure a few member pairs first, in the slot "
-        "kind of the plans that use them, and when the best candidate plans are still predicted within "
-        "20%% of each other, run them (and the best by-hand plan among them) briefly so 'auto' picks "
-        "the measured-best)",
+        "kind of the plans that use them, then run briefly the best candidate plans (those predicted "
+        "within 20%% of each other) and the plans made by hand (a loop, a thread or a process per "
+        "member), so 'auto' picks the measured-best)",
     )
     p.add_argument("--calibration", default=None, help="reuse a saved calibration JSON")
     _add_backends_arg(p)

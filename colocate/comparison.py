@@ -7,8 +7,8 @@ interleaved rounds (every plan once per round, the order rotated each round) and
 report gives each plan's median and range. A plan that cannot be made is ``rejected``,
 one that breaks while running is ``failed``; the others still run. :func:`calibrate`
 measures a few member pairs side by side, so the planner uses measured slowdowns
-instead of predicted ones for them, and when the best candidate plans are still
-predicted too close to call, runs them briefly so ``auto`` picks the measured-best.
+instead of predicted ones for them, and runs the best candidate plans (those predicted too
+close to call) and the plans made by hand briefly, so ``auto`` picks the measured-best.
 """
 
 from __future__ import annotations
@@ -363,8 +363,9 @@ def compare(
             one round; ``repeats=N`` runs the plans in N interleaved rounds and reports medians).
         calibration: what was measured for the planner (see :func:`calibrate`); ``"auto"`` (the
             default) measures now when the ``auto`` strategy is compared: a few member pairs,
-            and the best candidate plans when they are predicted too close to call, so the
-            planner's pick rests on measurement; None plans from the model alone.
+            then the best candidate plans (those predicted too close to call) and the plans
+            made by hand, so the planner's pick rests on measurement; None plans from the
+            model alone.
         progress: called with a line before each step.
         backends: the backend variants ``+backends`` plans choose among (``"auto"``: all usable;
             e.g. ``"torch,onnxruntime"``); given, ``auto+backends`` is compared too. Each member
@@ -502,7 +503,8 @@ def compare(
         if settled:
             figures = ", ".join(f"{m.name} {m.measured_sps or 0.0:,.0f}" for m in settled)
             notes.append(
-                f"the calibration ran {len(settled)} candidate plans predicted too close to call ({how}): "
+                f"the calibration ran {len(settled)} candidate plans, those predicted too close to call "
+                f"and those made by hand ({how}): "
                 f"{figures} samples/s; 'auto' takes the measured-best of them when its own pick is "
                 "among them (its explanation says 'settled by measurement')"
             )
@@ -563,7 +565,7 @@ RUNNER_UP_WITHIN = 0.15
 """Candidate plans predicted within this share of ``auto``'s pick lend their pairs to a calibration
 that has room for more pairs than ``auto``'s own plan has (e.g. when it picks ``sequential``)."""
 SETTLE_PLANS = 3
-"""Most candidate plans a calibration runs to settle a near-tie (plus the best by-hand plan)."""
+"""Most candidate plans a calibration runs to settle a near-tie (plus the by-hand plans)."""
 BY_HAND_STRATEGIES = ("sequential", "streams", "processes")
 """The plans a user makes by hand: a loop over the members, a thread each, a process each."""
 SETTLE_ROUNDS = 2
@@ -648,6 +650,29 @@ def candidate_plans(
     runners = [p for p in unique if _layout_key(p) != chosen_key and p.prediction.throughput_sps >= floor]
     runners.sort(key=lambda p: p.prediction.throughput_sps, reverse=True)
     return chosen, runners
+
+
+def by_hand_plans(
+    ensemble: Ensemble,
+    device: Device,
+    profiles: ProfileSet,
+    *,
+    batch_size: int,
+    interference: InterferenceTable | None = None,
+) -> list[Plan]:
+    """The distinct plans a user makes by hand (:data:`BY_HAND_STRATEGIES`) that fit, in that order.
+
+    Plans with the same slots are one (named ``a=b`` as in :func:`dedupe_plans`).
+    """
+    made = plan_all(
+        ensemble,
+        device,
+        profiles,
+        strategies=BY_HAND_STRATEGIES,
+        batch_size=batch_size,
+        interference=interference,
+    )
+    return dedupe_plans(list(made))
 
 
 def calibrate_backends(
@@ -753,11 +778,13 @@ def calibrate(
        member alone and each pair run for ``seconds`` in slots of the pair's kind
        (:func:`pair_kind`: stream slots, or worker processes for process and mps plans); the
        slowdown is the pair's median request latency over the slower member's alone (>= 1).
-    2. **Close calls.** Planned again with the measured pairs, when other plans are still
-       predicted within ``settle_within`` of ``auto``'s pick, the pick and the best of them (at
-       most ``max_plans`` in all) run ``plan_rounds`` interleaved rounds of ``seconds`` each
-       (with ``run_settings``' concurrency, MPS and CUDA-graph switches). ``auto`` planning
-       with this calibration then picks the measured-best of them.
+    2. **Close calls, and the bar to clear.** Planned again with the measured pairs, the pick,
+       the best of the other plans still predicted within ``settle_within`` of it (at most
+       ``max_plans`` in all) and every plan a user makes by hand (:func:`by_hand_plans`: a
+       loop, a thread or a process per member, whatever their prediction) run ``plan_rounds``
+       interleaved rounds of ``seconds`` each (with ``run_settings``' concurrency, MPS and
+       CUDA-graph switches). ``auto`` planning with this calibration then picks the
+       measured-best of them, so it never picks a plan that measured slower than one made by hand.
 
     ``max_plans=0`` (or 1) measures pairs only, as before plan measurements existed.
     """
@@ -795,19 +822,25 @@ def calibrate(
             interference=table or None,
         )
         contenders = [settled_pick, *close[: max_plans - 1]]
-        # what a user would do by hand is the bar auto must clear: when the best of those is a
-        # close call too, it runs as well, even past max_plans
-        by_hand = [p for p in close if set(p.strategy.split("=")) & set(BY_HAND_STRATEGIES)]
-        if by_hand and by_hand[0] not in contenders:
-            contenders.append(by_hand[0])
+        # what a user would do by hand is the bar auto must clear: those plans run as well, even
+        # past max_plans and whatever their prediction (a pair measured badly can put one far
+        # below the pick while it runs faster)
+        taken = {_layout_key(p) for p in contenders}
+        made_by_hand = by_hand_plans(
+            ensemble, device, profiles, batch_size=batch_size, interference=table or None
+        )
+        for by_hand in made_by_hand:
+            if _layout_key(by_hand) not in taken:
+                taken.add(_layout_key(by_hand))
+                contenders.append(by_hand)
         plan_settings = dataclasses.replace(
             base, seconds=seconds, requests=None, rates=(), repeats=plan_rounds
         )
         if len(contenders) >= 2:
             names = ", ".join(f"'{c.strategy}' {c.prediction.throughput_sps:,.0f}" for c in contenders)
             say(
-                f"calibrating: {len(contenders)} plans predicted within {settle_within:.0%} "
-                f"({names} samples/s): running them to settle it"
+                f"calibrating: running {len(contenders)} plans to settle the pick, those predicted "
+                f"within {settle_within:.0%} of it and those made by hand ({names} samples/s predicted)"
             )
         else:
             say(f"calibrating: running '{settled_pick.strategy}' to see how fast plans run now")
@@ -990,6 +1023,7 @@ __all__ = [
     "PlanMeasurement",
     "RoundsSummary",
     "RunSettings",
+    "by_hand_plans",
     "calibrate",
     "calibrate_backends",
     "candidate_plans",

@@ -27,6 +27,8 @@ _BACKENDS_WITH_FILES = ("onnxruntime", "tensorrt")
 
 Array = npt.NDArray[Any]
 CombineFn = Callable[[Sequence[Array], Sequence[float] | None], Array]
+StackedRule = Callable[[Sequence[Array] | Array, Sequence[float] | None], Array]
+"""A built-in combine rule: also takes the members' probabilities as one (members, batch, classes) array."""
 
 
 @dataclass(frozen=True)
@@ -206,26 +208,32 @@ def softmax(x: Array, axis: int = -1) -> Array:
     return np.asarray(e / e.sum(axis=axis, keepdims=True))
 
 
-def mean_probs(probs: Sequence[Array], weights: Sequence[float] | None = None) -> Array:
+def _stacked(probs: Sequence[Array] | Array) -> Array:
+    """The members' probabilities as one (members, batch, classes) array (no copy when they are one)."""
+    return probs if isinstance(probs, np.ndarray) else np.stack(probs)
+
+
+def mean_probs(probs: Sequence[Array] | Array, weights: Sequence[float] | None = None) -> Array:
     """Mean of the members' class probabilities, shape (batch, classes)."""
-    return np.asarray(np.mean(np.stack(probs), axis=0))
+    stacked = _stacked(probs)
+    return np.asarray(stacked.sum(axis=0) / stacked.shape[0])  # np.mean's sum and division, less overhead
 
 
-def weighted_mean(probs: Sequence[Array], weights: Sequence[float] | None = None) -> Array:
+def weighted_mean(probs: Sequence[Array] | Array, weights: Sequence[float] | None = None) -> Array:
     """Weighted mean of class probabilities; weights are normalised to sum to 1."""
     if weights is None:
         raise InvalidInputError("combine rule 'weighted' needs Ensemble.weights")
     w = np.asarray(weights, dtype=np.float64)
     w = w / w.sum()
-    return np.asarray(np.tensordot(w, np.stack(probs), axes=1))
+    return np.asarray(np.tensordot(w, _stacked(probs), axes=1))
 
 
-def majority_vote(probs: Sequence[Array], weights: Sequence[float] | None = None) -> Array:
+def majority_vote(probs: Sequence[Array] | Array, weights: Sequence[float] | None = None) -> Array:
     """Vote shares, shape (batch, classes): the fraction of members whose top class is each class.
 
     ``argmax`` of the result is the majority class; a tie goes to the lowest class index.
     """
-    stacked = np.stack(probs)  # (members, batch, classes)
+    stacked = _stacked(probs)  # (members, batch, classes)
     members, batch, classes = stacked.shape
     votes = stacked.argmax(axis=-1)  # (members, batch)
     counts = np.zeros((batch, classes), dtype=np.float64)
@@ -234,7 +242,7 @@ def majority_vote(probs: Sequence[Array], weights: Sequence[float] | None = None
     return np.asarray(counts / members)
 
 
-COMBINE_RULES: dict[str, CombineFn] = {
+COMBINE_RULES: dict[str, StackedRule] = {
     "mean": mean_probs,
     "weighted": weighted_mean,
     "vote": majority_vote,
@@ -326,13 +334,27 @@ class Ensemble:
         missing = [n for n in self.member_names if n not in outputs]
         if missing:
             raise InvalidInputError(f"ensemble '{self.name}': no output for member(s) {', '.join(missing)}")
-        probs = [self.to_probs(m, outputs[m.name]) for m in self.members]
-        shapes = {p.shape for p in probs}
-        if len(shapes) != 1:
-            detail = ", ".join(f"{m.name}={p.shape}" for m, p in zip(self.members, probs, strict=True))
+        raw = [np.asarray(outputs[m.name]) for m in self.members]
+        for member, out in zip(self.members, raw, strict=True):
+            if out.ndim != 2:
+                raise InvalidInputError(
+                    f"member '{member.name}': output shape {out.shape} is not (batch, classes); "
+                    "ensembles combine 2-D score outputs"
+                )
+        if len({out.shape for out in raw}) != 1:
+            detail = ", ".join(f"{m.name}={out.shape}" for m, out in zip(self.members, raw, strict=True))
             raise InvalidInputError(
                 f"ensemble '{self.name}': member outputs differ in shape ({detail}); "
                 "all members must predict the same classes for the same batch"
             )
-        rule = COMBINE_RULES[self.combine] if isinstance(self.combine, str) else self.combine
-        return np.asarray(rule(probs, self.weights))
+        # one stack and one softmax over every logits member: at batch 1 a softmax per member
+        # cost more than the whole combine (numpy's per-call overhead), on every request
+        stacked = np.stack(raw).astype(np.float64, copy=False)  # (members, batch, classes)
+        logits = [i for i, m in enumerate(self.members) if m.output == "logits"]
+        if len(logits) == len(raw):
+            stacked = softmax(stacked)
+        elif logits:
+            stacked[logits] = softmax(stacked[logits])
+        if isinstance(self.combine, str):  # the built-in rules take the stack as it is
+            return np.asarray(COMBINE_RULES[self.combine](stacked, self.weights))
+        return np.asarray(self.combine(list(stacked), self.weights))

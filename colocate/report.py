@@ -53,9 +53,9 @@ class Calibration:
     """What was measured for the planner on one ensemble, device and batch size; reusable (JSON).
 
     ``pairs``: member pairs alone and side by side (measured slowdowns for the cost model).
-    ``plans``: candidate plans predicted too close to call, run a few rounds each; ``auto``
-    planning picks the measured-best of them (see :func:`colocate.planning.plan`). Files
-    written before plan measurements existed load with none.
+    ``plans``: candidate plans predicted too close to call and the plans made by hand, run a
+    few rounds each; ``auto`` planning picks the measured-best of them (see
+    :func:`colocate.planning.plan`). Files written before plan measurements existed load with none.
     """
 
     ensemble: str

@@ -75,6 +75,53 @@ def test_ensemble_vote_and_weighted_rules() -> None:
     assert weighted[0, 1] > 0.99
 
 
+@pytest.mark.parametrize("rule", ["mean", "weighted", "vote"])
+def test_combining_in_one_stack_matches_each_member_turned_into_probabilities_first(rule: str) -> None:
+    # combine_outputs stacks the outputs and runs one softmax over the logits members; the
+    # result must be what each member's probabilities, combined one by one, give
+    rng = np.random.default_rng(3)
+    members = (
+        make_member("a"),
+        make_member("b", output="probs"),
+        make_member("c"),
+        make_member("d", output="probs"),
+    )
+    weights = (1.0, 2.0, 0.5, 3.0) if rule == "weighted" else None
+    ens = Ensemble(members, combine=rule, weights=weights)
+    outputs = {
+        "a": rng.normal(size=(3, 5)).astype(np.float32),
+        "b": softmax(rng.normal(size=(3, 5))),
+        "c": 20.0 * rng.normal(size=(3, 5)),
+        "d": softmax(rng.normal(size=(3, 5))).astype(np.float32),
+    }
+    before = {k: v.copy() for k, v in outputs.items()}
+    probs = [ens.to_probs(m, outputs[m.name]) for m in members]
+    expected = {"mean": mean_probs, "weighted": weighted_mean, "vote": majority_vote}[rule](probs, weights)
+    np.testing.assert_allclose(ens.combine_outputs(outputs), expected, rtol=1e-12, atol=1e-15)
+    for name, array in outputs.items():  # the members' outputs are left as they were
+        np.testing.assert_array_equal(array, before[name])
+    only_probs = Ensemble((members[1], members[3]), combine=rule, weights=(1.0, 1.0) if weights else None)
+    reference = {"mean": mean_probs, "weighted": weighted_mean, "vote": majority_vote}[rule](
+        [outputs["b"], outputs["d"].astype(np.float64)], (1.0, 1.0)
+    )
+    np.testing.assert_allclose(only_probs.combine_outputs(outputs), reference, rtol=1e-12)
+
+
+def test_a_combine_callable_gets_a_list_of_each_members_probabilities() -> None:
+    seen: list[object] = []
+
+    def spy(probs: list[np.ndarray], weights: object) -> np.ndarray:
+        seen.append(probs)
+        return probs[1]
+
+    ens = Ensemble((make_member("a"), make_member("b", output="probs")), combine=spy)
+    out = ens.combine_outputs({"a": np.array([[0.0, 0.0]]), "b": np.array([[0.2, 0.8]])})
+    np.testing.assert_allclose(out, [[0.2, 0.8]])
+    (probs,) = seen
+    assert isinstance(probs, list) and len(probs) == 2
+    np.testing.assert_allclose(probs[0], [[0.5, 0.5]])
+
+
 def test_ensemble_user_callable() -> None:
     def first_member(probs: list[np.ndarray], weights: object) -> np.ndarray:
         return probs[0]
