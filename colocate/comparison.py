@@ -506,7 +506,7 @@ def compare(
                 f"the calibration ran {len(settled)} candidate plans, those predicted too close to call "
                 f"and those made by hand ({how}): "
                 f"{figures} samples/s; 'auto' takes the measured-best of them when its own pick is "
-                "among them (its explanation says 'settled by measurement')"
+                "among them or was predicted below it (its explanation says 'settled by measurement')"
             )
     notes.extend(variant_notes)
 

@@ -105,6 +105,17 @@ def test_packing_smoke(tmp_path: Path) -> None:
         assert planner["best"] is not None
         if planner["regret"] is not None:
             assert 0.0 <= planner["regret"] <= 1.0
+        # the smoke runs two by-hand plans (a loop, a thread each): auto is measured against the better
+        by_hand = {
+            r["strategy"]: r["measured_sps"]
+            for r in case["strategies"]
+            if r["strategy"] in ("sequential", "streams")
+        }
+        if all(v is not None for v in by_hand.values()) and planner["auto_sps"] is not None:
+            best_name = max(by_hand, key=lambda n: by_hand[n])
+            assert planner["best_by_hand"] == best_name
+            assert planner["best_by_hand_sps"] == by_hand[best_name]
+            assert planner["auto_vs_by_hand"] == pytest.approx(planner["auto_sps"] / by_hand[best_name])
         assert planner["model_error_before"] is None or planner["model_error_before"] >= 0.0
         assert set(case["other_load"]) == {"cpu_s", "share", "top"}
         # auto+backends ran like the others; its row names the variants it chose, e.g. "mlp: onnxruntime"

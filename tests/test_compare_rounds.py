@@ -416,8 +416,19 @@ def test_measured_plans_do_not_apply_without_the_pick_or_for_other_objectives(
 ) -> None:
     model_pick = h100_batch8["auto"]
     seq, streams = h100_batch8["sequential"], h100_batch8["streams"]
+    # the pick not measured: its prediction (485 samples/s) stands in for a measurement
     without_pick = (_measured(streams, 358.0), _measured(seq, 380.0))
-    assert _auto(without_pick).slots == model_pick.slots  # nothing measured to compare the pick with
+    assert model_pick.prediction.throughput_sps > 400.0
+    kept = _auto(without_pick)
+    assert kept.slots == model_pick.slots  # no measurement beats what the pick is predicted to give
+    assert not any("settled" in x for x in kept.explanation)
+    beaten = _auto((_measured(streams, 358.0), _measured(seq, 530.0, 510.0)))
+    assert beaten.slots == seq.slots  # a measured plan ran faster than the pick's prediction: it wins
+    line = next(x for x in beaten.explanation if x.startswith("settled by measurement"))
+    assert line.startswith(
+        "settled by measurement: sequential measured 520, streams 358 samples/s; the model's pick"
+    )
+    assert f"predicted to give {model_pick.prediction.throughput_sps:,.0f}" in line
     both = (_measured(model_pick, 306.0, name="auto"), _measured(seq, 380.0))
     latency = _auto(both, objective="latency")
     assert not any("settled" in x for x in latency.explanation)

@@ -57,7 +57,7 @@ def explain(
     if strategy == "auto" and settled:
         lines.append(
             f"auto: of {considered} feasible candidate layouts evaluated from every strategy, the "
-            f"measured-best of those predicted closest to the best; it came from '{candidate.strategy}' "
+            f"measured-best of those a calibration ran; it came from '{candidate.strategy}' "
             f"({DESCRIPTIONS[candidate.strategy]})"
         )
     elif strategy == "auto":

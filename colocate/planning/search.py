@@ -445,9 +445,11 @@ class _Session:
 
     def _settle(self, ev: Evaluation, candidate: Candidate) -> tuple[Evaluation, Candidate, str | None]:
         """Of the measured plans that fit, the measured-best, whatever its prediction (they ran in
-        the same interleaved rounds as the pick); the pick stays when it was not measured itself
-        (nothing to compare it with), when fewer than two plans were measured, or for objectives
-        other than throughput."""
+        the same interleaved rounds as the pick). When the pick itself was not measured (planned
+        again with the calibration's time scale, the model can pick slots no calibration run
+        had), its prediction stands in for a measurement: the measured-best wins when it
+        measured more than the pick is predicted to give. Objectives other than throughput are
+        not settled."""
         if self.objective != "throughput":
             return ev, candidate, None
         pick = _membership(ev.layout)
@@ -477,9 +479,11 @@ class _Session:
                 measured_ev = self.engine.evaluate(layout)
             seen.add(key)
             contenders.append((sps, measurement, measured_ev))
-        if not pick_measured or len(contenders) < 2:
-            return ev, candidate, None
         contenders.sort(key=lambda c: c[0], reverse=True)
+        if not pick_measured:
+            return self._settle_unmeasured(ev, candidate, contenders)
+        if len(contenders) < 2:
+            return ev, candidate, None
         best_sps, best, best_ev = contenders[0]
         others = ", ".join(f"{m.name} {sps:,.0f}" for sps, m, _ in contenders[1:])
         verdict = (
@@ -494,6 +498,27 @@ class _Session:
         )
         if best_ev is ev:
             return ev, candidate, line
+        proposed = [n for n in best.name.split("=") if n in DESCRIPTIONS]
+        origin = proposed[0] if proposed else candidate.strategy
+        return best_ev, Candidate(best_ev.layout, origin, ()), line
+
+    def _settle_unmeasured(
+        self,
+        ev: Evaluation,
+        candidate: Candidate,
+        contenders: Sequence[tuple[float, PlanMeasurement, Evaluation]],
+    ) -> tuple[Evaluation, Candidate, str | None]:
+        """The pick was not measured: a measured plan that ran faster than the pick is predicted to
+        run wins (a measurement beats a promise it already exceeds); else the pick stays."""
+        if not contenders or contenders[0][0] <= ev.throughput_sps:
+            return ev, candidate, None
+        best_sps, best, best_ev = contenders[0]
+        others = "".join(f", {m.name} {sps:,.0f}" for sps, m, _ in contenders[1:])
+        line = (
+            f"settled by measurement: {best.name} measured {best_sps:,.0f}{others} samples/s; the "
+            f"model's pick was not measured, and it is predicted to give {ev.throughput_sps:,.0f}: "
+            "a measurement outranks a prediction it already beats"
+        )
         proposed = [n for n in best.name.split("=") if n in DESCRIPTIONS]
         origin = proposed[0] if proposed else candidate.strategy
         return best_ev, Candidate(best_ev.layout, origin, ()), line
@@ -633,9 +658,10 @@ def plan(
             ``VariantProfiles``. The plan records the choice (``Plan.backends``) and its strategy
             reads ``"<strategy>+backends"``. None: every member runs as given.
         measured_plans: candidate plans run for real (``Calibration.plans``): ``auto`` picks the
-            measured-best of those that fit, when its own pick is among them (the explanation
-            says "settled by measurement"). Only for the ``throughput`` objective and plans
-            measured at this batch size.
+            measured-best of those that fit when its own pick is among them, and when it is not,
+            the measured-best if that measured more than the pick is predicted to give (the
+            explanation says "settled by measurement"). Only for the ``throughput`` objective
+            and plans measured at this batch size.
 
     Returns:
         The best predicted :class:`Plan` that fits in memory, with its prediction, explanation

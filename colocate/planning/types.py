@@ -173,9 +173,9 @@ class Plan:
 class PlanMeasurement:
     """A candidate plan run for real, a few rounds, to settle what the cost model cannot call.
 
-    ``auto`` planning given such measurements picks the measured-best of the measured plans
-    predicted near its own pick (see :func:`colocate.planning.plan`); a calibration records
-    them (:func:`colocate.comparison.calibrate`).
+    ``auto`` planning given such measurements picks the measured-best of them (see
+    :func:`colocate.planning.plan`); a calibration records them
+    (:func:`colocate.comparison.calibrate`).
     """
 
     name: str  # what proposed it when it was measured, e.g. "auto", "streams", "sequential"
