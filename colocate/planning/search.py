@@ -498,9 +498,7 @@ class _Session:
         )
         if best_ev is ev:
             return ev, candidate, line
-        proposed = [n for n in best.name.split("=") if n in DESCRIPTIONS]
-        origin = proposed[0] if proposed else candidate.strategy
-        return best_ev, Candidate(best_ev.layout, origin, ()), line
+        return best_ev, _measured_candidate(best, best_ev, candidate), line
 
     def _settle_unmeasured(
         self,
@@ -519,9 +517,7 @@ class _Session:
             f"model's pick was not measured, and it is predicted to give {ev.throughput_sps:,.0f}: "
             "a measurement outranks a prediction it already beats"
         )
-        proposed = [n for n in best.name.split("=") if n in DESCRIPTIONS]
-        origin = proposed[0] if proposed else candidate.strategy
-        return best_ev, Candidate(best_ev.layout, origin, ()), line
+        return best_ev, _measured_candidate(best, best_ev, candidate), line
 
     def _plan(
         self, ev: Evaluation, candidate: Candidate, strategy: str, pool: Pool, settled: str | None = None
@@ -698,6 +694,13 @@ def plan(
         measured_plans,
     )
     return session.run(strategy)
+
+
+def _measured_candidate(measured: PlanMeasurement, ev: Evaluation, pick: Candidate) -> Candidate:
+    """The candidate a settled plan stands for, named after the strategy that proposed it when
+    it was measured (else the model's pick's)."""
+    proposed = [n for n in measured.name.split("=") if n in DESCRIPTIONS]
+    return Candidate(ev.layout, proposed[0] if proposed else pick.strategy, ())
 
 
 def _single_set(profiles: ProfileSet | Sequence[Profile] | VariantProfiles) -> ProfileSet | Sequence[Profile]:
