@@ -341,15 +341,20 @@ def child(args: argparse.Namespace) -> int:
 # --- the floor: what any process-based server pays per request on this machine ------------------
 
 
+def _busy_wait(seconds: float) -> None:
+    """Keep this thread on its core for ``seconds`` (no sleep, so the core never idles)."""
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        pass
+
+
 def _busy_worker(conn: Any, busy_s: float) -> None:
     """Answer each message after busy-waiting ``busy_s`` (a stand-in for the members' compute)."""
     while True:
         message = conn.recv_bytes()
         if message == b"stop":
             return
-        until = time.perf_counter() + busy_s
-        while time.perf_counter() < until:
-            pass
+        _busy_wait(busy_s)
         conn.send_bytes(b"done")
 
 
@@ -409,9 +414,7 @@ def idle_penalty(idle_s: float = 0.01, repeats: int = 300) -> dict[str, Any]:
         if wait == "sleep":
             time.sleep(idle_s)
         elif wait == "spin":
-            until = time.perf_counter() + idle_s
-            while time.perf_counter() < until:
-                pass
+            _busy_wait(idle_s)
         theirs.send_bytes(message)
         start = time.perf_counter()
         while ready.poll(0):

@@ -830,8 +830,9 @@ def calibrate(
             ensemble, device, profiles, batch_size=batch_size, interference=table or None
         )
         for by_hand in made_by_hand:
-            if _layout_key(by_hand) not in taken:
-                taken.add(_layout_key(by_hand))
+            key = _layout_key(by_hand)
+            if key not in taken:
+                taken.add(key)
                 contenders.append(by_hand)
         plan_settings = dataclasses.replace(
             base, seconds=seconds, requests=None, rates=(), repeats=plan_rounds

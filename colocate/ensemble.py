@@ -242,6 +242,17 @@ def majority_vote(probs: Sequence[Array] | Array, weights: Sequence[float] | Non
     return np.asarray(counts / members)
 
 
+def _scores(member: Member, output: Array) -> Array:
+    """A member's raw output as an array, checked to be (batch, classes)."""
+    out = np.asarray(output)
+    if out.ndim != 2:
+        raise InvalidInputError(
+            f"member '{member.name}': output shape {out.shape} is not (batch, classes); "
+            "ensembles combine 2-D score outputs"
+        )
+    return out
+
+
 COMBINE_RULES: dict[str, StackedRule] = {
     "mean": mean_probs,
     "weighted": weighted_mean,
@@ -319,12 +330,7 @@ class Ensemble:
 
     def to_probs(self, member: Member, output: Array) -> Array:
         """A member's raw output as class probabilities, shape (batch, classes)."""
-        out = np.asarray(output)
-        if out.ndim != 2:
-            raise InvalidInputError(
-                f"member '{member.name}': output shape {out.shape} is not (batch, classes); "
-                "ensembles combine 2-D score outputs"
-            )
+        out = _scores(member, output)
         if member.output == "logits":
             return softmax(out)
         return out.astype(np.float64)
@@ -334,13 +340,7 @@ class Ensemble:
         missing = [n for n in self.member_names if n not in outputs]
         if missing:
             raise InvalidInputError(f"ensemble '{self.name}': no output for member(s) {', '.join(missing)}")
-        raw = [np.asarray(outputs[m.name]) for m in self.members]
-        for member, out in zip(self.members, raw, strict=True):
-            if out.ndim != 2:
-                raise InvalidInputError(
-                    f"member '{member.name}': output shape {out.shape} is not (batch, classes); "
-                    "ensembles combine 2-D score outputs"
-                )
+        raw = [_scores(m, outputs[m.name]) for m in self.members]
         if len({out.shape for out in raw}) != 1:
             detail = ", ".join(f"{m.name}={out.shape}" for m, out in zip(self.members, raw, strict=True))
             raise InvalidInputError(
