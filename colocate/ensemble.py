@@ -7,6 +7,7 @@ sent to worker processes. A backend's runner loads it on a device.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -208,6 +209,13 @@ def softmax(x: Array, axis: int = -1) -> Array:
     return np.asarray(e / e.sum(axis=axis, keepdims=True))
 
 
+def _softmax_in_place(z: Array) -> None:
+    """:func:`softmax` over the last axis of a float64 array, overwriting it (fewer allocations)."""
+    z -= z.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+
+
 def _stacked(probs: Sequence[Array] | Array) -> Array:
     """The members' probabilities as one (members, batch, classes) array (no copy when they are one)."""
     return probs if isinstance(probs, np.ndarray) else np.stack(probs)
@@ -337,24 +345,43 @@ class Ensemble:
 
     def combine_outputs(self, outputs: Mapping[str, Array]) -> Array:
         """Combine raw member outputs (name -> array) into one (batch, classes) array."""
-        missing = [n for n in self.member_names if n not in outputs]
-        if missing:
-            raise InvalidInputError(f"ensemble '{self.name}': no output for member(s) {', '.join(missing)}")
-        raw = [_scores(m, outputs[m.name]) for m in self.members]
-        if len({out.shape for out in raw}) != 1:
-            detail = ", ".join(f"{m.name}={out.shape}" for m, out in zip(self.members, raw, strict=True))
+        # every request of every executor runs this: at batch 1 numpy's per-call overhead is
+        # most of it, so the common case (every output there, same 2-D shape) takes few calls
+        try:
+            raw = [outputs[m.name] for m in self.members]
+        except KeyError:
+            missing = [n for n in self.member_names if n not in outputs]
             raise InvalidInputError(
-                f"ensemble '{self.name}': member outputs differ in shape ({detail}); "
-                "all members must predict the same classes for the same batch"
-            )
+                f"ensemble '{self.name}': no output for member(s) {', '.join(missing)}"
+            ) from None
+        raw = [out if isinstance(out, np.ndarray) else np.asarray(out) for out in raw]
+        shape = raw[0].shape
+        if len(shape) != 2 or any(out.shape != shape for out in raw):
+            self._check_scores(raw)
         # one stack and one softmax over every logits member: at batch 1 a softmax per member
-        # cost more than the whole combine (numpy's per-call overhead), on every request
-        stacked = np.stack(raw).astype(np.float64, copy=False)  # (members, batch, classes)
-        logits = [i for i, m in enumerate(self.members) if m.output == "logits"]
+        # cost more than the whole combine did
+        stacked = np.array(raw, dtype=np.float64)  # (members, batch, classes), a copy of our own
+        logits = self._logits_rows
         if len(logits) == len(raw):
-            stacked = softmax(stacked)
+            _softmax_in_place(stacked)
         elif logits:
-            stacked[logits] = softmax(stacked[logits])
+            part = stacked[list(logits)]
+            _softmax_in_place(part)
+            stacked[list(logits)] = part
         if isinstance(self.combine, str):  # the built-in rules take the stack as it is
             return np.asarray(COMBINE_RULES[self.combine](stacked, self.weights))
         return np.asarray(self.combine(list(stacked), self.weights))
+
+    def _check_scores(self, raw: Sequence[Array]) -> None:
+        """Raise the error for outputs that are not all (batch, classes) of one shape."""
+        checked = [_scores(m, out) for m, out in zip(self.members, raw, strict=True)]
+        detail = ", ".join(f"{m.name}={out.shape}" for m, out in zip(self.members, checked, strict=True))
+        raise InvalidInputError(
+            f"ensemble '{self.name}': member outputs differ in shape ({detail}); "
+            "all members must predict the same classes for the same batch"
+        )
+
+    @functools.cached_property
+    def _logits_rows(self) -> tuple[int, ...]:
+        """The positions of the members whose outputs are logits (softmax before combining)."""
+        return tuple(i for i, m in enumerate(self.members) if m.output == "logits")

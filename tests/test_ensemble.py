@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pickle
 
@@ -213,6 +214,22 @@ def test_combine_rejects_mismatched_outputs() -> None:
         ens.combine_outputs({"a": np.zeros((1, 2))})
     with pytest.raises(InvalidInputError, match="differ in shape"):
         ens.combine_outputs({"a": np.zeros((1, 2)), "b": np.zeros((1, 3))})
+    not_2d = r"member 'a': output shape \(1, 2, 3\) is not \(batch, classes\)"
+    with pytest.raises(InvalidInputError, match=not_2d):
+        ens.combine_outputs({"a": np.zeros((1, 2, 3)), "b": np.zeros((1, 2, 3))})
+    with pytest.raises(InvalidInputError, match=r"member 'b': output shape \(2,\) is not"):
+        ens.combine_outputs({"a": np.zeros((1, 2)), "b": np.zeros(2)})
+
+
+def test_combine_takes_plain_sequences_and_the_ensemble_stays_a_plain_value() -> None:
+    ens = Ensemble((make_member("a"), make_member("b", output="probs")))
+    out = ens.combine_outputs({"a": [[0.0, 0.0]], "b": [[0.2, 0.8]]})  # lists, not arrays
+    np.testing.assert_allclose(out, [[0.35, 0.65]])
+    # what combining caches on the ensemble is not a field: equality, pickling and serde see the same
+    assert [f.name for f in dataclasses.fields(ens)] == ["members", "combine", "weights", "name"]
+    again = pickle.loads(pickle.dumps(ens))
+    assert again == ens
+    np.testing.assert_allclose(again.combine_outputs({"a": [[0.0, 0.0]], "b": [[0.2, 0.8]]}), out)
 
 
 def test_member_pickles_with_partial_source() -> None:

@@ -626,13 +626,17 @@ class Executor:
 
     def _on_slot_done(self, request: _Request, slot: str, slot_future: Future[SlotAnswer]) -> None:
         answered_s = time.perf_counter()
-        error = slot_future.exception()
+        answer: SlotAnswer | None = None
+        error: BaseException | None = None
+        try:
+            answer = slot_future.result()  # done already: one look at it, not two
+        except BaseException as exc:  # the slot's error fails the request
+            error = exc
         with self._lock:
-            if error is not None:
+            if answer is None:
                 if request.error is None:
                     request.error = error
             else:
-                answer = slot_future.result()
                 request.outputs.update(answer.outputs)
                 request.timings.append(
                     SlotTiming(

@@ -8,10 +8,13 @@ What travels how (one request, one slot):
   their pinned staging buffer) on the slot's own stream;
 - the request: a small header over a ``multiprocessing`` pipe,
   ``("run", request id, block name, shape, dtype)``;
-- the answer: ``("ok", request id, [(member, shape, dtype, raw bytes), ...], started, finished)``
-  (``perf_counter`` readings around the members' run, for the request's timing):
-  the outputs are ``batch x classes`` scores, a few kilobytes, sent as raw bytes
-  inside the reply (no tensor is pickled, no per-slot output segment to manage);
+- the answer: ``("ok", request id, outputs, started, finished)`` (``perf_counter``
+  readings around the members' run, for the request's timing). The outputs are
+  ``batch x classes`` scores, a few kilobytes, sent as raw bytes inside the reply (no
+  tensor is pickled, no per-slot output segment to manage): when they share one shape
+  and dtype, as scores do, ``(members, shape, dtype, bytes of all of them)``, read back
+  with one ``frombuffer`` (per-member arrays cost numpy's per-call overhead each, on
+  every request); else ``[(member, shape, dtype, raw bytes), ...]``;
   or ``("error", request id, member, error type, message)``. Both directions use
   ``send_bytes`` of a plain ``pickle.dumps`` (the same framing as ``Connection.send``,
   without its per-message pickler set-up).
@@ -382,7 +385,12 @@ class ProcessSlot:
             return fd
 
     def read_replies(self) -> bool:
-        """Read and resolve every reply waiting in the pipe (foreground reader only).
+        """Read and resolve the next reply (foreground reader only, once ``poll`` said the pipe
+        is readable: no other thread reads it meanwhile, so this does not block).
+
+        One message per call, without asking ``poll`` first or after: at one request in flight
+        there is one, and each extra ``poll`` is a system call on every request. The caller's
+        own ``poll`` finds any further reply.
 
         Returns:
             False when the pipe has ended (the worker died or the slot stops): stop reading
@@ -391,12 +399,14 @@ class ProcessSlot:
         with self._read_lock:
             with self._lock:
                 conn = self._conn
-            ready = self._ready_poll
-            if conn is None or ready is None:
+            if conn is None or self._ready_poll is None:
                 return False
-            replies, ended = _read_waiting(conn, ready)
-        self._resolve_all(replies)
-        return not ended
+            try:
+                reply = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError, ValueError, pickle.UnpicklingError):
+                return False
+        self._on_reply(reply)
+        return True
 
     def end_foreground(self) -> None:
         """Hand the pipe back to the reader thread (woken only when a reply is still due)."""
@@ -566,11 +576,7 @@ class ProcessSlot:
             return
         if kind == "ok":
             _, _, packed, started_s, finished_s = message
-            outputs = {
-                name: np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape).copy()
-                for name, shape, dtype, data in packed
-            }
-            _resolve(future, SlotAnswer(outputs, started_s, finished_s))
+            _resolve(future, SlotAnswer(unpack_outputs(packed), started_s, finished_s))
         else:
             _, _, member, type_name, text = message
             _fail(future, rebuild_error(type_name, text, member, self.name))
@@ -785,16 +791,28 @@ def _run_request(
         return ("error", request_id, failure.member, type(failure.error).__name__, _error_text(failure.error))
     finally:
         del array
-    return (
-        "ok",
-        request_id,
-        [
-            (name, tuple(out.shape), out.dtype.str, np.ascontiguousarray(out).tobytes())
-            for name, out in outputs.items()
-        ],
-        started_s,
-        finished_s,
-    )
+    return ("ok", request_id, pack_outputs(outputs), started_s, finished_s)
+
+
+def pack_outputs(outputs: Mapping[str, np.ndarray]) -> Any:
+    """The members' outputs as a reply carries them (see the module doc); :func:`unpack_outputs`."""
+    arrays = [np.ascontiguousarray(out) for out in outputs.values()]
+    first = arrays[0] if arrays else None
+    if first is not None and all(a.shape == first.shape and a.dtype == first.dtype for a in arrays):
+        return (tuple(outputs), tuple(first.shape), first.dtype.str, b"".join(a.data for a in arrays))
+    return [(name, tuple(a.shape), a.dtype.str, a.tobytes()) for name, a in zip(outputs, arrays, strict=True)]
+
+
+def unpack_outputs(packed: Any) -> dict[str, np.ndarray]:
+    """The outputs :func:`pack_outputs` packed, as writable arrays by member name."""
+    if isinstance(packed, tuple):  # all of one shape and dtype, in one buffer
+        names, shape, dtype, data = packed
+        stacked = np.frombuffer(data, dtype=np.dtype(dtype)).reshape((len(names), *shape)).copy()
+        return dict(zip(names, stacked, strict=True))
+    return {
+        name: np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape).copy()
+        for name, shape, dtype, data in packed
+    }
 
 
 def _error_text(exc: BaseException) -> str:
