@@ -257,6 +257,7 @@ def _executor(
     allow_mps_start: bool,
     threads: int | None,
     interleave_blocks: int,
+    reply_wait: Any = "auto",
 ) -> dict[str, Any]:
     from colocate.execution import Executor, run_requests
     from colocate.execution.mps import usable_cores
@@ -277,8 +278,14 @@ def _executor(
         strategy=f"one {kind} slot",
     )
     t0 = time.perf_counter()
-    with Executor(plan, ensemble, allow_mps_start=allow_mps_start) as executor:
+    with Executor(
+        plan,
+        ensemble,
+        allow_mps_start=allow_mps_start,
+        reply_wait=reply_wait,
+    ) as executor:
         load_s = time.perf_counter() - t0
+        reply_polling = executor.reply_polling
         result = run_requests(executor, requests=requests, batch=batch, concurrency=1, warmup=warmup)
         breakdown = _breakdown(executor, batch, max(5, requests // 3)) if result.status == "ok" else {}
         paired: dict[str, Any] = {}
@@ -294,6 +301,7 @@ def _executor(
         "dispatch_overhead_p50_s": overhead.median_s if overhead is not None else None,
         "dispatch_overhead_p90_s": overhead.p90_s if overhead is not None else None,
         **breakdown,
+        "reply_polling": reply_polling,  # how predict() waited for the worker's replies
         "status": result.status,
         "error": "; ".join(result.errors) or None,
         "requests_completed": result.requests_completed,
@@ -326,6 +334,7 @@ def child(args: argparse.Namespace) -> int:
                 args.allow_mps_start,
                 args.threads,
                 args.interleave,
+                args.reply_wait,
             )
     except Exception as exc:
         got = {
@@ -466,7 +475,7 @@ def _run_child(mode: str, args: argparse.Namespace, scale: str, requests: int, w
             command.append("--allow-mps-start")
         if args.threads is not None:
             command.extend(["--threads", str(args.threads)])
-        command.extend(["--interleave", str(args.interleave)])
+        command.extend(["--interleave", str(args.interleave), "--reply-wait", args.reply_wait])
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(
@@ -553,6 +562,7 @@ def summarise(
         per_mode[mode] = {
             "mode": mode,
             "breakdown_s": breakdown,
+            "reply_polling": sorted({r["reply_polling"] for r in mine if r.get("reply_polling")}),
             "dispatch_overhead_per_member_us": statistics.median(dispatch_us) if dispatch_us else None,
             "dispatch_overhead_per_member_us_rounds": dispatch_us,
             "dispatch_throughput_loss_pct": statistics.median(dispatch_loss) if dispatch_loss else None,
@@ -732,7 +742,9 @@ def print_breakdown(rows: list[dict[str, Any]], floor: dict[str, Any] | None) ->
             _fmt(parts.get(key), 1e6, f"{width}.0f")
             for key, (_, _, width) in zip(BREAKDOWN_KEYS, BREAKDOWN_PARTS, strict=True)
         ]
-        print(f"{row['mode']:<8} " + " ".join(cells))
+        polling = ", ".join(row.get("reply_polling") or [])
+        waits = f"   replies awaited: {polling}" if polling and row["mode"] != "stream" else ""
+        print(f"{row['mode']:<8} " + " ".join(cells) + waits)
     if floor is not None:
         p50_us, p90_us = floor["round_trip_extra_p50_s"] * 1e6, floor["round_trip_extra_p90_s"] * 1e6
         print(
@@ -806,6 +818,13 @@ def main() -> int:
         help="blocks of executor and direct requests alternated in each executor's process after its "
         "run (default 10; 0: none)",
     )
+    parser.add_argument(
+        "--reply-wait",
+        choices=("auto", "spin", "block"),
+        default="auto",
+        help="how predict() waits for a process or mps slot's replies (Executor's reply_wait; "
+        "auto: polls near the expected reply when the worker leaves a core free, e.g. --threads 1)",
+    )
     parser.add_argument("--allow-mps-start", action="store_true", help="GPU: run the mps slot, starting MPS")
     parser.add_argument("--child-timeout", type=float, default=600.0)
     parser.add_argument(
@@ -871,7 +890,9 @@ def main() -> int:
 
     members = len(zoo.ARCHITECTURES)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M")
-    suffix = "" if args.threads is None else f"-t{args.threads}"
+    suffix = ("" if args.threads is None else f"-t{args.threads}") + (
+        "" if args.reply_wait == "auto" else f"-{args.reply_wait}"
+    )
     out = (
         Path(args.out)
         if args.out
@@ -937,6 +958,7 @@ def main() -> int:
             "rounds": rounds,
             "concurrency": 1,
             "threads": args.threads,
+            "reply_wait": args.reply_wait,
             "targets": {
                 "us_per_member_per_request": TARGET_US_PER_MEMBER,
                 "throughput_loss_pct": TARGET_LOSS_PCT,

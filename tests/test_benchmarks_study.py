@@ -8,6 +8,7 @@ and that the PNG beside it is a PNG.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,12 @@ def test_executor_overhead_smoke(tmp_path: Path) -> None:
         }
         assert all(value >= 0.0 for value in parts.values()), parts
         assert 0.0 < parts["breakdown_compute_s"] < parts["breakdown_latency_s"]
+    # how predict() waited for replies: the smoke's one-thread workers leave a core free
+    assert data["reply_wait"] == "auto" and data["threads"] == 1
+    free = "near-reply" if len(os.sched_getaffinity(0)) >= 2 else "sleep"
+    assert summary["process"]["reply_polling"] == [free]
+    assert summary["mps"]["reply_polling"] == [free]
+    assert summary["stream"]["reply_polling"] == ["sleep"]  # a stream slot shares the interpreter
     floor = data["pipe_floor"]
     assert floor["busy_s"] == summary["direct"]["per_request_s"]
     assert 0.0 < floor["round_trip_extra_p50_s"] <= floor["round_trip_extra_p90_s"]

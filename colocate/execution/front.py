@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import select
+import statistics
 import threading
 import time
 import weakref
@@ -67,6 +69,18 @@ from colocate.planning.types import Plan, Slot
 _WATCHDOG_INTERVAL_S = 0.1
 _LATENCY_WINDOW = 100_000
 _ACCEPTED_LAYOUTS_KEPT = 64  # batch layouts remembered as accepted by every member
+# Polling near the expected reply (reply_wait "auto" with a free core): the recent waits it
+# goes by, how many before it starts, and the lead before the shortest and after the longest
+# (a share of the typical wait, within bounds).
+_REPLY_WAITS_KEPT = 16
+_REPLY_WAITS_NEEDED = 3
+_POLL_LEAD_SHARE = 0.05
+_POLL_LEAD_MIN_S = 0.0002
+_POLL_LEAD_MAX_S = 0.002
+
+ReplyWait = Literal["auto", "spin", "block"]
+#: how a predict() call waits for process slots' replies, as decided from ``reply_wait``
+ReplyPolling = Literal["sleep", "near-reply", "throughout"]
 
 
 @dataclass
@@ -161,6 +175,19 @@ class Executor:
         warmup: each slot runs one random batch of the plan's batch size through its members
             before serving (lazy initialisation, autotuning and CUDA-graph capture happen then,
             one member at a time in a process); a member failing on it fails :meth:`start`.
+        reply_wait: how a thread in :meth:`predict` waits for its process and mps slots'
+            replies. A thread that sleeps for the milliseconds a request takes wakes slowly
+            and runs its next microseconds of code slowly (on a virtual machine several
+            times slower); one that polls does not, but it keeps a core busy meanwhile.
+            ``"block"``: sleep until the reply comes. ``"spin"``: poll the pipes without
+            sleeping for the whole wait (like ``cudaDeviceScheduleSpin``). ``"auto"``
+            (default): when a core is free, sleep through most of the wait and poll from a
+            little before the shortest recent wait to a little after the longest (at most
+            the second half of the typical wait); else sleep. A core is free when every slot
+            is a worker process (a stream slot's thread would share this interpreter with
+            the polling one) and the workers' busy threads (their torch threads on the CPU,
+            one each on a GPU) leave at least one usable core. :attr:`reply_polling` says
+            what was decided.
 
     Worker processes are started with ``spawn``: a script that uses process or mps
     slots needs the usual ``if __name__ == "__main__":`` guard, and their members must
@@ -180,9 +207,12 @@ class Executor:
         cuda_graphs: bool = False,
         stop_grace_s: float = 5.0,
         warmup: bool = True,
+        reply_wait: ReplyWait = "auto",
     ) -> None:
         if on_worker_death not in ("fail", "restart"):
             raise InvalidInputError(f"on_worker_death must be 'fail' or 'restart', got {on_worker_death!r}")
+        if reply_wait not in ("auto", "spin", "block"):
+            raise InvalidInputError(f"reply_wait must be 'auto', 'spin' or 'block', got {reply_wait!r}")
         if not request_timeout_s > 0:
             raise InvalidInputError(f"request_timeout_s must be positive, got {request_timeout_s}")
         if max_restarts < 0:
@@ -198,6 +228,9 @@ class Executor:
         self.stop_grace_s = stop_grace_s
         #: batch size of the warm-up batch each slot runs before serving (None: no warm-up)
         self.warmup_batch_size: int | None = plan.batch_size if warmup else None
+        self.reply_wait: ReplyWait = reply_wait
+        self._reply_polling: ReplyPolling = "sleep"  # decided by start()
+        self._reply_waits: deque[float] = deque(maxlen=_REPLY_WAITS_KEPT)  # recent foreground waits
         self._resources = _Resources()
         self._finalizer = weakref.finalize(self, self._resources.release)
         self._lock = threading.Lock()
@@ -280,6 +313,7 @@ class Executor:
         for error in errors:
             if error is not None:
                 raise error
+        self._reply_polling = self._decide_reply_polling()
         resources.watchdog = threading.Thread(
             target=_watchdog,
             args=(weakref.ref(self), resources.stop_event),
@@ -330,6 +364,39 @@ class Executor:
                 core_offset += len(cpu_share(slot, cores, core_offset))
             slots.append(mps_slot)
         return slots
+
+    @property
+    def reply_polling(self) -> ReplyPolling:
+        """How :meth:`predict` waits for process and mps slots' replies, decided by :meth:`start`
+        from ``reply_wait``: ``"sleep"``, ``"near-reply"`` (poll around the expected reply) or
+        ``"throughout"``."""
+        return self._reply_polling
+
+    def _decide_reply_polling(self) -> ReplyPolling:
+        if self.reply_wait == "spin":
+            return "throughout"
+        if self.reply_wait == "auto" and self._has_core_to_poll():
+            return "near-reply"
+        return "sleep"
+
+    def _has_core_to_poll(self) -> bool:
+        """Whether a thread polling for replies leaves the plan's own work its cores and this
+        interpreter (``reply_wait="auto"``)."""
+        slots = self.plan.slots
+        if not slots or any(slot.kind == "stream" for slot in slots):
+            return False  # a stream slot's thread runs in this interpreter beside the poller
+        cores = usable_cores()
+        if self.plan.device.kind == "cpu":
+            busy = sum(self._worker_threads(slot, cores) for slot in slots)
+        else:
+            busy = len(slots)  # a GPU worker keeps one thread busy: the one launching its kernels
+        return busy + 1 <= len(cores)
+
+    def _worker_threads(self, slot: Slot, cores: tuple[int, ...]) -> int:
+        """The threads a CPU worker of ``slot`` computes with."""
+        if slot.kind == "mps":
+            return slot.cpu_threads or len(cpu_share(slot, cores))
+        return self._cpu_threads(slot) or len(cores)
 
     def _cpu_threads(self, slot: Slot) -> int | None:
         """A CPU slot's intra-op threads: the plan's, else a fair share of the cores per slot.
@@ -538,24 +605,62 @@ class Executor:
         return future
 
     def _read_in_foreground(self, request: _Request, readers: dict[int, ProcessSlot]) -> None:
-        """Read the process slots' replies until none of them is still to answer ``request``."""
+        """Read the process slots' replies until none of them is still to answer ``request``.
+
+        Asleep in ``poll`` until they come, except within the polling window of
+        ``reply_wait`` (:meth:`_polling_window`), where ``poll`` does not sleep.
+        """
         waiting = select.poll()
         for fd in readers:
             waiting.register(fd, select.POLLIN)
         deadline = request.deadline_s
+        poll_from, poll_until = self._polling_window(request.start_s)
+        replied_s: float | None = None  # when the last reply was seen
 
         def unanswered() -> bool:
             return not request.future.done() and any(s.name in request.waiting for s in readers.values())
 
         while readers and unanswered():
-            remaining_ms = (deadline - time.perf_counter()) * 1000.0
-            if remaining_ms <= 0:
+            now = time.perf_counter()
+            if now >= deadline:
                 return  # the watchdog fails the request
-            for fd, _ in waiting.poll(remaining_ms):
+            if now >= poll_until:
+                timeout_ms = (deadline - now) * 1000.0
+            elif now >= poll_from:
+                timeout_ms = 0.0
+            else:  # poll's timeout is whole milliseconds, rounded up: round down to be awake in time
+                timeout_ms = float(math.floor((poll_from - now) * 1000.0))
+            events = waiting.poll(timeout_ms)
+            if events:
+                replied_s = time.perf_counter()
+            for fd, _ in events:
                 slot = readers.get(fd)
                 if slot is not None and not slot.read_replies():
                     del readers[fd]  # its pipe ended: the slot's reader thread handles that
                     waiting.unregister(fd)
+        if replied_s is not None and not unanswered():
+            with self._lock:
+                self._reply_waits.append(replied_s - request.start_s)
+
+    def _polling_window(self, start_s: float) -> tuple[float, float]:
+        """When to poll for a request's replies without sleeping (``perf_counter`` seconds).
+
+        ``"near-reply"``: from a lead before the shortest of the recent waits to a lead after
+        the longest, starting no earlier than half the typical (median) wait; nothing until
+        a few waits are known. ``"throughout"``: the whole wait. ``"sleep"``: never.
+        """
+        if self._reply_polling == "throughout":
+            return start_s, math.inf
+        if self._reply_polling == "sleep":
+            return start_s, start_s
+        with self._lock:
+            waits = list(self._reply_waits)
+        if len(waits) < _REPLY_WAITS_NEEDED:
+            return start_s, start_s
+        typical_s = statistics.median(waits)
+        lead_s = min(max(_POLL_LEAD_SHARE * typical_s, _POLL_LEAD_MIN_S), _POLL_LEAD_MAX_S)
+        poll_from_s = max(min(waits) - lead_s, typical_s / 2)
+        return start_s + poll_from_s, start_s + max(waits) + lead_s
 
     def predict_many(
         self, batches: Iterable[Array], *, return_members: bool = False, max_in_flight: int | None = None

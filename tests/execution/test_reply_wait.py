@@ -1,0 +1,184 @@
+"""How predict() waits for its worker processes' replies: Executor(reply_wait=...).
+
+"block" sleeps in poll until a reply comes; "spin" polls without sleeping for the whole
+wait; "auto" polls near the expected reply when a core is free, else sleeps. These tests
+check the decision, the polling window, and what poll is actually asked in real requests.
+"""
+
+from __future__ import annotations
+
+import math
+import select
+import types
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from colocate.devices import Device
+from colocate.ensemble import Ensemble
+from colocate.errors import InvalidInputError
+from colocate.execution import Executor, front
+from colocate.planning.types import Slot
+
+from .helpers import assert_close, batch_with_first, make_plan, sequential, sleeper
+
+DELAY_S = 0.02
+
+
+@pytest.fixture(scope="module")
+def ensemble() -> Ensemble:
+    return Ensemble((sleeper("a", delay_s=DELAY_S), sleeper("b", delay_s=DELAY_S)))
+
+
+def _two_processes(threads: int = 1) -> tuple[Slot, Slot]:
+    return (
+        Slot("p0", "process", ("a",), cpu_threads=threads),
+        Slot("p1", "process", ("b",), cpu_threads=threads),
+    )
+
+
+def _cores(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    monkeypatch.setattr(front, "usable_cores", lambda: tuple(range(count)))
+
+
+def test_reply_wait_is_checked(ensemble: Ensemble) -> None:
+    with pytest.raises(InvalidInputError, match="reply_wait must be 'auto', 'spin' or 'block', got 'busy'"):
+        Executor(make_plan(*_two_processes()), ensemble, reply_wait="busy")  # type: ignore[arg-type]
+
+
+def test_auto_polls_only_when_the_workers_leave_a_core_free(
+    ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def decided(*slots: Slot, reply_wait: str = "auto", device: Device | None = None) -> str:
+        executor = Executor(make_plan(*slots, device=device), ensemble, reply_wait=reply_wait)  # type: ignore[arg-type]
+        return executor._decide_reply_polling()
+
+    _cores(monkeypatch, 3)
+    assert decided(*_two_processes(threads=1)) == "near-reply"  # 2 busy threads + the poller <= 3
+    assert decided(*_two_processes(threads=2)) == "sleep"  # 4 busy threads: no core to spare
+    # a stream slot's thread shares the interpreter with the poller: never poll beside it
+    beside_a_stream = (
+        Slot("p0", "process", ("a",), cpu_threads=1),
+        Slot("s0", "stream", ("b",), cpu_threads=1),
+    )
+    assert decided(*beside_a_stream) == "sleep"
+    assert decided(*_two_processes(threads=2), reply_wait="spin") == "throughout"  # forced
+    assert decided(*_two_processes(threads=1), reply_wait="block") == "sleep"
+    _cores(monkeypatch, 4)  # a CPU mps slot computes with its share of the cores
+    assert decided(Slot("m0", "mps", ("a", "b"), thread_percentage=50.0)) == "near-reply"  # 2 of 4
+    assert decided(Slot("m0", "mps", ("a", "b"), thread_percentage=100.0)) == "sleep"  # all 4
+    # on a GPU each worker keeps one thread busy, whatever its torch thread count
+    gpu = Device(kind="cuda", name="a GPU", cpu_cores=2)
+    _cores(monkeypatch, 2)
+    assert decided(Slot("p0", "process", ("a", "b"), cpu_threads=8), device=gpu) == "near-reply"
+    assert decided(*_two_processes(threads=8), device=gpu) == "sleep"
+
+
+def test_the_polling_window_spans_the_recent_waits(ensemble: Ensemble) -> None:
+    executor = Executor(make_plan(*_two_processes()), ensemble)
+    executor._reply_polling = "near-reply"
+    start = 100.0
+    executor._reply_waits.extend([0.020, 0.022])
+    assert executor._polling_window(start) == (start, start)  # too few waits yet: sleep
+    executor._reply_waits.append(0.021)
+    lead = 0.05 * 0.021  # the typical wait's share, within 0.2-2 ms
+    poll_from, poll_until = executor._polling_window(start)
+    assert poll_from == pytest.approx(start + 0.020 - lead)
+    assert poll_until == pytest.approx(start + 0.022 + lead)
+    # spread-out waits: the window starts no earlier than half the typical wait (100 ms), and
+    # the lead is at most 2 ms (5 % of it would be 5 ms)
+    executor._reply_waits.clear()
+    executor._reply_waits.extend([0.010, 0.100, 0.200])
+    poll_from, poll_until = executor._polling_window(start)
+    assert poll_from == pytest.approx(start + 0.050)
+    assert poll_until == pytest.approx(start + 0.200 + 0.002)
+    # short waits: the lead is at least 0.2 ms (5 % would be 0.05 ms)
+    executor._reply_waits.clear()
+    executor._reply_waits.extend([0.001, 0.001, 0.001])
+    assert executor._polling_window(start) == pytest.approx((start + 0.0008, start + 0.0012))
+    executor._reply_polling = "throughout"
+    assert executor._polling_window(start) == (start, math.inf)
+    executor._reply_polling = "sleep"
+    assert executor._polling_window(start) == (start, start)
+
+
+class _RecordingPoll:
+    """select.poll, recording the timeout of every call."""
+
+    def __init__(self, timeouts: list[float | None]) -> None:
+        self._poll = select.poll()
+        self._timeouts = timeouts
+
+    def register(self, fd: int, mask: int) -> None:
+        self._poll.register(fd, mask)
+
+    def unregister(self, fd: int) -> None:
+        self._poll.unregister(fd)
+
+    def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+        self._timeouts.append(timeout)
+        return self._poll.poll(timeout)
+
+
+@pytest.fixture()
+def timeouts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float | None]]:
+    recorded: list[float | None] = []
+    fake = types.SimpleNamespace(poll=lambda: _RecordingPoll(recorded), POLLIN=select.POLLIN)
+    monkeypatch.setattr(front, "select", fake)
+    yield recorded
+
+
+def _poll_timeouts_per_request(
+    executor: Executor, ensemble: Ensemble, timeouts: list[float | None], requests: int
+) -> list[list[float | None]]:
+    batch = batch_with_first(0.25)
+    expected, _ = sequential(ensemble, batch)
+    per_request = []
+    for _ in range(requests):
+        timeouts.clear()
+        assert_close(executor.predict(batch), expected)
+        per_request.append(list(timeouts))
+    return per_request
+
+
+@pytest.mark.parametrize("reply_wait", ["auto", "spin", "block"])
+def test_predict_polls_as_reply_wait_says(
+    reply_wait: str, ensemble: Ensemble, timeouts: list[float | None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _cores(monkeypatch, 4)  # so that "auto" has a core to spare on any machine
+    plan = make_plan(*_two_processes(threads=1))
+    with Executor(plan, ensemble, reply_wait=reply_wait, request_timeout_s=60.0) as executor:  # type: ignore[arg-type]
+        polling = {"auto": "near-reply", "spin": "throughout", "block": "sleep"}[reply_wait]
+        assert executor.reply_polling == polling
+        per_request = _poll_timeouts_per_request(executor, ensemble, timeouts, requests=8)
+    assert all(per_request), "every request waited in poll"
+    zero = [[t for t in calls if t == 0] for calls in per_request]
+    if reply_wait == "block":
+        assert not any(zero)  # asleep until each reply
+    elif reply_wait == "spin":
+        assert all(t == 0 for calls in per_request for t in calls)  # never asleep
+    else:
+        assert not any(zero[:3])  # no window before three waits are known
+        # then asleep for most of the ~20 ms wait (one timeout of whole milliseconds), and
+        # polling without sleeping near the reply, in most requests (a late scheduler may skip it)
+        later = per_request[3:]
+        assert sum(1 for calls in later if calls[0] is not None and calls[0] >= 5) >= len(later) - 1
+        assert sum(1 for z in zero[3:] if z) >= len(later) // 2
+    assert len(executor._reply_waits) == 8
+    assert all(0.9 * DELAY_S <= w <= 60.0 for w in executor._reply_waits)
+
+
+def test_spinning_gives_the_same_answers_as_members_called_directly(
+    ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = make_plan(*_two_processes(threads=1))
+    rng = np.random.default_rng(5)
+    with Executor(plan, ensemble, reply_wait="spin") as executor:
+        for _ in range(3):
+            batch = rng.normal(size=(4, 3, 32, 32)).astype(np.float32)
+            combined, members = executor.predict(batch, return_members=True)
+            expected, expected_members = sequential(ensemble, batch)
+            assert_close(combined, expected)
+            for name, output in expected_members.items():
+                assert_close(members[name], output)
