@@ -469,6 +469,25 @@ class Executor:
         started it, and so stops it on close), else None."""
         return self._resources.daemon
 
+    def worker_contexts(self) -> dict[str, str]:
+        """Slot name -> how NVML lists its worker on the plan's GPU (process and mps slots).
+
+        ``"mps-client"`` (the worker joined the MPS server: what an mps slot should be),
+        ``"own-context"`` (a CUDA context of its own, time-sliced with the others: what a
+        process slot is without MPS, and an mps slot that did not join), ``"not-listed"`` (no
+        CUDA context yet, or a container's PID namespace hides it) or ``"unknown"`` (no NVML).
+        Empty on the CPU.
+        """
+        if self.plan.device.kind != "cuda":
+            return {}
+        from colocate.profiling.sampler import gpu_contexts
+
+        pids = self.worker_pids()
+        found = gpu_contexts(self.plan.device.index, pids.values())
+        if found is None:
+            return dict.fromkeys(pids, "unknown")
+        return {slot: found[pid] for slot, pid in pids.items()}
+
     def worker_pids(self) -> dict[str, int]:
         """Slot name -> process id of its current worker (process and mps slots)."""
         pids: dict[str, int] = {}

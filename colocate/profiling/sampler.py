@@ -19,9 +19,9 @@ import statistics
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from types import ModuleType, TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from colocate.errors import InvalidInputError
 from colocate.profiling.types import EnergyFootprint
@@ -298,10 +298,49 @@ def device_used_bytes(device_index: int) -> int | None:
             return None
 
 
+#: how NVML lists a process on a device (:func:`gpu_contexts`)
+GpuContext = Literal["mps-client", "own-context", "not-listed"]
+
+
+def gpu_contexts(device_index: int, pids: Iterable[int]) -> dict[int, GpuContext] | None:
+    """How NVML lists each of ``pids`` on a device: as an MPS client
+    (``nvmlDeviceGetMPSComputeRunningProcesses``), with a compute context of its own
+    (``nvmlDeviceGetComputeRunningProcesses``; with MPS running, the MPS server is listed
+    there and its clients are not), or not at all (no CUDA context yet, or a container's PID
+    namespace: NVML reports host PIDs). None without NVML.
+    """
+    with _nvml_device(device_index) as found:
+        if found is None:
+            return None
+        nvml, handle = found
+        listed: dict[str, set[int]] = {}
+        for kind, query in (
+            ("mps", "nvmlDeviceGetMPSComputeRunningProcesses"),
+            ("compute", "nvmlDeviceGetComputeRunningProcesses"),
+        ):
+            function = getattr(nvml, query, None)
+            try:
+                processes = function(handle) if function is not None else []
+            except nvml.NVMLError:
+                processes = []
+            listed[kind] = {int(p.pid) for p in processes if getattr(p, "pid", None) is not None}
+    contexts: dict[int, GpuContext] = {}
+    for pid in pids:
+        if pid in listed["mps"]:
+            contexts[pid] = "mps-client"
+        elif pid in listed["compute"]:
+            contexts[pid] = "own-context"
+        else:
+            contexts[pid] = "not-listed"
+    return contexts
+
+
 __all__ = [
     "SOURCE_ENERGY_COUNTER",
     "SOURCE_POWER_SAMPLES",
+    "GpuContext",
     "NvmlSampler",
     "device_used_bytes",
+    "gpu_contexts",
     "process_gpu_memory_bytes",
 ]

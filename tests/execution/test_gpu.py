@@ -96,3 +96,40 @@ def test_mps_slots_on_cuda_with_a_private_daemon(cuda: Device) -> None:
     if started:  # a daemon colocate started is gone, with its private directory
         assert not devices.mps_daemon_running(str(pipe))
         assert not pipe.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.mps
+def test_mps_workers_join_the_mps_server(cuda: Device) -> None:
+    # an mps slot whose worker made a CUDA context of its own would be time-sliced like a process
+    ensemble = _ensemble()
+    plan = make_plan(
+        Slot("m0", "mps", ("resnet",), thread_percentage=50.0),
+        Slot("m1", "mps", ("mlp",), thread_percentage=50.0),
+        device=cuda,
+    )
+    executor = Executor(plan, ensemble, allow_mps_start=True)
+    try:
+        executor.start()
+    except MPSUnavailableError as exc:
+        pytest.skip(f"MPS cannot be used here: {exc}")
+    with executor:
+        executor.predict(ensemble.members[0].input.example(8, seed=1))
+        contexts = executor.worker_contexts()
+    if set(contexts.values()) <= {"not-listed", "unknown"}:
+        pytest.skip(f"NVML does not list the workers ({contexts}): a PID namespace, or no NVML")
+    assert set(contexts.values()) == {"mps-client"}, contexts
+
+
+@pytest.mark.gpu
+def test_process_workers_have_cuda_contexts_of_their_own(cuda: Device) -> None:
+    if devices.mps_daemon_running():
+        pytest.skip("an MPS daemon runs for every process here: workers join it")
+    ensemble = _ensemble()
+    plan = make_plan(Slot("p0", "process", ("resnet",)), Slot("p1", "process", ("mlp",)), device=cuda)
+    with Executor(plan, ensemble) as executor:
+        executor.predict(ensemble.members[0].input.example(8, seed=1))
+        contexts = executor.worker_contexts()
+    if set(contexts.values()) <= {"not-listed", "unknown"}:
+        pytest.skip(f"NVML does not list the workers ({contexts}): a PID namespace, or no NVML")
+    assert set(contexts.values()) == {"own-context"}, contexts

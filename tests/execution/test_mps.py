@@ -180,3 +180,29 @@ def test_cpu_share_of_the_cores() -> None:
     assert cpu_share(Slot("b", "mps", ("x",), thread_percentage=1.0), cores) == (0,)  # at least one
     assert cpu_share(Slot("c", "mps", ("x",)), cores) == cores  # no share given: all
     assert len(cpu_share(half, tuple(sorted(os.sched_getaffinity(0))))) >= 1
+
+
+def test_worker_contexts_name_each_slots_worker_as_nvml_lists_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # whether an mps slot's worker really joined the MPS server (the GPU test checks it on a GPU)
+    from colocate.profiling import sampler
+
+    ensemble = Ensemble((zoo.member("mlp", scale="tiny"), zoo.member("resnet", scale="tiny")))
+    gpu = Device(kind="cuda", name="a GPU", index=2)
+    plan = make_plan(
+        Slot("m0", "mps", ("mlp",), thread_percentage=50.0), Slot("p0", "process", ("resnet",)), device=gpu
+    )
+    executor = Executor(plan, ensemble)
+    monkeypatch.setattr(executor, "worker_pids", lambda: {"m0": 200, "p0": 300})
+    asked: list[tuple[int, list[int]]] = []
+
+    def listed(device_index: int, pids: Any) -> dict[int, str]:
+        asked.append((device_index, list(pids)))
+        return {200: "mps-client", 300: "own-context"}
+
+    monkeypatch.setattr(sampler, "gpu_contexts", listed)
+    assert executor.worker_contexts() == {"m0": "mps-client", "p0": "own-context"}
+    assert asked == [(2, [200, 300])]  # the plan's GPU, every worker
+    monkeypatch.setattr(sampler, "gpu_contexts", lambda device_index, pids: None)  # no NVML
+    assert executor.worker_contexts() == {"m0": "unknown", "p0": "unknown"}
+    on_cpu = Executor(make_plan(Slot("p0", "process", ("mlp", "resnet"))), ensemble)
+    assert on_cpu.worker_contexts() == {}

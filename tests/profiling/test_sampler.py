@@ -19,6 +19,7 @@ from colocate.profiling.sampler import (
     SOURCE_POWER_SAMPLES,
     NvmlSampler,
     device_used_bytes,
+    gpu_contexts,
     process_gpu_memory_bytes,
 )
 
@@ -321,6 +322,37 @@ def test_process_memory_is_none_when_absent_or_unreported(monkeypatch: pytest.Mo
     assert process_gpu_memory_bytes(0) == 7  # an MPS client
     install(monkeypatch, make_fake_pynvml(init_error="LibraryNotFound"))
     assert process_gpu_memory_bytes(0) is None
+
+
+def test_gpu_contexts_tell_mps_clients_from_processes_with_their_own_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    nvml = install(
+        monkeypatch,
+        make_fake_pynvml(
+            # with MPS, the server has the compute context and its clients are listed apart
+            processes=(_Process(pid=100, usedGpuMemory=1), _Process(pid=300, usedGpuMemory=1)),
+            mps_processes=(_Process(pid=200, usedGpuMemory=1), _Process(pid=201, usedGpuMemory=1)),
+        ),
+    )
+    assert gpu_contexts(0, [200, 300, 201, 999]) == {
+        200: "mps-client",
+        300: "own-context",
+        201: "mps-client",
+        999: "not-listed",  # no context, or hidden by a container's PID namespace
+    }
+    assert nvml.calls["nvmlDeviceGetMPSComputeRunningProcesses"] == 1
+    assert nvml.calls["nvmlInit"] == nvml.calls["nvmlShutdown"] == 1
+    assert gpu_contexts(3, [200]) is None  # no such device
+    install(monkeypatch, make_fake_pynvml(init_error="LibraryNotFound"))
+    assert gpu_contexts(0, [200]) is None
+
+
+def test_gpu_contexts_without_the_mps_query(monkeypatch: pytest.MonkeyPatch) -> None:
+    nvml = make_fake_pynvml(processes=(_Process(pid=5, usedGpuMemory=1),))
+    del nvml.nvmlDeviceGetMPSComputeRunningProcesses  # an older nvidia-ml-py
+    install(monkeypatch, nvml)
+    assert gpu_contexts(0, [5, 6]) == {5: "own-context", 6: "not-listed"}
 
 
 def test_device_used_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
