@@ -16,7 +16,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from colocate.execution.front import Executor
     from colocate.execution.types import EnsembleResult
+    from colocate.planning.types import Plan
 
 DEFAULT_REQUESTS = 100  # requests run when neither requests nor seconds is given
 MAX_ERRORS_KEPT = 10
@@ -52,6 +53,22 @@ def default_batch(ensemble: Ensemble, batch_size: int, seed: int = 0) -> Array:
                 f"{member.input.dtype}); pass batch=... explicitly"
             )
     return first.input.example(batch_size, seed=seed)
+
+
+def worker_context_notes(plan: Plan, contexts: Mapping[str, str]) -> list[str]:
+    """Notes on how NVML listed the workers (:meth:`Executor.worker_contexts`): one line for all,
+    and a warning for each mps slot whose worker did not join the MPS server."""
+    if not contexts:
+        return []
+    notes = ["workers on the GPU (NVML): " + ", ".join(f"{slot} {how}" for slot, how in contexts.items())]
+    kinds = {slot.name: slot.kind for slot in plan.slots}
+    for slot, how in contexts.items():
+        if kinds.get(slot) == "mps" and how == "own-context":
+            notes.append(
+                f"mps slot '{slot}': its worker has a CUDA context of its own, so it did not join the "
+                "MPS server and is time-sliced like a process slot (check the daemon's pipe directory)"
+            )
+    return notes
 
 
 def run_requests(
@@ -136,6 +153,8 @@ def run_requests(
     memory = _memory(executor, watcher)
     if device.kind == "cuda" and all(m.peak_gpu_bytes is None for m in memory):
         notes.append("no per-process GPU memory from NVML (no NVML, or PIDs differ inside a container)")
+    if device.kind == "cuda":
+        notes.extend(worker_context_notes(plan, executor.worker_contexts()))
 
     broken = executor.broken_reason
     status: RunStatus = "ok"
@@ -401,4 +420,4 @@ def _versions(ensemble: Ensemble, device: Any, variant_backends: tuple[str, ...]
     return versions
 
 
-__all__ = ["DEFAULT_REQUESTS", "default_batch", "run_requests"]
+__all__ = ["DEFAULT_REQUESTS", "default_batch", "run_requests", "worker_context_notes"]

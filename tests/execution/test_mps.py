@@ -206,3 +206,21 @@ def test_worker_contexts_name_each_slots_worker_as_nvml_lists_it(monkeypatch: py
     assert executor.worker_contexts() == {"m0": "unknown", "p0": "unknown"}
     on_cpu = Executor(make_plan(Slot("p0", "process", ("mlp", "resnet"))), ensemble)
     assert on_cpu.worker_contexts() == {}
+
+
+def test_a_gpu_run_notes_how_nvml_listed_the_workers_and_warns_of_an_mps_worker_on_its_own() -> None:
+    from colocate.execution.measure import worker_context_notes
+
+    plan = make_plan(
+        Slot("m0", "mps", ("a",), thread_percentage=50.0),
+        Slot("m1", "mps", ("b",), thread_percentage=50.0),
+        Slot("p0", "process", ("c",)),
+    )
+    assert worker_context_notes(plan, {}) == []  # the CPU, or no workers
+    joined = worker_context_notes(plan, {"m0": "mps-client", "m1": "mps-client", "p0": "own-context"})
+    assert joined == ["workers on the GPU (NVML): m0 mps-client, m1 mps-client, p0 own-context"]
+    alone = worker_context_notes(plan, {"m0": "mps-client", "m1": "own-context", "p0": "own-context"})
+    assert len(alone) == 2
+    assert alone[1].startswith("mps slot 'm1': its worker has a CUDA context of its own")
+    # not listed (a PID namespace) is no evidence either way: no warning
+    assert len(worker_context_notes(plan, {"m0": "not-listed", "m1": "not-listed"})) == 1
