@@ -672,15 +672,20 @@ def _read_waiting(conn: Connection, ready: select.poll) -> tuple[list[tuple[Any,
 def _has_exited(process: BaseProcess) -> bool:
     """Whether ``process`` exited, without reaping it (``process.exitcode`` reaps it, and a thread
     reaping it while another joins it can leave the other with no exit code)."""
-    pid = process.pid
-    if pid is None:
-        return False
     try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True  # reaped already
-    except (AttributeError, OSError):  # no waitid (not Linux)
-        return not process.is_alive()
+        pid = process.pid
+        if pid is None:
+            return False
+        try:
+            return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True  # reaped already
+        except (AttributeError, OSError):  # no waitid (not Linux)
+            return not process.is_alive()
+    except ValueError:
+        # stop() closed the process object (after joining it) while a watcher still looked at
+        # it: every method then raises "process object is closed", and the process is gone
+        return True
 
 
 def _shut_down(conn: Connection) -> None:

@@ -157,3 +157,17 @@ def test_an_executor_dropped_without_close_releases_its_workers() -> None:
     assert multiprocessing.active_children() == []
     assert not [p for p in pids if pid_exists(p)]
     assert shm_left(prefix) == []
+
+
+def test_a_closed_worker_process_counts_as_exited() -> None:
+    # stop() joins and then closes the worker's process object; a watcher thread that looks at
+    # it afterwards must see it gone, not die of "process object is closed" (it did, at random)
+    from colocate.execution.processes import _has_exited
+
+    process = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0.0,))
+    process.start()
+    process.join(60.0)
+    process.close()
+    with pytest.raises(ValueError, match="closed"):
+        _ = process.pid  # what _has_exited read first
+    assert _has_exited(process) is True
