@@ -941,7 +941,8 @@ def main() -> int:
     png = plot(
         rows,
         f"executor overhead: '{scale}' ensemble on {device.name}, batch {args.batch_size}"
-        + ("" if args.threads is None else f", {args.threads} thread(s)"),
+        + ("" if args.threads is None else f", {args.threads} thread(s)")
+        + f", reply_wait={args.reply_wait}",
         out.with_suffix(".png"),
     )
     write_result(
