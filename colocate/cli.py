@@ -433,6 +433,7 @@ def _run_settings(args: argparse.Namespace) -> Any:
         allow_mps_start=args.allow_mps_start,
         cuda_graphs=args.cuda_graphs,
         repeats=getattr(args, "repeats", 1),
+        reply_wait=args.reply_wait,
     )
 
 
@@ -673,6 +674,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="mps slots may start a private MPS control daemon (stopped afterwards)",
         )
         p.add_argument("--cuda-graphs", action="store_true", help="torch members replay CUDA graphs")
+        p.add_argument(
+            "--reply-wait",
+            choices=("auto", "spin", "block"),
+            default="auto",
+            help="how a request waits for worker processes' replies at --concurrency 1: poll near the "
+            "expected reply when a core is free (auto), poll throughout (spin), or sleep (block)",
+        )
 
     from colocate.planning import OBJECTIVES, STRATEGIES
 

@@ -31,6 +31,7 @@ from colocate.devices import Device
 from colocate.ensemble import Ensemble
 from colocate.errors import ColocateError, InvalidInputError, PlanInfeasibleError
 from colocate.execution import Executor, run_at_rate, run_requests
+from colocate.execution.front import ReplyWait
 from colocate.execution.types import RunResult
 from colocate.planning import CostModel, member_demands, plan_all
 from colocate.planning import plan as make_plan
@@ -76,10 +77,15 @@ class RunSettings:
     # rounds: every plan runs once per round, in an order rotated each round, and the report
     # gives the median and range over the rounds (the rate sweep runs in the first round only)
     repeats: int = 1
+    # how a request waits for worker processes' replies when one is in flight at a time
+    # (Executor's reply_wait: "auto", "spin" or "block")
+    reply_wait: ReplyWait = "auto"
 
     def __post_init__(self) -> None:
         if self.requests is None and self.seconds is None:
             raise InvalidInputError("give requests or seconds for each plan's run")
+        if self.reply_wait not in ("auto", "spin", "block"):
+            raise InvalidInputError(f"reply_wait must be 'auto', 'spin' or 'block', got {self.reply_wait!r}")
         if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
             raise InvalidInputError(
                 f"repeats must be a whole number of rounds >= 1, got {self.repeats!r} "
@@ -159,7 +165,11 @@ def execute(
     (then the offered loads of ``settings.rates``), close it, and return what was measured.
     Errors propagate."""
     with Executor(
-        plan, ensemble, allow_mps_start=settings.allow_mps_start, cuda_graphs=settings.cuda_graphs
+        plan,
+        ensemble,
+        allow_mps_start=settings.allow_mps_start,
+        cuda_graphs=settings.cuda_graphs,
+        reply_wait=settings.reply_wait,
     ) as executor:
         run = run_requests(
             executor,
@@ -522,6 +532,7 @@ def compare(
             "concurrency": str(chosen.concurrency or "2 per slot"),
             "warmup": str(chosen.warmup or "executor default"),
             "repeats": str(chosen.repeats),
+            "reply_wait": chosen.reply_wait,
         },
         calibrated=calibration is not None,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

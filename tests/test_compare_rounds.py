@@ -178,6 +178,30 @@ def test_repeats_must_be_a_positive_whole_number() -> None:
         RunSettings(repeats=True)
 
 
+def test_reply_wait_is_checked_and_reaches_the_executor(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(InvalidInputError, match="reply_wait must be 'auto', 'spin' or 'block', got 'busy'"):
+        RunSettings(reply_wait="busy")  # type: ignore[arg-type]
+    assert _run_settings(build_parser().parse_args(["run", "--device", "cpu"])).reply_wait == "auto"
+    args = build_parser().parse_args(["compare", "--device", "cpu", "--reply-wait", "spin"])
+    assert _run_settings(args).reply_wait == "spin"
+    # execute() gives it to the executor it starts
+    from colocate import comparison
+
+    seen: dict[str, object] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_executor(plan: object, ensemble: object, **options: object) -> object:
+        seen.update(options)
+        raise Stop
+
+    monkeypatch.setattr(comparison, "Executor", fake_executor)
+    with pytest.raises(Stop):
+        comparison.execute(None, None, RunSettings(reply_wait="block"))  # type: ignore[arg-type]
+    assert seen["reply_wait"] == "block"
+
+
 def test_cli_compare_takes_repeats() -> None:
     args = build_parser().parse_args(["compare", "--device", "cpu", "--repeats", "3"])
     assert _run_settings(args).repeats == 3
