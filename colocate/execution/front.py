@@ -70,10 +70,13 @@ _WATCHDOG_INTERVAL_S = 0.1
 _LATENCY_WINDOW = 100_000
 _ACCEPTED_LAYOUTS_KEPT = 64  # batch layouts remembered as accepted by every member
 # Polling near the expected reply (reply_wait "auto" with a free core): the recent waits it
-# goes by, how many before it starts, and the lead before the shortest and after the longest
-# (a share of the typical wait, within bounds).
+# goes by (per batch shape, for this many shapes), how many before it starts, the most they
+# may spread (a share of the typical wait), and the lead before the shortest and after the
+# longest (a share of the typical wait, within bounds).
 _REPLY_WAITS_KEPT = 16
+_REPLY_WAIT_SHAPES_KEPT = 16
 _REPLY_WAITS_NEEDED = 3
+_REPLY_WAITS_MAX_SPREAD = 0.5
 _POLL_LEAD_SHARE = 0.05
 _POLL_LEAD_MIN_S = 0.0002
 _POLL_LEAD_MAX_S = 0.002
@@ -92,6 +95,7 @@ class _Request:
     start_s: float
     deadline_s: float
     return_members: bool
+    shape: tuple[int, ...]  # the batch's shape: a request's time depends on it
     waiting: set[str]  # slots that have not answered yet
     block: SharedBlock | None
     outputs: dict[str, Array] = field(default_factory=dict)
@@ -230,7 +234,8 @@ class Executor:
         self.warmup_batch_size: int | None = plan.batch_size if warmup else None
         self.reply_wait: ReplyWait = reply_wait
         self._reply_polling: ReplyPolling = "sleep"  # decided by start()
-        self._reply_waits: deque[float] = deque(maxlen=_REPLY_WAITS_KEPT)  # recent foreground waits
+        # recent foreground waits by batch shape (a batch of 64 takes longer than one of 1)
+        self._reply_waits: dict[tuple[int, ...], deque[float]] = {}
         self._resources = _Resources()
         self._finalizer = weakref.finalize(self, self._resources.release)
         self._lock = threading.Lock()
@@ -557,6 +562,7 @@ class Executor:
             start_s=start_s,
             deadline_s=start_s + self.request_timeout_s,
             return_members=return_members,
+            shape=tuple(array.shape),
             waiting={slot.name for slot in slots},
             block=block,
         )
@@ -633,7 +639,7 @@ class Executor:
         for fd in readers:
             waiting.register(fd, select.POLLIN)
         deadline = request.deadline_s
-        poll_from, poll_until = self._polling_window(request.start_s)
+        poll_from, poll_until = self._polling_window(request.start_s, request.shape)
         replied_s: float | None = None  # when the last reply was seen
 
         def unanswered() -> bool:
@@ -658,25 +664,39 @@ class Executor:
                     del readers[fd]  # its pipe ended: the slot's reader thread handles that
                     waiting.unregister(fd)
         if replied_s is not None and not unanswered():
-            with self._lock:
-                self._reply_waits.append(replied_s - request.start_s)
+            self._record_wait(request.shape, replied_s - request.start_s)
 
-    def _polling_window(self, start_s: float) -> tuple[float, float]:
+    def _record_wait(self, shape: tuple[int, ...], waited_s: float) -> None:
+        """Keep how long a request of this batch shape waited for its replies (the last few,
+        for the last few shapes)."""
+        with self._lock:
+            waits = self._reply_waits.get(shape)
+            if waits is None:
+                if len(self._reply_waits) >= _REPLY_WAIT_SHAPES_KEPT:
+                    self._reply_waits.pop(next(iter(self._reply_waits)))  # the oldest shape
+                waits = self._reply_waits[shape] = deque(maxlen=_REPLY_WAITS_KEPT)
+            waits.append(waited_s)
+
+    def _polling_window(self, start_s: float, shape: tuple[int, ...]) -> tuple[float, float]:
         """When to poll for a request's replies without sleeping (``perf_counter`` seconds).
 
-        ``"near-reply"``: from a lead before the shortest of the recent waits to a lead after
-        the longest, starting no earlier than half the typical (median) wait; nothing until
-        a few waits are known. ``"throughout"``: the whole wait. ``"sleep"``: never.
+        ``"near-reply"``: from a lead before the shortest of the recent waits for batches of
+        this shape to a lead after the longest, starting no earlier than half the typical
+        (median) wait; nothing until a few waits are known, nor while they spread over more
+        than half the typical wait (polling through such a spread costs a core for little).
+        ``"throughout"``: the whole wait. ``"sleep"``: never.
         """
         if self._reply_polling == "throughout":
             return start_s, math.inf
         if self._reply_polling == "sleep":
             return start_s, start_s
         with self._lock:
-            waits = list(self._reply_waits)
+            waits = list(self._reply_waits.get(shape, ()))
         if len(waits) < _REPLY_WAITS_NEEDED:
             return start_s, start_s
         typical_s = statistics.median(waits)
+        if max(waits) - min(waits) > _REPLY_WAITS_MAX_SPREAD * typical_s:
+            return start_s, start_s
         lead_s = min(max(_POLL_LEAD_SHARE * typical_s, _POLL_LEAD_MIN_S), _POLL_LEAD_MAX_S)
         poll_from_s = max(min(waits) - lead_s, typical_s / 2)
         return start_s + poll_from_s, start_s + max(waits) + lead_s

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import select
 import types
+from collections import deque
 from collections.abc import Iterator
 
 import numpy as np
@@ -75,32 +76,42 @@ def test_auto_polls_only_when_the_workers_leave_a_core_free(
     assert decided(*_two_processes(threads=8), device=gpu) == "sleep"
 
 
-def test_the_polling_window_spans_the_recent_waits(ensemble: Ensemble) -> None:
+def test_the_polling_window_spans_the_recent_waits_for_the_batch_shape(ensemble: Ensemble) -> None:
     executor = Executor(make_plan(*_two_processes()), ensemble)
     executor._reply_polling = "near-reply"
-    start = 100.0
-    executor._reply_waits.extend([0.020, 0.022])
-    assert executor._polling_window(start) == (start, start)  # too few waits yet: sleep
-    executor._reply_waits.append(0.021)
+    start, shape, other = 100.0, (4, 3, 32, 32), (64, 3, 32, 32)
+
+    def window(waits: list[float], of: tuple[int, ...] = shape) -> tuple[float, float]:
+        executor._reply_waits.clear()
+        executor._reply_waits[shape] = deque(waits)
+        return executor._polling_window(start, of)
+
+    assert window([0.020, 0.022]) == (start, start)  # too few waits yet: sleep
     lead = 0.05 * 0.021  # the typical wait's share, within 0.2-2 ms
-    poll_from, poll_until = executor._polling_window(start)
-    assert poll_from == pytest.approx(start + 0.020 - lead)
-    assert poll_until == pytest.approx(start + 0.022 + lead)
-    # spread-out waits: the window starts no earlier than half the typical wait (100 ms), and
-    # the lead is at most 2 ms (5 % of it would be 5 ms)
-    executor._reply_waits.clear()
-    executor._reply_waits.extend([0.010, 0.100, 0.200])
-    poll_from, poll_until = executor._polling_window(start)
-    assert poll_from == pytest.approx(start + 0.050)
-    assert poll_until == pytest.approx(start + 0.200 + 0.002)
-    # short waits: the lead is at least 0.2 ms (5 % would be 0.05 ms)
-    executor._reply_waits.clear()
-    executor._reply_waits.extend([0.001, 0.001, 0.001])
-    assert executor._polling_window(start) == pytest.approx((start + 0.0008, start + 0.0012))
+    assert window([0.020, 0.022, 0.021]) == pytest.approx((start + 0.020 - lead, start + 0.022 + lead))
+    assert window([0.020, 0.022, 0.021], of=other) == (start, start)  # another shape: nothing known
+    # long waits: the lead is at most 2 ms (5 % would be 5 ms)
+    assert window([0.100, 0.101, 0.102]) == pytest.approx((start + 0.098, start + 0.104))
+    # short waits: the lead is at least 0.2 ms, and the window opens no earlier than half the wait
+    assert window([0.0006, 0.001, 0.001]) == pytest.approx((start + 0.0005, start + 0.0012))
+    # waits spread over more than half the typical one: polling through them is not worth a core
+    assert window([0.010, 0.020, 0.030]) == (start, start)
     executor._reply_polling = "throughout"
-    assert executor._polling_window(start) == (start, math.inf)
+    assert executor._polling_window(start, shape) == (start, math.inf)
     executor._reply_polling = "sleep"
-    assert executor._polling_window(start) == (start, start)
+    assert executor._polling_window(start, shape) == (start, start)
+
+
+def test_recent_waits_are_kept_per_shape_for_a_few_shapes(ensemble: Ensemble) -> None:
+    executor = Executor(make_plan(*_two_processes()), ensemble)
+    for i in range(20):
+        executor._record_wait((1, 3, 32, 32), 0.001 * i)
+    assert list(executor._reply_waits[(1, 3, 32, 32)]) == pytest.approx([0.001 * i for i in range(4, 20)])
+    for batch in range(2, 18):  # 16 more shapes: the oldest one is dropped
+        executor._record_wait((batch, 3, 32, 32), 0.01)
+    assert len(executor._reply_waits) == 16
+    assert (1, 3, 32, 32) not in executor._reply_waits
+    assert (17, 3, 32, 32) in executor._reply_waits
 
 
 class _RecordingPoll:
@@ -165,8 +176,9 @@ def test_predict_polls_as_reply_wait_says(
         later = per_request[3:]
         assert sum(1 for calls in later if calls[0] is not None and calls[0] >= 5) >= len(later) - 1
         assert sum(1 for z in zero[3:] if z) >= len(later) // 2
-    assert len(executor._reply_waits) == 8
-    assert all(0.9 * DELAY_S <= w <= 60.0 for w in executor._reply_waits)
+    (waits,) = executor._reply_waits.values()  # one batch shape
+    assert len(waits) == 8
+    assert all(0.9 * DELAY_S <= w <= 60.0 for w in waits)
 
 
 def test_spinning_gives_the_same_answers_as_members_called_directly(
