@@ -70,9 +70,9 @@ _WATCHDOG_INTERVAL_S = 0.1
 _LATENCY_WINDOW = 100_000
 _ACCEPTED_LAYOUTS_KEPT = 64  # batch layouts remembered as accepted by every member
 # Polling near the expected reply (reply_wait "auto" with a free core): the recent waits it
-# goes by (per batch shape, for this many shapes), how many before it starts, the most they
-# may spread (a share of the typical wait), and the lead before the shortest and after the
-# longest (a share of the typical wait, within bounds).
+# goes by (per batch shape, for this many shapes), how many before it starts, the most their
+# 10th-90th percentiles may spread (a share of the typical wait), and the lead before the
+# short end and after the long end (a share of the typical wait, within bounds).
 _REPLY_WAITS_KEPT = 16
 _REPLY_WAIT_SHAPES_KEPT = 16
 _REPLY_WAITS_NEEDED = 3
@@ -680,10 +680,11 @@ class Executor:
     def _polling_window(self, start_s: float, shape: tuple[int, ...]) -> tuple[float, float]:
         """When to poll for a request's replies without sleeping (``perf_counter`` seconds).
 
-        ``"near-reply"``: from a lead before the shortest of the recent waits for batches of
-        this shape to a lead after the longest, starting no earlier than half the typical
-        (median) wait; nothing until a few waits are known, nor while they spread over more
-        than half the typical wait (polling through such a spread costs a core for little).
+        ``"near-reply"``: from a lead before the short end of the recent waits for batches of
+        this shape (their 10th percentile) to a lead after the long end (the 90th), starting no
+        earlier than half the typical (median) wait; nothing until a few waits are known, nor
+        while they spread over more than half the typical wait (polling through such a spread
+        costs a core for little).
         ``"throughout"``: the whole wait. ``"sleep"``: never.
         """
         if self._reply_polling == "throughout":
@@ -695,11 +696,13 @@ class Executor:
         if len(waits) < _REPLY_WAITS_NEEDED:
             return start_s, start_s
         typical_s = statistics.median(waits)
-        if max(waits) - min(waits) > _REPLY_WAITS_MAX_SPREAD * typical_s:
+        deciles = statistics.quantiles(waits, n=10, method="inclusive")
+        short_s, long_s = deciles[0], deciles[-1]  # one outlier does not widen the window
+        if long_s - short_s > _REPLY_WAITS_MAX_SPREAD * typical_s:
             return start_s, start_s
         lead_s = min(max(_POLL_LEAD_SHARE * typical_s, _POLL_LEAD_MIN_S), _POLL_LEAD_MAX_S)
-        poll_from_s = max(min(waits) - lead_s, typical_s / 2)
-        return start_s + poll_from_s, start_s + max(waits) + lead_s
+        poll_from_s = max(short_s - lead_s, typical_s / 2)
+        return start_s + poll_from_s, start_s + long_s + lead_s
 
     def predict_many(
         self, batches: Iterable[Array], *, return_members: bool = False, max_in_flight: int | None = None

@@ -87,11 +87,15 @@ def test_the_polling_window_spans_the_recent_waits_for_the_batch_shape(ensemble:
         return executor._polling_window(start, of)
 
     assert window([0.020, 0.022]) == (start, start)  # too few waits yet: sleep
+    # 20.0-22.0 ms in 0.2 ms steps: 10th percentile 20.2, 90th 21.8, typical 21
+    even = [0.020 + 0.0002 * i for i in range(11)]
     lead = 0.05 * 0.021  # the typical wait's share, within 0.2-2 ms
-    assert window([0.020, 0.022, 0.021]) == pytest.approx((start + 0.020 - lead, start + 0.022 + lead))
-    assert window([0.020, 0.022, 0.021], of=other) == (start, start)  # another shape: nothing known
+    assert window(even) == pytest.approx((start + 0.0202 - lead, start + 0.0218 + lead))
+    assert window(even, of=other) == (start, start)  # another shape: nothing known yet
+    # one outlier in eleven does not widen the window past the 90th percentile
+    assert window([*even[:-1], 0.5])[1] == pytest.approx(start + 0.0218 + lead, abs=0.0005)
     # long waits: the lead is at most 2 ms (5 % would be 5 ms)
-    assert window([0.100, 0.101, 0.102]) == pytest.approx((start + 0.098, start + 0.104))
+    assert window([0.100, 0.101, 0.102]) == pytest.approx((start + 0.1002 - 0.002, start + 0.1018 + 0.002))
     # short waits: the lead is at least 0.2 ms, and the window opens no earlier than half the wait
     assert window([0.0006, 0.001, 0.001]) == pytest.approx((start + 0.0005, start + 0.0012))
     # waits spread over more than half the typical one: polling through them is not worth a core
