@@ -19,6 +19,11 @@ answers ``--requests`` requests of ``--batch-size`` at concurrency 1, in these w
 - ``mps``: one mps slot at 100 % (on the CPU: a worker pinned to every core; on a GPU only
   with ``--allow-mps-start``, which lets the executor start a private MPS daemon).
 
+``--reply-wait`` sets how the executor's ``predict`` waits for a process or mps slot's reply
+(:class:`~colocate.execution.Executor`'s ``reply_wait``; ``auto`` polls near the expected
+reply only when the worker leaves a core free, e.g. with ``--threads 1``); each run records
+what it decided (``reply_polling``).
+
 Every configuration runs in a fresh child process, so that no earlier work in the same
 process (loaded models, torch's thread pools) affects it: docs/results.md records a plan run
 slowed by the profiling done before it in the same process. Each runs ``--rounds`` times, in
