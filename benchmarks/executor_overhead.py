@@ -85,6 +85,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import ROOT, device_tag, save_figure, write_result
 from colocate import devices
 from colocate.devices import Device
+from colocate.execution.front import REPLY_WAITS
 
 TARGET_US_PER_MEMBER = 50.0
 TARGET_LOSS_PCT = 3.0
@@ -825,7 +826,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--reply-wait",
-        choices=("auto", "spin", "block"),
+        choices=REPLY_WAITS,
         default="auto",
         help="how predict() waits for a process or mps slot's replies (Executor's reply_wait; "
         "auto: polls near the expected reply when the worker leaves a core free, e.g. --threads 1)",

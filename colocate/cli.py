@@ -663,6 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile)
 
     def add_run_args(p: argparse.ArgumentParser, seconds: float) -> None:
+        from colocate.execution.front import REPLY_WAITS
+
         p.add_argument("--requests", type=int, default=None, help="requests per run (default: by time)")
         p.add_argument("--seconds", type=float, default=seconds, help="seconds per run")
         p.add_argument(
@@ -676,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cuda-graphs", action="store_true", help="torch members replay CUDA graphs")
         p.add_argument(
             "--reply-wait",
-            choices=("auto", "spin", "block"),
+            choices=REPLY_WAITS,
             default="auto",
             help="how a request waits for worker processes' replies at --concurrency 1: poll near the "
             "expected reply when a core is free (auto), poll throughout (spin), or sleep (block)",

@@ -31,7 +31,7 @@ from colocate.devices import Device
 from colocate.ensemble import Ensemble
 from colocate.errors import ColocateError, InvalidInputError, PlanInfeasibleError
 from colocate.execution import Executor, run_at_rate, run_requests
-from colocate.execution.front import ReplyWait
+from colocate.execution.front import ReplyWait, check_reply_wait
 from colocate.execution.types import RunResult
 from colocate.planning import CostModel, member_demands, plan_all
 from colocate.planning import plan as make_plan
@@ -84,8 +84,7 @@ class RunSettings:
     def __post_init__(self) -> None:
         if self.requests is None and self.seconds is None:
             raise InvalidInputError("give requests or seconds for each plan's run")
-        if self.reply_wait not in ("auto", "spin", "block"):
-            raise InvalidInputError(f"reply_wait must be 'auto', 'spin' or 'block', got {self.reply_wait!r}")
+        check_reply_wait(self.reply_wait)
         if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
             raise InvalidInputError(
                 f"repeats must be a whole number of rounds >= 1, got {self.repeats!r} "

@@ -365,9 +365,10 @@ class Ensemble:
         if len(logits) == len(raw):
             _softmax_in_place(stacked)
         elif logits:
-            part = stacked[list(logits)]
+            rows = list(logits)
+            part = stacked[rows]
             _softmax_in_place(part)
-            stacked[list(logits)] = part
+            stacked[rows] = part
         if isinstance(self.combine, str):  # the built-in rules take the stack as it is
             return np.asarray(COMBINE_RULES[self.combine](stacked, self.weights))
         return np.asarray(self.combine(list(stacked), self.weights))

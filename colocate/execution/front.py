@@ -82,6 +82,7 @@ _POLL_LEAD_MIN_S = 0.0002
 _POLL_LEAD_MAX_S = 0.002
 
 ReplyWait = Literal["auto", "spin", "block"]
+REPLY_WAITS: tuple[ReplyWait, ...] = ("auto", "spin", "block")
 #: how a predict() call waits for process slots' replies, as decided from ``reply_wait``
 ReplyPolling = Literal["sleep", "near-reply", "throughout"]
 
@@ -186,8 +187,10 @@ class Executor:
             ``"block"``: sleep until the reply comes. ``"spin"``: poll the pipes without
             sleeping for the whole wait (like ``cudaDeviceScheduleSpin``). ``"auto"``
             (default): when a core is free, sleep through most of the wait and poll from a
-            little before the shortest recent wait to a little after the longest (at most
-            the second half of the typical wait); else sleep. A core is free when every slot
+            little before the short end of the recent waits for batches of that shape (their
+            10th percentile) to a little after the long end (their 90th; at most the second
+            half of the typical wait, and not at all while they spread over more than half
+            of it); else sleep. A core is free when every slot
             is a worker process (a stream slot's thread would share this interpreter with
             the polling one) and the workers' busy threads (their torch threads on the CPU,
             one each on a GPU) leave at least one usable core. :attr:`reply_polling` says
@@ -215,8 +218,7 @@ class Executor:
     ) -> None:
         if on_worker_death not in ("fail", "restart"):
             raise InvalidInputError(f"on_worker_death must be 'fail' or 'restart', got {on_worker_death!r}")
-        if reply_wait not in ("auto", "spin", "block"):
-            raise InvalidInputError(f"reply_wait must be 'auto', 'spin' or 'block', got {reply_wait!r}")
+        check_reply_wait(reply_wait)
         if not request_timeout_s > 0:
             raise InvalidInputError(f"request_timeout_s must be positive, got {request_timeout_s}")
         if max_restarts < 0:
@@ -849,6 +851,17 @@ class Executor:
             )
 
 
+def check_reply_wait(reply_wait: object) -> ReplyWait:
+    """``reply_wait`` if it is one of :data:`REPLY_WAITS`.
+
+    Raises:
+        InvalidInputError: it is not; the message names the value and the choices.
+    """
+    if reply_wait not in REPLY_WAITS:
+        raise InvalidInputError(f"reply_wait must be 'auto', 'spin' or 'block', got {reply_wait!r}")
+    return reply_wait
+
+
 def _slot_done(
     ref: weakref.ReferenceType[Executor], request: _Request, slot: str, future: Future[SlotAnswer]
 ) -> None:
@@ -875,4 +888,4 @@ def _fail(future: Future[Any], error: BaseException) -> bool:
     return True
 
 
-__all__ = ["Executor"]
+__all__ = ["REPLY_WAITS", "Executor", "ReplyPolling", "ReplyWait", "check_reply_wait"]

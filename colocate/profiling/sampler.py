@@ -259,6 +259,22 @@ class NvmlSampler:
             self._note(f"sampling thread stopped ({_describe(exc)})")
 
 
+_COMPUTE_PROCESSES = "nvmlDeviceGetComputeRunningProcesses"  # processes with a CUDA context (the MPS server)
+_MPS_PROCESSES = "nvmlDeviceGetMPSComputeRunningProcesses"  # MPS clients
+
+
+def _running_processes(nvml: Any, handle: Any, query: str) -> list[Any]:
+    """What NVML's ``query`` lists on the device; empty when this pynvml lacks it or the driver
+    does not answer."""
+    function = getattr(nvml, query, None)
+    if function is None:
+        return []
+    try:
+        return list(function(handle))
+    except nvml.NVMLError:
+        return []
+
+
 def process_gpu_memory_bytes(device_index: int, pid: int | None = None) -> int | None:
     """GPU memory NVML attributes to process ``pid`` (default: this process) on a device, in bytes.
 
@@ -271,15 +287,8 @@ def process_gpu_memory_bytes(device_index: int, pid: int | None = None) -> int |
         if found is None:
             return None
         nvml, handle = found
-        for query in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetMPSComputeRunningProcesses"):
-            function = getattr(nvml, query, None)
-            if function is None:
-                continue
-            try:
-                processes = function(handle)
-            except nvml.NVMLError:
-                continue
-            for process in processes:
+        for query in (_COMPUTE_PROCESSES, _MPS_PROCESSES):
+            for process in _running_processes(nvml, handle, query):
                 if getattr(process, "pid", None) == wanted:
                     used = getattr(process, "usedGpuMemory", None)
                     return int(used) if used is not None else None
@@ -313,22 +322,19 @@ def gpu_contexts(device_index: int, pids: Iterable[int]) -> dict[int, GpuContext
         if found is None:
             return None
         nvml, handle = found
-        listed: dict[str, set[int]] = {}
-        for kind, query in (
-            ("mps", "nvmlDeviceGetMPSComputeRunningProcesses"),
-            ("compute", "nvmlDeviceGetComputeRunningProcesses"),
-        ):
-            function = getattr(nvml, query, None)
-            try:
-                processes = function(handle) if function is not None else []
-            except nvml.NVMLError:
-                processes = []
-            listed[kind] = {int(p.pid) for p in processes if getattr(p, "pid", None) is not None}
+        listed = {
+            query: {
+                int(p.pid)
+                for p in _running_processes(nvml, handle, query)
+                if getattr(p, "pid", None) is not None
+            }
+            for query in (_MPS_PROCESSES, _COMPUTE_PROCESSES)
+        }
     contexts: dict[int, GpuContext] = {}
     for pid in pids:
-        if pid in listed["mps"]:
+        if pid in listed[_MPS_PROCESSES]:
             contexts[pid] = "mps-client"
-        elif pid in listed["compute"]:
+        elif pid in listed[_COMPUTE_PROCESSES]:
             contexts[pid] = "own-context"
         else:
             contexts[pid] = "not-listed"
