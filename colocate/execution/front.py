@@ -400,9 +400,10 @@ class Executor:
         return busy + 1 <= len(cores)
 
     def _worker_threads(self, slot: Slot, cores: tuple[int, ...]) -> int:
-        """The threads a CPU worker of ``slot`` computes with."""
+        """The threads a CPU worker of ``slot`` computes with (as :class:`MpsSlot` and
+        :meth:`_make_slots` give them: an mps worker one per core of its share)."""
         if slot.kind == "mps":
-            return slot.cpu_threads or len(cpu_share(slot, cores))
+            return len(cpu_share(slot, cores))
         return self._cpu_threads(slot) or len(cores)
 
     def _cpu_threads(self, slot: Slot) -> int | None:

@@ -69,6 +69,9 @@ def test_auto_polls_only_when_the_workers_leave_a_core_free(
     _cores(monkeypatch, 4)  # a CPU mps slot computes with its share of the cores
     assert decided(Slot("m0", "mps", ("a", "b"), thread_percentage=50.0)) == "near-reply"  # 2 of 4
     assert decided(Slot("m0", "mps", ("a", "b"), thread_percentage=100.0)) == "sleep"  # all 4
+    # an mps worker on the CPU computes with one thread per core of its share, whatever the
+    # slot's cpu_threads says (MpsSlot sets it so): 4 busy threads, no core to spare
+    assert decided(Slot("m0", "mps", ("a", "b"), thread_percentage=100.0, cpu_threads=1)) == "sleep"
     # on a GPU each worker keeps one thread busy, whatever its torch thread count
     gpu = Device(kind="cuda", name="a GPU", cpu_cores=2)
     _cores(monkeypatch, 2)
