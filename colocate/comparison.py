@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from colocate import serde
-from colocate.devices import Device
+from colocate.devices import Device, mps_daemon_running
 from colocate.ensemble import Ensemble
 from colocate.errors import ColocateError, InvalidInputError, PlanInfeasibleError
 from colocate.execution import Executor, run_at_rate, run_requests
@@ -454,7 +454,8 @@ def compare(
                     pairs, runs = len(variant_calibration.pairs), len(variant_calibration.plans)
                     variant_notes.append(
                         f"'{label}': the variants it chose were calibrated as they run ({pairs} pair(s), "
-                        f"{runs} plan(s) measured, time scale {variant_calibration.time_scale:.2f}) "
+                        f"{runs} plan(s) measured, time scale {variant_calibration.time_scale:.2f}, "
+                        f"worker slots x{variant_calibration.worker_time_scale:.2f}) "
                         "and its slots laid out again"
                     )
                 planned_entry = (label, made, None)
@@ -578,6 +579,13 @@ SETTLE_PLANS = 3
 """Most candidate plans a calibration runs to settle a near-tie (plus the by-hand plans)."""
 BY_HAND_STRATEGIES = ("sequential", "streams", "processes")
 """The plans a user makes by hand: a loop over the members, a thread each, a process each."""
+GPU_MPS_BASELINE = "mps"
+"""On a GPU where MPS can run, an MPS worker per member is measured beside the by-hand plans.
+
+The cost model cannot rank it against a process per member there (``CostModel.trust_mps_overlap``
+is off until a device shows MPS workers overlapping), and on a lent H100 it measured 179 samples/s
+against 152 for a process per member and 44 for a loop (8 small members, batch 1): a plan
+``auto`` never measured could not be picked, and left a 15 % regret."""
 SETTLE_ROUNDS = 2
 """Interleaved rounds each of those plans runs."""
 
@@ -683,6 +691,38 @@ def by_hand_plans(
         interference=interference,
     )
     return dedupe_plans(list(made))
+
+
+def mps_can_run(device: Device, settings: RunSettings) -> bool:
+    """Whether a calibration on ``device`` can run mps plans: a real GPU with an MPS daemon
+    running, or one the runs may start (``settings.allow_mps_start``)."""
+    return device.kind == "cuda" and (settings.allow_mps_start or mps_daemon_running())
+
+
+def baseline_plans(
+    ensemble: Ensemble,
+    device: Device,
+    profiles: ProfileSet,
+    *,
+    batch_size: int,
+    interference: InterferenceTable | None = None,
+    with_mps: bool = False,
+) -> list[Plan]:
+    """The plans a calibration always measures, whatever their prediction: the by-hand plans
+    (:func:`by_hand_plans`), then, with ``with_mps``, an MPS worker per member
+    (:data:`GPU_MPS_BASELINE`) when it fits. Plans with the same slots are one."""
+    made = by_hand_plans(ensemble, device, profiles, batch_size=batch_size, interference=interference)
+    if not with_mps:
+        return made
+    mps = plan_all(
+        ensemble,
+        device,
+        profiles,
+        strategies=(GPU_MPS_BASELINE,),
+        batch_size=batch_size,
+        interference=interference,
+    )
+    return dedupe_plans([*made, *mps])
 
 
 def calibrate_backends(
@@ -791,7 +831,8 @@ def calibrate(
     2. **Close calls, and the bar to clear.** Planned again with the measured pairs, the pick,
        the best of the other plans still predicted within ``settle_within`` of it (at most
        ``max_plans`` in all) and every plan a user makes by hand (:func:`by_hand_plans`: a
-       loop, a thread or a process per member, whatever their prediction) run ``plan_rounds``
+       loop, a thread or a process per member, whatever their prediction; on a GPU where MPS
+       can run, an MPS worker per member too: :func:`baseline_plans`) run ``plan_rounds``
        interleaved rounds of ``seconds`` each (with ``run_settings``' concurrency, MPS and
        CUDA-graph switches). ``auto`` planning with this calibration then picks the
        measured-best of them, so it never picks a plan that measured slower than one made by hand.
@@ -836,8 +877,13 @@ def calibrate(
         # past max_plans and whatever their prediction (a pair measured badly can put one far
         # below the pick while it runs faster)
         taken = {_layout_key(p) for p in contenders}
-        made_by_hand = by_hand_plans(
-            ensemble, device, profiles, batch_size=batch_size, interference=table or None
+        made_by_hand = baseline_plans(
+            ensemble,
+            device,
+            profiles,
+            batch_size=batch_size,
+            interference=table or None,
+            with_mps=mps_can_run(device, base),
         )
         for by_hand in made_by_hand:
             key = _layout_key(by_hand)
@@ -856,11 +902,17 @@ def calibrate(
         else:
             say(f"calibrating: running '{settled_pick.strategy}' to see how fast plans run now")
         plans = measure_plans(contenders, ensemble, plan_settings, progress=say)
-    time_scale = _time_scale(plans)
+    time_scale, worker_time_scale = _time_scales(plans)
     if abs(time_scale - 1.0) > 0.05:
         say(
             f"calibrating: plans ran {1 / time_scale:.2f}x the throughput the profiles predict; "
             "the planner scales the members' times by that"
+        )
+    if abs(worker_time_scale - 1.0) > 0.05:
+        say(
+            f"calibrating: plans of worker processes ran {1 / worker_time_scale:.2f}x the throughput "
+            "the model predicts beside plans of stream slots; the planner scales the members' "
+            "times in worker slots by that"
         )
     return Calibration(
         ensemble=ensemble.name,
@@ -870,19 +922,43 @@ def calibrate(
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         plans=plans,
         time_scale=time_scale,
+        worker_time_scale=worker_time_scale,
     )
 
 
-def _time_scale(plans: Sequence[PlanMeasurement]) -> float:
-    """How much slower than predicted the measured plans ran: the median of predicted over
-    measured throughput (1 without measurements). The profiles may come from a quieter or
-    busier moment, or other clocks; plans measured now say how fast this machine runs now."""
-    ratios = [
-        p.predicted_sps / measured
-        for p in plans
-        if (measured := p.measured_sps) is not None and measured > 0 and p.predicted_sps > 0
-    ]
-    return float(statistics.median(ratios)) if ratios else 1.0
+def _time_scales(plans: Sequence[PlanMeasurement]) -> tuple[float, float]:
+    """How much slower than predicted the measured plans ran: ``(time_scale, worker_time_scale)``.
+
+    ``time_scale`` is how fast the members run now against their profiles (which may come from
+    a quieter or busier moment, or other clocks): predicted over measured throughput of the
+    plan that runs every member in one stream slot (a Python loop), whose prediction involves
+    no concurrency model; without it, the median over the plans of stream slots only, then
+    over every plan (1 without measurements). ``worker_time_scale`` is the median of the same
+    ratio over the plans of worker slots only (process, mps), divided by ``time_scale``: what
+    the model gets wrong about worker processes (on a GPU, how finely it time-slices their
+    contexts; on the CPU, the workers' own costs). It is 1 unless a plan of stream slots ran
+    too. Plans that mix the kinds inform neither. ``scripts/time_scale_rules.py`` replays
+    these rules and the earlier one on recorded runs.
+    """
+
+    def ratios(which: Sequence[PlanMeasurement]) -> list[float]:
+        return [
+            p.predicted_sps / measured
+            for p in which
+            if (measured := p.measured_sps) is not None and measured > 0 and p.predicted_sps > 0
+        ]
+
+    def only_streams(p: PlanMeasurement) -> bool:
+        return all(s.kind == "stream" for s in p.slots)
+
+    every = ratios(plans)
+    streams = ratios([p for p in plans if only_streams(p)])
+    if not streams:
+        return (float(statistics.median(every)) if every else 1.0), 1.0
+    loop = ratios([p for p in plans if only_streams(p) and len(p.slots) == 1])
+    time_scale = float(statistics.median(loop or streams))
+    workers = ratios([p for p in plans if all(s.kind != "stream" for s in p.slots)])
+    return time_scale, (float(statistics.median(workers)) / time_scale if workers else 1.0)
 
 
 def _measure_pairs(

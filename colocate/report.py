@@ -64,16 +64,27 @@ class Calibration:
     pairs: tuple[PairMeasurement, ...]
     created: str = ""
     plans: tuple[PlanMeasurement, ...] = ()
-    # how much slower (>1) or faster the plans run now than the model predicts from the
-    # profiles: the median over ``plans`` of predicted over measured throughput (profiles taken
-    # on a quieter or busier machine, at other clocks); 1 where no plan was measured
+    # how much slower (>1) or faster the members run now than their profiles say: predicted
+    # over measured throughput of the one-slot loop among ``plans`` (else the median over the
+    # plans of stream slots, then over all); profiles taken on a quieter or busier machine, at
+    # other clocks. 1 where no plan was measured (comparison._time_scales gives the rules)
     time_scale: float = 1.0
+    # how much faster (<1) or slower the plans of worker processes (process, mps slots) ran
+    # than the model predicts once ``time_scale`` is applied: the median of their predicted
+    # over measured throughput, over ``time_scale``; 1 unless such a plan and a plan of stream
+    # slots were both measured (files written before it existed load with 1)
+    worker_time_scale: float = 1.0
 
     def model(self, base: CostModel | None = None) -> CostModel:
         """The cost model this calibration implies: ``base`` (default constants) with the
-        measured pair slowdowns and the time scale."""
+        measured pair slowdowns and the time scales."""
         chosen = base or CostModel()
-        return dataclasses.replace(chosen, interference=self.interference(), time_scale=self.time_scale)
+        return dataclasses.replace(
+            chosen,
+            interference=self.interference(),
+            time_scale=self.time_scale,
+            worker_time_scale=self.worker_time_scale,
+        )
 
     def interference(self) -> dict[PairKey, float]:
         """The table the planner takes: ``{(a, b): slowdown}`` for pairs measured in stream

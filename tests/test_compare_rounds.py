@@ -694,3 +694,143 @@ def test_calibration_runs_the_pick_without_a_close_call_and_takes_the_time_scale
     assert calibration.model().time_scale == pytest.approx(1.25)
     none = compare_module.calibrate(pair_ensemble, cpu, ProfileSetStub(), batch_size=2, max_plans=0)
     assert none.time_scale == 1.0 and ran == [["auto"]]  # pairs only: nothing run, no scale
+
+
+# --- worker plans and MPS in a calibration (what the lent H100 showed at batch 1) -------------
+
+
+def _ran(p: Plan, predicted: float, measured: float) -> PlanMeasurement:
+    return PlanMeasurement(p.strategy, p.slots, p.batch_size, predicted, (measured,))
+
+
+def test_time_scales_split_stream_plans_from_worker_plans(cpu: Device) -> None:
+    seq = hand_plan(cpu, "sequential", [["mlp", "mobilenet"]])
+    streams = hand_plan(cpu, "streams", [["mlp"], ["mobilenet"]])
+    procs = hand_plan(cpu, "processes", [["mlp"], ["mobilenet"]], kind="process")
+    mps = hand_plan(cpu, "mps", [["mlp"], ["mobilenet"]], kind="mps")
+    mixed = Plan(
+        device=cpu,
+        batch_size=2,
+        slots=(Slot("s0", "stream", ("mlp",)), Slot("s1", "process", ("mobilenet",))),
+        strategy="mixed",
+        prediction=seq.prediction,
+    )
+    # the H100's batch-1 case: stream plans near their prediction, processes 13x theirs
+    plans = (_ran(seq, 43.0, 48.0), _ran(streams, 37.8, 39.0), _ran(procs, 13.4, 181.0))
+    time_scale, worker = compare_module._time_scales(plans)
+    assert time_scale == pytest.approx(43 / 48)  # the loop: no concurrency model in its prediction
+    assert worker == pytest.approx((13.4 / 181) / time_scale)
+    # without the loop, the median over the plans of stream slots
+    coloring = hand_plan(cpu, "coloring", [["mlp"], ["mobilenet"]])
+    without_loop = (_ran(streams, 37.8, 39.0), _ran(coloring, 43.0, 51.7), _ran(procs, 13.4, 181.0))
+    assert compare_module._time_scales(without_loop)[0] == pytest.approx((37.8 / 39 + 43 / 51.7) / 2)
+    # CUDA graphs on the H100: the loop as predicted, streams of graphs a quarter of theirs
+    graphs = (_ran(seq, 366.0, 354.0), _ran(streams, 1108.0, 229.0), _ran(coloring, 1187.0, 290.0))
+    assert compare_module._time_scales(graphs) == (pytest.approx(366 / 354), 1.0)
+    # the worker figure is the median over worker-only plans, mps ones included
+    _, worker2 = compare_module._time_scales((*plans, _ran(mps, 13.4, 150.0), _ran(procs, 13.4, 170.0)))
+    assert worker2 == pytest.approx((13.4 / 170) / time_scale)
+    # a mixed plan informs neither scale
+    assert compare_module._time_scales((*plans, _ran(mixed, 100.0, 1.0))) == (time_scale, worker)
+    # worker plans alone: one scale for every plan, as before the split
+    assert compare_module._time_scales((_ran(procs, 10.0, 20.0), _ran(mps, 10.0, 40.0))) == (
+        pytest.approx(0.375),
+        1.0,
+    )
+    assert compare_module._time_scales((_ran(seq, 10.0, 20.0),)) == (0.5, 1.0)
+    assert compare_module._time_scales(()) == (1.0, 1.0)
+
+
+def test_worker_time_scale_stretches_worker_slots_only() -> None:
+    ds = demands(demand("a", 10), demand("b", 20))
+    stream = (SlotSpec("stream", ("a",)), SlotSpec("stream", ("b",)))
+    workers = (SlotSpec("process", ("a",)), SlotSpec("process", ("b",)))
+    faster = CostModel(worker_time_scale=0.1)
+    assert faster.predict(stream, ds).throughput_sps == pytest.approx(
+        CostModel().predict(stream, ds).throughput_sps
+    )
+    base = CostModel().predict(workers, ds).throughput_sps
+    # the dispatch and combine are not member times, so the gain is a little under 10x
+    assert 6 * base < faster.predict(workers, ds).throughput_sps <= 10 * base
+    for bad in (0.0, -1.0):
+        with pytest.raises(InvalidInputError, match="worker_time_scale"):
+            CostModel(worker_time_scale=bad)
+
+
+def test_calibration_carries_the_worker_time_scale_and_reads_old_files(tmp_path: Path) -> None:
+    calibration = Calibration(
+        ensemble="pair", device=h100(), batch_size=1, pairs=(), time_scale=0.9, worker_time_scale=0.08
+    )
+    loaded = serde.load(Calibration, serde.save(calibration, tmp_path / "c.json"))
+    assert loaded == calibration
+    assert loaded.model().worker_time_scale == 0.08 and loaded.model().time_scale == 0.9
+    raw = json.loads((tmp_path / "c.json").read_text())
+    raw["data"].pop("worker_time_scale")
+    (tmp_path / "old.json").write_text(json.dumps(raw))
+    assert serde.load(Calibration, tmp_path / "old.json").worker_time_scale == 1.0
+
+
+def test_a_calibrated_worker_scale_lets_auto_pick_worker_processes_the_model_ranked_last() -> None:
+    profiles = recorded()
+    every = {p.strategy: p for p in compare_module.plan_all(profiles.members, h100(), profiles, batch_size=8)}
+    uncalibrated = plan(profiles.members, h100(), profiles, batch_size=8)
+    assert all(s.kind == "stream" for s in uncalibrated.slots)
+    # worker plans measured at a tenth of their predicted time: auto now lays out worker slots
+    calibrated = plan(
+        profiles.members, h100(), profiles, batch_size=8, model=CostModel(worker_time_scale=0.1)
+    )
+    assert all(s.kind != "stream" for s in calibrated.slots)
+    assert calibrated.prediction.throughput_sps > every["processes"].prediction.throughput_sps
+
+
+def test_mps_can_run_on_a_real_gpu_with_a_daemon_or_leave_to_start_one(
+    cpu: Device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gpu = dataclasses.replace(h100(), kind="cuda")
+    monkeypatch.setattr(compare_module, "mps_daemon_running", lambda: False)
+    assert compare_module.mps_can_run(gpu, RunSettings(allow_mps_start=True))
+    assert not compare_module.mps_can_run(gpu, RunSettings())
+    assert not compare_module.mps_can_run(h100(), RunSettings(allow_mps_start=True))  # simulated
+    assert not compare_module.mps_can_run(cpu, RunSettings(allow_mps_start=True))
+    monkeypatch.setattr(compare_module, "mps_daemon_running", lambda: True)
+    assert compare_module.mps_can_run(gpu, RunSettings())
+
+
+def test_baseline_plans_add_an_mps_worker_per_member_when_asked() -> None:
+    ensemble = zoo.default_ensemble(scale="large")
+    plain = compare_module.baseline_plans(ensemble, h100(), recorded(), batch_size=8)
+    assert [p.strategy for p in plain] == ["sequential", "streams", "processes"]
+    made = compare_module.baseline_plans(ensemble, h100(), recorded(), batch_size=8, with_mps=True)
+    assert [p.strategy for p in made] == ["sequential", "streams", "processes", "mps"]
+    assert {s.kind for s in made[3].slots} == {"mps"}
+    assert sorted(len(s.members) for s in made[3].slots) == [1] * len(ensemble.members)
+
+
+def test_calibrate_measures_the_mps_baseline_where_mps_can_run(
+    cpu: Device, pair_ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pick = hand_plan(cpu, "auto", [["mlp", "mobilenet"]])
+    asked: list[bool] = []
+
+    def fake_baselines(*_a: object, with_mps: bool = False, **_k: object) -> list[Plan]:
+        asked.append(with_mps)
+        extra = [hand_plan(cpu, "mps", [["mlp"], ["mobilenet"]], kind="mps")] if with_mps else []
+        return [pick, *extra]
+
+    monkeypatch.setattr(compare_module, "candidate_plans", lambda *a, **k: (pick, []))
+    monkeypatch.setattr(compare_module, "baseline_plans", fake_baselines)
+    monkeypatch.setattr(compare_module, "_measure_pairs", lambda *a, **k: [])
+    monkeypatch.setattr(compare_module, "mps_can_run", lambda device, settings: settings.allow_mps_start)
+    ran: list[list[str]] = []
+
+    def fake_measure(plans: list[Plan], *_a: object, **_k: object) -> tuple[PlanMeasurement, ...]:
+        ran.append([p.strategy for p in plans])
+        return ()
+
+    monkeypatch.setattr(compare_module, "measure_plans", fake_measure)
+    compare_module.calibrate(pair_ensemble, cpu, ProfileSetStub(), batch_size=2)
+    compare_module.calibrate(
+        pair_ensemble, cpu, ProfileSetStub(), batch_size=2, run_settings=RunSettings(allow_mps_start=True)
+    )
+    assert asked == [False, True]
+    assert ran == [["auto"], ["auto", "mps"]]

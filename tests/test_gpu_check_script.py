@@ -44,3 +44,29 @@ def test_every_benchmark_writes_into_its_outdir_and_scripts_exist(gpu_check: Mod
 def test_unknown_only_name_is_refused(gpu_check: ModuleType) -> None:
     with pytest.raises(SystemExit):
         gpu_check.main(["--only", "no-such-check"])
+
+
+def test_results_travel_back_in_one_bundle(gpu_check: ModuleType, tmp_path: Path) -> None:
+    import tarfile
+
+    results = tmp_path / "results"
+    results.mkdir()
+    files = []
+    for name in ("a-gpu-check.json", "a-packing-b1.json", "a-packing-b1.png"):
+        (results / name).write_text(name)
+        files.append(results / name)
+    target = gpu_check.bundle_results([*files, results / "never-written.json"], tmp_path / "out.tar.gz")
+    with tarfile.open(target) as bundle:
+        assert sorted(bundle.getnames()) == sorted(f.name for f in files)
+        member = bundle.extractfile("a-packing-b1.json")
+        assert member is not None and member.read() == b"a-packing-b1.json"
+    assert not (tmp_path / "out.tar.gz.partial").exists()
+
+
+def test_the_target_cases_come_first_each_in_its_own_step(gpu_check: ModuleType) -> None:
+    names = [name for name, _, _ in gpu_check.GPU_BENCHMARKS]
+    assert names[2:4] == ["packing-b1", "packing-b8"]
+    for name, argv, timeout in gpu_check.GPU_BENCHMARKS[2:4]:
+        assert argv[argv.index("--batch-sizes") + 1] == name.removeprefix("packing-b")
+        assert argv[argv.index("--sizes") + 1] == "8" and "auto" in argv[argv.index("--strategies") + 1]
+        assert "--allow-mps-start" in argv and timeout >= 240
