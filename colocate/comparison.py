@@ -579,13 +579,15 @@ SETTLE_PLANS = 3
 """Most candidate plans a calibration runs to settle a near-tie (plus the by-hand plans)."""
 BY_HAND_STRATEGIES = ("sequential", "streams", "processes")
 """The plans a user makes by hand: a loop over the members, a thread each, a process each."""
-GPU_MPS_BASELINE = "mps"
-"""On a GPU where MPS can run, an MPS worker per member is measured beside the by-hand plans.
+MPS_BASELINE = "mps"
+"""Where mps slots can run, an MPS worker per member is measured beside the by-hand plans.
 
-The cost model cannot rank it against a process per member there (``CostModel.trust_mps_overlap``
-is off until a device shows MPS workers overlapping), and on a lent H100 it measured 179 samples/s
-against 152 for a process per member and 44 for a loop (8 small members, batch 1): a plan
-``auto`` never measured could not be picked, and left a 15 % regret."""
+The cost model cannot rank it against a process per member: on a GPU ``CostModel.trust_mps_overlap``
+is off until a device shows MPS workers overlapping, and on the CPU both are worker processes
+of the same predicted speed (one pinned to its share of the cores). On a lent H100 it measured
+179 samples/s against 152 for a process per member and 44 for a loop (8 small members, batch
+1), and on this project's 2-core VM 101 against 86 (same case): a plan ``auto`` never measured
+could not be picked, and left a 15 % regret on the H100."""
 SETTLE_ROUNDS = 2
 """Interleaved rounds each of those plans runs."""
 
@@ -694,8 +696,11 @@ def by_hand_plans(
 
 
 def mps_can_run(device: Device, settings: RunSettings) -> bool:
-    """Whether a calibration on ``device`` can run mps plans: a real GPU with an MPS daemon
-    running, or one the runs may start (``settings.allow_mps_start``)."""
+    """Whether a calibration on ``device`` can run mps plans: the CPU (an mps slot is a worker
+    pinned to its share of the cores), or a real GPU with an MPS daemon running or one the runs
+    may start (``settings.allow_mps_start``); never a simulated device."""
+    if device.kind == "cpu":
+        return True
     return device.kind == "cuda" and (settings.allow_mps_start or mps_daemon_running())
 
 
@@ -710,7 +715,7 @@ def baseline_plans(
 ) -> list[Plan]:
     """The plans a calibration always measures, whatever their prediction: the by-hand plans
     (:func:`by_hand_plans`), then, with ``with_mps``, an MPS worker per member
-    (:data:`GPU_MPS_BASELINE`) when it fits. Plans with the same slots are one."""
+    (:data:`MPS_BASELINE`) when it fits. Plans with the same slots are one."""
     made = by_hand_plans(ensemble, device, profiles, batch_size=batch_size, interference=interference)
     if not with_mps:
         return made
@@ -718,7 +723,7 @@ def baseline_plans(
         ensemble,
         device,
         profiles,
-        strategies=(GPU_MPS_BASELINE,),
+        strategies=(MPS_BASELINE,),
         batch_size=batch_size,
         interference=interference,
     )
@@ -831,11 +836,18 @@ def calibrate(
     2. **Close calls, and the bar to clear.** Planned again with the measured pairs, the pick,
        the best of the other plans still predicted within ``settle_within`` of it (at most
        ``max_plans`` in all) and every plan a user makes by hand (:func:`by_hand_plans`: a
-       loop, a thread or a process per member, whatever their prediction; on a GPU where MPS
-       can run, an MPS worker per member too: :func:`baseline_plans`) run ``plan_rounds``
+       loop, a thread or a process per member, whatever their prediction; where mps slots can
+       run, an MPS worker per member too: :func:`baseline_plans`) run ``plan_rounds``
        interleaved rounds of ``seconds`` each (with ``run_settings``' concurrency, MPS and
        CUDA-graph switches). ``auto`` planning with this calibration then picks the
        measured-best of them, so it never picks a plan that measured slower than one made by hand.
+    3. **How fast plans run now** (:func:`_time_scales`): the loop's ratio of predicted to
+       measured throughput gives ``time_scale``, the plans of worker slots ``worker_time_scale``.
+    4. **The calibrated pick, measured.** Planned again with all of that, ``auto`` can pick slots
+       no run had, predicted above every measurement (the scales move the balance between
+       plans). That plan then runs ``plan_rounds`` rounds too, so that ``auto`` settles on a
+       measured plan rather than on a prediction (found on this project's 2-core VM: such a
+       pick, predicted at 100 samples/s, ran at 90 beside an MPS worker per member at 101).
 
     ``max_plans=0`` (or 1) measures pairs only, as before plan measurements existed.
     """
@@ -914,7 +926,7 @@ def calibrate(
             "the model predicts beside plans of stream slots; the planner scales the members' "
             "times in worker slots by that"
         )
-    return Calibration(
+    calibration = Calibration(
         ensemble=ensemble.name,
         device=device,
         batch_size=batch_size,
@@ -924,6 +936,45 @@ def calibrate(
         time_scale=time_scale,
         worker_time_scale=worker_time_scale,
     )
+    if not calibration.measured_plans():
+        return calibration
+    follow_up = _unmeasured_pick(ensemble, device, profiles, batch_size, calibration)
+    if follow_up is None:
+        return calibration
+    say(
+        f"calibrating: planned again with these measurements, 'auto' picks slots no run had "
+        f"({follow_up.prediction.throughput_sps:,.0f} samples/s predicted); running them too"
+    )
+    plan_settings = dataclasses.replace(base, seconds=seconds, requests=None, rates=(), repeats=plan_rounds)
+    extra = measure_plans(
+        [dataclasses.replace(follow_up, strategy=f"{follow_up.strategy}, calibrated")],
+        ensemble,
+        plan_settings,
+        progress=say,
+    )
+    return dataclasses.replace(calibration, plans=(*plans, *extra))
+
+
+def _unmeasured_pick(
+    ensemble: Ensemble, device: Device, profiles: ProfileSet, batch_size: int, calibration: Calibration
+) -> Plan | None:
+    """``auto``'s plan with ``calibration``, when none of its measured plans has its slots."""
+    try:
+        pick = make_plan(
+            ensemble,
+            device,
+            profiles,
+            strategy="auto",
+            batch_size=batch_size,
+            model=calibration.model(),
+            measured_plans=calibration.measured_plans(),
+        )
+    except ColocateError:
+        return None
+    measured = {
+        frozenset((s.kind, frozenset(s.members)) for s in m.slots) for m in calibration.measured_plans()
+    }
+    return None if _layout_key(pick) in measured else pick
 
 
 def _time_scales(plans: Sequence[PlanMeasurement]) -> tuple[float, float]:

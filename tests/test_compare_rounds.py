@@ -627,6 +627,7 @@ def test_every_by_hand_plan_is_measured_when_settling_past_the_limit_and_once(
     ]
     monkeypatch.setattr(compare_module, "candidate_plans", lambda *a, **k: (pick, list(runners)))
     monkeypatch.setattr(compare_module, "by_hand_plans", lambda *a, **k: list(by_hand))
+    monkeypatch.setattr(compare_module, "mps_can_run", lambda *a: False)
     monkeypatch.setattr(compare_module, "_measure_pairs", lambda *a, **k: [])
     measured: list[list[str]] = []
 
@@ -680,6 +681,8 @@ def test_calibration_runs_the_pick_without_a_close_call_and_takes_the_time_scale
     pick = hand_plan(cpu, "auto", [["mlp", "mobilenet"]], kind="process")  # predicted 100 samples/s
     monkeypatch.setattr(compare_module, "candidate_plans", lambda *a, **k: (pick, []))
     monkeypatch.setattr(compare_module, "by_hand_plans", lambda *a, **k: [pick])  # the pick is one
+    monkeypatch.setattr(compare_module, "mps_can_run", lambda *a: False)
+    monkeypatch.setattr(compare_module, "_unmeasured_pick", lambda *a: None)  # as measured
     monkeypatch.setattr(compare_module, "_measure_pairs", lambda *a, **k: [])
     ran: list[list[str]] = []
 
@@ -791,7 +794,7 @@ def test_mps_can_run_on_a_real_gpu_with_a_daemon_or_leave_to_start_one(
     assert compare_module.mps_can_run(gpu, RunSettings(allow_mps_start=True))
     assert not compare_module.mps_can_run(gpu, RunSettings())
     assert not compare_module.mps_can_run(h100(), RunSettings(allow_mps_start=True))  # simulated
-    assert not compare_module.mps_can_run(cpu, RunSettings(allow_mps_start=True))
+    assert compare_module.mps_can_run(cpu, RunSettings())  # core shares: always
     monkeypatch.setattr(compare_module, "mps_daemon_running", lambda: True)
     assert compare_module.mps_can_run(gpu, RunSettings())
 
@@ -834,3 +837,54 @@ def test_calibrate_measures_the_mps_baseline_where_mps_can_run(
     )
     assert asked == [False, True]
     assert ran == [["auto"], ["auto", "mps"]]
+
+
+def test_unmeasured_pick_is_auto_with_the_calibration_unless_a_run_had_its_slots() -> None:
+    profiles = recorded()
+    every = {p.strategy: p for p in compare_module.plan_all(profiles.members, h100(), profiles, batch_size=8)}
+    auto = plan(profiles.members, h100(), profiles, batch_size=8)
+    seq = every["sequential"]
+    only_loop = Calibration(
+        ensemble="large", device=h100(), batch_size=8, pairs=(), plans=(_measured(seq, 1.0),)
+    )
+    pick = compare_module._unmeasured_pick(profiles.members, h100(), profiles, 8, only_loop)
+    # the loop measured at 1 sample/s: auto's own slots stay its pick, and no run had them
+    assert pick is not None and pick.slots == auto.slots
+    both = dataclasses.replace(only_loop, plans=(_measured(seq, 1.0), _measured(auto, 1.0)))
+    assert compare_module._unmeasured_pick(profiles.members, h100(), profiles, 8, both) is None
+
+
+def test_calibrate_measures_its_calibrated_pick_when_no_run_had_it(
+    cpu: Device, pair_ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pick = hand_plan(cpu, "auto", [["mlp", "mobilenet"]])
+    later = hand_plan(cpu, "auto", [["mlp"], ["mobilenet"]], kind="process")
+    monkeypatch.setattr(compare_module, "candidate_plans", lambda *a, **k: (pick, []))
+    monkeypatch.setattr(compare_module, "baseline_plans", lambda *a, **k: [pick])
+    monkeypatch.setattr(compare_module, "_measure_pairs", lambda *a, **k: [])
+    asked: list[Calibration] = []
+
+    def fake_pick(*args: object) -> Plan:
+        asked.append(args[-1])  # type: ignore[arg-type]
+        return later
+
+    monkeypatch.setattr(compare_module, "_unmeasured_pick", fake_pick)
+    ran: list[list[str]] = []
+
+    def fake_measure(plans: list[Plan], *_a: object, **_k: object) -> tuple[PlanMeasurement, ...]:
+        ran.append([p.strategy for p in plans])
+        return tuple(PlanMeasurement(p.strategy, p.slots, 2, 100.0, (50.0, 50.0)) for p in plans)
+
+    monkeypatch.setattr(compare_module, "measure_plans", fake_measure)
+    calibration = compare_module.calibrate(pair_ensemble, cpu, ProfileSetStub(), batch_size=2)
+    assert ran == [["auto"], ["auto, calibrated"]]
+    assert [m.name for m in calibration.plans] == ["auto", "auto, calibrated"]
+    assert calibration.plans[1].slots == later.slots
+    # the scales come from the settling runs: the follow-up (a worker plan) does not move them
+    assert (calibration.time_scale, calibration.worker_time_scale) == (2.0, 1.0)
+    assert asked[0].time_scale == 2.0 and len(asked[0].plans) == 1
+    # nothing measured: no follow-up
+    monkeypatch.setattr(compare_module, "measure_plans", lambda *a, **k: ())
+    ran.clear()
+    assert compare_module.calibrate(pair_ensemble, cpu, ProfileSetStub(), batch_size=2).plans == ()
+    assert len(asked) == 1
