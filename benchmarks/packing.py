@@ -63,6 +63,7 @@ from colocate import devices, serde, zoo
 from colocate.comparison import (
     BASELINE,
     SETTLE_PLANS,
+    SETTLE_ROUNDS,
     RunSettings,
     calibrate,
     calibrate_backends,
@@ -428,6 +429,7 @@ def run_case(
     other: OtherLoad | None = None,
     backends: str | None = None,
     settle_plans: int = SETTLE_PLANS,
+    settle_rounds: int = SETTLE_ROUNDS,
 ) -> tuple[dict[str, Any], Report | None]:
     """Plan every strategy, run the distinct plans once each, and measure the planner.
 
@@ -465,6 +467,7 @@ def run_case(
         "max_pairs": calibrate_pairs,
         "seconds": calibrate_seconds,
         "max_plans": settle_plans,
+        "plan_rounds": settle_rounds,
         "run_settings": settings,
         "progress": say,
     }
@@ -947,6 +950,12 @@ def main() -> int:
     )
     parser.add_argument("--calibrate-seconds", type=float, default=1.0, help="seconds per calibration run")
     parser.add_argument(
+        "--settle-rounds",
+        type=int,
+        default=SETTLE_ROUNDS,
+        help="interleaved rounds each plan the calibration settles among runs (default 2; the smoke run 1)",
+    )
+    parser.add_argument(
         "--settle-plans",
         type=int,
         default=SETTLE_PLANS,
@@ -998,6 +1007,7 @@ def main() -> int:
         calibrate_pairs = args.calibrate_pairs or 0  # the CI smoke passes 1 to check calibration too
         args.calibrate_seconds = min(args.calibrate_seconds, 0.3)
         args.settle_plans = min(args.settle_plans, 2)
+        args.settle_rounds = 1
         profile_settings = ProfileSettings(
             warmup=1,
             repeats=3,
@@ -1134,6 +1144,7 @@ def main() -> int:
                     "calibrate_pairs": calibrate_pairs,
                     "calibrate_seconds": args.calibrate_seconds,
                     "settle_plans": args.settle_plans,
+                    "settle_rounds": args.settle_rounds,
                     "repeats": settings.repeats,
                     "profile": serde.to_dict(profile_settings),
                 },
@@ -1171,6 +1182,7 @@ def main() -> int:
                     other=other,
                     backends=args.backends,
                     settle_plans=args.settle_plans,
+                    settle_rounds=args.settle_rounds,
                 )
                 cases.append(record)
                 console.print(case_table(record, device))

@@ -740,6 +740,7 @@ def calibrate_backends(
     max_pairs: int = 3,
     seconds: float = 1.0,
     max_plans: int = SETTLE_PLANS,
+    plan_rounds: int = SETTLE_ROUNDS,
     run_settings: RunSettings | None = None,
     progress: Progress | None = None,
 ) -> tuple[Plan, Calibration]:
@@ -786,6 +787,7 @@ def calibrate_backends(
         max_pairs=max_pairs,
         seconds=seconds,
         max_plans=max_plans,
+        plan_rounds=plan_rounds,
         run_settings=run_settings,
         progress=progress,
     )
@@ -1152,6 +1154,7 @@ def regime_rows(reports: Sequence[Report]) -> list[list[str]]:
 __all__ = [
     "BASELINE",
     "DEFAULT_STRATEGIES",
+    "MPS_BASELINE",
     "RUNNER_UP_WITHIN",
     "SETTLE_PLANS",
     "SETTLE_ROUNDS",
@@ -1161,6 +1164,7 @@ __all__ = [
     "PlanMeasurement",
     "RoundsSummary",
     "RunSettings",
+    "baseline_plans",
     "by_hand_plans",
     "calibrate",
     "calibrate_backends",
@@ -1170,6 +1174,7 @@ __all__ = [
     "execute",
     "load_calibration",
     "measure_plans",
+    "mps_can_run",
     "pair_kind",
     "pairs_to_measure",
     "pareto_set",
