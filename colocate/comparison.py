@@ -641,7 +641,7 @@ def pairs_to_measure(chosen: Plan, limit: int) -> list[tuple[str, str, SlotKind]
     return candidates[: max(0, limit)]
 
 
-def _layout_key(plan: Plan) -> frozenset[tuple[str, frozenset[str]]]:
+def _layout_key(plan: Plan | PlanMeasurement) -> frozenset[tuple[str, frozenset[str]]]:
     return frozenset((s.kind, frozenset(s.members)) for s in plan.slots)
 
 
@@ -973,9 +973,7 @@ def _unmeasured_pick(
         )
     except ColocateError:
         return None
-    measured = {
-        frozenset((s.kind, frozenset(s.members)) for s in m.slots) for m in calibration.measured_plans()
-    }
+    measured = {_layout_key(m) for m in calibration.measured_plans()}
     return None if _layout_key(pick) in measured else pick
 
 
