@@ -44,9 +44,11 @@ GPU_BENCHMARKS: list[tuple[str, list[str], int]] = [
     # took 329 s with auto+backends calibrated as well (147 s of it), and the batch-8 case was cut
     # by the 450 s limit both shared; without --backends a case took about 230 s (the batch-8
     # rerun's log, ...T2009-...-packing-b8-cut.log), and a calibration now also measures an MPS
-    # worker per member (two more plan runs of about 16 s), so a case settles among at most two
-    # close calls (--settle-plans 2, one plan fewer: two runs of about 10 s) and should take
-    # 210-235 s. auto+backends has its own command in benchmarks/README.md.
+    # worker per member and, when its calibrated pick was not among the plans it ran, that pick
+    # (each of those about 15 s a round on the H100). With two rounds a case would need 250-290 s,
+    # too much for both in one call; with one round (--settle-rounds 1) and at most two close
+    # calls (--settle-plans 2) about 185-200 s. auto+backends, and two settling rounds, have
+    # their own command in benchmarks/README.md.
     *(
         (
             f"packing-b{batch}",
@@ -68,6 +70,8 @@ GPU_BENCHMARKS: list[tuple[str, list[str], int]] = [
                 "1",
                 "--settle-plans",
                 "2",
+                "--settle-rounds",
+                "1",
                 "--allow-mps-start",
                 "--out",
                 f"{{outdir}}/packing-b{batch}.json",
