@@ -45,10 +45,14 @@ GPU_BENCHMARKS: list[tuple[str, list[str], int]] = [
     # by the 450 s limit both shared; without --backends a case took about 230 s (the batch-8
     # rerun's log, ...T2009-...-packing-b8-cut.log), and a calibration now also measures an MPS
     # worker per member and, when its calibrated pick was not among the plans it ran, that pick
-    # (each of those about 15 s a round on the H100). With two rounds a case would need 250-290 s,
-    # too much for both in one call; with one round (--settle-rounds 1) and at most two close
-    # calls (--settle-plans 2) about 185-200 s. auto+backends, and two settling rounds, have
-    # their own command in benchmarks/README.md.
+    # (each of those about 15 s a round on the H100). With at most two close calls
+    # (--settle-plans 2), a case needs about 250 s with two settling rounds and 185-200 s with
+    # one: batch 1, where a process and an MPS worker per member measured 15 % apart and one run
+    # of a plan varies that much, gets two; batch 8 one, so that both fit one call. On this CPU
+    # the batch-1 command with one round took 162 s and settled 15 % behind an MPS worker per
+    # member that one round had measured 27 % lower than its final run
+    # (benchmarks/results/20261127T2141-cpu-packing-gpu-check-b1-one-round.json). auto+backends has its
+    # own command in benchmarks/README.md.
     *(
         (
             f"packing-b{batch}",
@@ -71,14 +75,14 @@ GPU_BENCHMARKS: list[tuple[str, list[str], int]] = [
                 "--settle-plans",
                 "2",
                 "--settle-rounds",
-                "1",
+                str(rounds),
                 "--allow-mps-start",
                 "--out",
                 f"{{outdir}}/packing-b{batch}.json",
             ],
-            250,
+            timeout,
         )
-        for batch in (1, 8)
+        for batch, rounds, timeout in ((1, 2, 270), (8, 1, 230))
     ),
     (
         "profile-default-ensemble",

@@ -69,4 +69,8 @@ def test_the_target_cases_come_first_each_in_its_own_step(gpu_check: ModuleType)
     for name, argv, timeout in gpu_check.GPU_BENCHMARKS[2:4]:
         assert argv[argv.index("--batch-sizes") + 1] == name.removeprefix("packing-b")
         assert argv[argv.index("--sizes") + 1] == "8" and "auto" in argv[argv.index("--strategies") + 1]
-        assert "--allow-mps-start" in argv and timeout >= 240
+        assert "--allow-mps-start" in argv and timeout >= 230
+    rounds = [argv[argv.index("--settle-rounds") + 1] for _, argv, _ in gpu_check.GPU_BENCHMARKS[2:4]]
+    assert rounds == ["2", "1"]  # batch 1, the close call between worker kinds, settles in two
+    # both target steps and the checks before them fit a 590 s budget
+    assert sum(timeout for _, _, timeout in gpu_check.GPU_BENCHMARKS[2:4]) + 90 <= 590
