@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from colocate import serde
-from colocate.devices import Device, mps_daemon_running
+from colocate.devices import Device, mps_available, mps_daemon_running
 from colocate.ensemble import Ensemble
 from colocate.errors import ColocateError, InvalidInputError, PlanInfeasibleError
 from colocate.execution import Executor, run_at_rate, run_requests
@@ -697,11 +697,14 @@ def by_hand_plans(
 
 def mps_can_run(device: Device, settings: RunSettings) -> bool:
     """Whether a calibration on ``device`` can run mps plans: the CPU (an mps slot is a worker
-    pinned to its share of the cores), or a real GPU with an MPS daemon running or one the runs
-    may start (``settings.allow_mps_start``); never a simulated device."""
+    pinned to its share of the cores), or a real GPU with an MPS daemon running, or one the runs
+    may start (``settings.allow_mps_start``, with ``nvidia-cuda-mps-control`` on the PATH);
+    never a simulated device."""
     if device.kind == "cpu":
         return True
-    return device.kind == "cuda" and (settings.allow_mps_start or mps_daemon_running())
+    if device.kind != "cuda":
+        return False
+    return mps_daemon_running() or (settings.allow_mps_start and mps_available())
 
 
 def baseline_plans(

@@ -791,8 +791,12 @@ def test_mps_can_run_on_a_real_gpu_with_a_daemon_or_leave_to_start_one(
 ) -> None:
     gpu = dataclasses.replace(h100(), kind="cuda")
     monkeypatch.setattr(compare_module, "mps_daemon_running", lambda: False)
+    monkeypatch.setattr(compare_module, "mps_available", lambda: True)
     assert compare_module.mps_can_run(gpu, RunSettings(allow_mps_start=True))
     assert not compare_module.mps_can_run(gpu, RunSettings())
+    # leave to start a daemon, but no nvidia-cuda-mps-control to start it with
+    monkeypatch.setattr(compare_module, "mps_available", lambda: False)
+    assert not compare_module.mps_can_run(gpu, RunSettings(allow_mps_start=True))
     assert not compare_module.mps_can_run(h100(), RunSettings(allow_mps_start=True))  # simulated
     assert compare_module.mps_can_run(cpu, RunSettings())  # core shares: always
     monkeypatch.setattr(compare_module, "mps_daemon_running", lambda: True)
