@@ -794,15 +794,7 @@ def calibrate_backends(
         run_settings=run_settings,
         progress=progress,
     )
-    laid_out = make_plan(
-        as_run,
-        device,
-        run_profiles,
-        strategy="auto",
-        batch_size=batch_size,
-        model=calibration.model(),
-        measured_plans=calibration.measured_plans(),
-    )
+    laid_out = _auto_with(calibration, as_run, device, run_profiles, batch_size)
     plan = dataclasses.replace(
         laid_out,
         strategy=chosen.strategy,
@@ -960,20 +952,27 @@ def calibrate(
     return dataclasses.replace(calibration, plans=(*plans, *extra))
 
 
+def _auto_with(
+    calibration: Calibration, ensemble: Ensemble, device: Device, profiles: ProfileSet, batch_size: int
+) -> Plan:
+    """``auto``'s plan with ``calibration``: its pairs and time scales, settled by its measured plans."""
+    return make_plan(
+        ensemble,
+        device,
+        profiles,
+        strategy="auto",
+        batch_size=batch_size,
+        model=calibration.model(),
+        measured_plans=calibration.measured_plans(),
+    )
+
+
 def _unmeasured_pick(
     ensemble: Ensemble, device: Device, profiles: ProfileSet, batch_size: int, calibration: Calibration
 ) -> Plan | None:
     """``auto``'s plan with ``calibration``, when none of its measured plans has its slots."""
     try:
-        pick = make_plan(
-            ensemble,
-            device,
-            profiles,
-            strategy="auto",
-            batch_size=batch_size,
-            model=calibration.model(),
-            measured_plans=calibration.measured_plans(),
-        )
+        pick = _auto_with(calibration, ensemble, device, profiles, batch_size)
     except ColocateError:
         return None
     measured = {_layout_key(m) for m in calibration.measured_plans()}
