@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
+from tests.scripts import SCRIPTS, load_script
 
 
 @pytest.fixture(scope="module")
 def gpu_check() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_check")
 
 
 def test_budget_cuts_and_skips_checks(gpu_check: ModuleType) -> None:
@@ -36,7 +29,7 @@ def test_every_benchmark_writes_into_its_outdir_and_scripts_exist(gpu_check: Mod
         assert argv[0] == "{python}" and timeout > 0, name
         scripts = [a for a in argv if a.endswith(".py")]
         for script in scripts:
-            assert (SCRIPT.parent.parent / script).is_file(), f"{name}: {script} is missing"
+            assert (SCRIPTS.parent / script).is_file(), f"{name}: {script} is missing"
         if "--out" in argv:
             assert argv[argv.index("--out") + 1].startswith("{outdir}"), name
 

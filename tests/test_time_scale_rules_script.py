@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "time_scale_rules.py"
+from tests.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def rules() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("time_scale_rules", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["time_scale_rules"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("time_scale_rules")
 
 
 def _plan(kind: str, slots: int, predicted: float, *rounds: float) -> dict[str, object]:
