@@ -32,43 +32,57 @@ import datetime as dt
 import json
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from colocate import serde
+from colocate.comparison import _time_scales
+from colocate.planning.types import PlanMeasurement
 
 RULES = ("all", "streams", "loop")
 
 
-def _ratios(plans: list[dict[str, Any]], keep: Any) -> list[float]:
-    out = []
-    for plan in plans:
-        rounds = [x for x in plan.get("round_sps") or [] if x]
-        if rounds and plan.get("predicted_sps") and keep(plan):
-            out.append(plan["predicted_sps"] / statistics.mean(rounds))
-    return out
+def measurements(plans: Sequence[dict[str, Any]]) -> list[PlanMeasurement]:
+    """A calibration's plans as recorded in a result JSON, read back."""
+    return [serde.from_dict(PlanMeasurement, plan) for plan in plans]
 
 
-def _kinds(plan: dict[str, Any]) -> set[str]:
-    return {slot["kind"] for slot in plan["slots"]}
+def scales(plans: Sequence[PlanMeasurement], rule: str) -> tuple[float, float]:
+    """``(time_scale, worker_time_scale)`` that ``rule`` takes from a calibration's plans.
 
+    ``loop`` is colocate's own rule (``comparison._time_scales``); ``all`` and ``streams``
+    are the earlier ones, kept here to compare against.
+    """
+    if rule == "loop":
+        return _time_scales(plans)
 
-def scales(plans: list[dict[str, Any]], rule: str) -> tuple[float, float]:
-    """``(time_scale, worker_time_scale)`` that ``rule`` takes from a calibration's plans."""
-    every = _ratios(plans, lambda p: True)
+    def ratios(which: Sequence[PlanMeasurement]) -> list[float]:
+        return [
+            p.predicted_sps / measured
+            for p in which
+            if (measured := p.measured_sps) is not None and measured > 0 and p.predicted_sps > 0
+        ]
+
+    every = ratios(plans)
     if not every:
         return 1.0, 1.0
-    streams = _ratios(plans, lambda p: _kinds(p) == {"stream"})
+    streams = ratios([p for p in plans if all(s.kind == "stream" for s in p.slots)])
     if rule == "all" or not streams:
         return statistics.median(every), 1.0
-    workers = _ratios(plans, lambda p: "stream" not in _kinds(p))
-    loop = _ratios(plans, lambda p: _kinds(p) == {"stream"} and len(p["slots"]) == 1)
-    time_scale = statistics.median(loop) if rule == "loop" and loop else statistics.median(streams)
+    workers = ratios([p for p in plans if all(s.kind != "stream" for s in p.slots)])
+    time_scale = statistics.median(streams)
     return time_scale, (statistics.median(workers) / time_scale if workers else 1.0)
 
 
 def case_errors(case: dict[str, Any]) -> dict[str, Any] | None:
     """The median absolute error per rule for one case (None when it has nothing to compare)."""
-    plans = (case.get("calibration") or {}).get("plans") or []
-    variant_plans = (case.get("calibration_backends") or {}).get("plans") or []
+    plans = measurements((case.get("calibration") or {}).get("plans") or [])
+    variant_plans = measurements((case.get("calibration_backends") or {}).get("plans") or [])
+    by_rule = {rule: scales(plans, rule) for rule in RULES}
+    variant_by_rule = {rule: scales(variant_plans, rule) for rule in RULES}
     errors: dict[str, list[float]] = {"uncalibrated": [], **{rule: [] for rule in RULES}}
     for row in case["strategies"]:
         measured, predicted = row.get("measured_sps"), row.get("predicted_uncalibrated_sps")
@@ -79,12 +93,12 @@ def case_errors(case: dict[str, Any]) -> dict[str, Any] | None:
         worker = "process" in slots or "mps" in slots
         if worker and "stream" in slots:
             continue
-        source = variant_plans if row.get("backends") else plans
-        if not source:
+        with_backends = bool(row.get("backends"))
+        if not (variant_plans if with_backends else plans):
             continue
         errors["uncalibrated"].append(abs(predicted / measured - 1.0))
         for rule in RULES:
-            time_scale, worker_scale = scales(source, rule)
+            time_scale, worker_scale = (variant_by_rule if with_backends else by_rule)[rule]
             calibrated = predicted / time_scale / (worker_scale if worker else 1.0)
             errors[rule].append(abs(calibrated / measured - 1.0))
     if not errors["uncalibrated"]:
@@ -92,7 +106,7 @@ def case_errors(case: dict[str, Any]) -> dict[str, Any] | None:
     return {
         "case": f"{case.get('ensemble_name', case.get('ensemble'))} b{case['batch_size']}",
         **{key: statistics.median(values) for key, values in errors.items()},
-        **{f"scales_{rule}": scales(plans, rule) for rule in RULES},
+        **{f"scales_{rule}": by_rule[rule] for rule in RULES},
     }
 
 

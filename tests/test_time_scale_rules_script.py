@@ -8,6 +8,8 @@ from types import ModuleType
 
 import pytest
 
+from colocate import serde
+from colocate.planning.types import PlanMeasurement, Slot, SlotKind
 from tests.scripts import load_script
 
 
@@ -16,8 +18,11 @@ def rules() -> ModuleType:
     return load_script("time_scale_rules")
 
 
-def _plan(kind: str, slots: int, predicted: float, *rounds: float) -> dict[str, object]:
-    return {"slots": [{"kind": kind}] * slots, "predicted_sps": predicted, "round_sps": list(rounds)}
+def _plan(kind: SlotKind, slots: int, predicted: float, *rounds: float) -> dict[str, object]:
+    """A calibration's plan measurement as a result JSON records it."""
+    layout = tuple(Slot(f"s{i}", kind, (f"m{i}",)) for i in range(slots))
+    recorded: dict[str, object] = serde.to_dict(PlanMeasurement("p", layout, 1, predicted, rounds))
+    return recorded
 
 
 def _case() -> dict[str, object]:
@@ -56,7 +61,7 @@ def _case() -> dict[str, object]:
 
 
 def test_the_rules_take_their_scales_from_the_plans_they_name(rules: ModuleType) -> None:
-    plans = _case()["calibration"]["plans"]  # type: ignore[index]
+    plans = rules.measurements(_case()["calibration"]["plans"])  # type: ignore[index]
     assert rules.scales(plans, "all") == (1.0, 1.0)  # median of 1, 2, 0.1
     assert rules.scales(plans, "streams") == (pytest.approx(1.5), pytest.approx(0.1 / 1.5))
     assert rules.scales(plans, "loop") == (1.0, pytest.approx(0.1))
