@@ -37,6 +37,10 @@ the planner record adds its regret against the best measured plan and its speed-
 The JSON (default ``benchmarks/results/<UTC stamp>-<device>-packing.json``) holds the
 device, versions, date and command, one record per case, and a summary; a PNG beside it
 plots speed-up and p99 ratio per case and strategy, and regret and model error per case.
+Each case also lists every plan run it made (``runs``: calibration and comparison, in
+order), and the JSON is written again after each of them, the case under way in
+``case_in_progress``: a run stopped by a time limit (a lent GPU's minutes) keeps every
+measurement it finished.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +72,7 @@ from colocate.comparison import (
     calibrate,
     calibrate_backends,
     compare,
+    observing_runs,
     variant_key,
 )
 from colocate.devices import Device
@@ -86,7 +91,7 @@ from colocate.profiling import (
     profile_variants,
 )
 from colocate.profiling.cache import cache_key
-from colocate.report import Calibration, PlanResult, Report
+from colocate.report import Calibration, PlanResult, PlanRun, Report
 
 KIND = "packing"
 DEFAULT_STRATEGIES = ("sequential", "streams", "processes", "mps", "coloring", "packing", "auto")
@@ -430,33 +435,111 @@ def run_case(
     backends: str | None = None,
     settle_plans: int = SETTLE_PLANS,
     settle_rounds: int = SETTLE_ROUNDS,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, Any], Report | None]:
     """Plan every strategy, run the distinct plans once each, and measure the planner.
 
     ``auto+backends`` in ``strategies`` (with ``backends`` and :class:`VariantProfiles`) is
-    ``auto`` with each member's backend variant chosen among ``backends``.
+    ``auto`` with each member's backend variant chosen among ``backends``. Every plan run
+    (calibration's too) is appended to the record's ``runs`` as it ends, and ``checkpoint``
+    is then called with the record so far.
     """
+    record: dict[str, Any] = {}
+    phase = ["calibration"]
+
+    def ran(label: str, plan: Plan, measured: PlanRun | None, failure: str | None) -> None:
+        record["runs"].append(
+            run_entry(phase[0], label, plan, measured, failure, time.perf_counter() - started)
+        )
+        if checkpoint is not None:
+            checkpoint(record)
+
+    started = time.perf_counter()
+    with observing_runs(ran):
+        return _run_case(
+            record,
+            phase,
+            ensemble,
+            label,
+            device,
+            profiles,
+            batch_size,
+            strategies,
+            settings,
+            calibrate_pairs=calibrate_pairs,
+            calibrate_seconds=calibrate_seconds,
+            say=say,
+            other=other,
+            backends=backends,
+            settle_plans=settle_plans,
+            settle_rounds=settle_rounds,
+        )
+
+
+def run_entry(
+    phase: str, label: str, plan: Plan, measured: PlanRun | None, failure: str | None, at_s: float
+) -> dict[str, Any]:
+    """One plan run as the JSON's ``runs`` lists it."""
+    run = measured.run if measured is not None else None
+    latency = run.latency if run is not None else None
+    return {
+        "phase": phase,
+        "label": label,
+        "slots": _slots_text(plan),
+        "backends": _backends_text(plan),
+        "status": run.status if run is not None else "failed",
+        "failure": failure,
+        "measured_sps": run.throughput_sps if run is not None else None,
+        "latency_p50_s": latency.median_s if latency is not None else None,
+        "latency_p99_s": latency.p99_s if latency is not None else None,
+        "requests_completed": run.requests_completed if run is not None else None,
+        "ended_at_s": at_s,
+    }
+
+
+def _run_case(
+    record: dict[str, Any],
+    phase: list[str],
+    ensemble: Ensemble,
+    label: str,
+    device: Device,
+    profiles: ProfileSet | VariantProfiles,
+    batch_size: int,
+    strategies: Sequence[str],
+    settings: RunSettings,
+    *,
+    calibrate_pairs: int,
+    calibrate_seconds: float,
+    say: Any,
+    other: OtherLoad | None,
+    backends: str | None,
+    settle_plans: int,
+    settle_rounds: int,
+) -> tuple[dict[str, Any], Report | None]:
     started = time.perf_counter()
     as_given = profiles.default_set if isinstance(profiles, VariantProfiles) else profiles
     other_mark = other.mark() if other is not None else None
-    record: dict[str, Any] = {
-        "ensemble": label,
-        "ensemble_name": ensemble.name,
-        "members": [
-            {
-                "name": m.name,
-                "arch": getattr(m.source, "arch", None),
-                "scale": getattr(m.source, "scale", None),
-                "seed": getattr(m.source, "seed", None),
-                "profiled_latency_s": _profiled_latency(as_given, m.name, batch_size),
-            }
-            for m in ensemble.members
-        ],
-        "member_count": len(ensemble.members),
-        "batch_size": batch_size,
-        # the machine's load before the case: other work on the CPU distorts every figure
-        "loadavg_before": list(os.getloadavg()),
-    }
+    record.update(
+        {
+            "ensemble": label,
+            "ensemble_name": ensemble.name,
+            "members": [
+                {
+                    "name": m.name,
+                    "arch": getattr(m.source, "arch", None),
+                    "scale": getattr(m.source, "scale", None),
+                    "seed": getattr(m.source, "seed", None),
+                    "profiled_latency_s": _profiled_latency(as_given, m.name, batch_size),
+                }
+                for m in ensemble.members
+            ],
+            "member_count": len(ensemble.members),
+            "batch_size": batch_size,
+            # the machine's load before the case: other work on the CPU distorts every figure
+            "loadavg_before": list(os.getloadavg()),
+            "runs": [],  # every plan run, calibration's included, in order (see run_case)
+        }
+    )
 
     calibration: Calibration | None = None
     calibration_error = None
@@ -509,6 +592,7 @@ def run_case(
             planned[name] = None
             rejected[name] = f"{type(exc).__name__}: {exc}"
     # the members' calibration measured them as given: measure the variants auto+backends chose
+    phase[0] = "calibration of the variants"
     record["calibration_backends"] = None
     chose = planned.get(WITH_BACKENDS)
     if (
@@ -554,6 +638,7 @@ def run_case(
 
     report: Report | None = None
     results: dict[str, PlanResult] = {}
+    phase[0] = "comparison"
     if unique:
         report = compare(
             ensemble,
@@ -1122,10 +1207,12 @@ def main() -> int:
     cases: list[dict[str, Any]] = []
     payload: dict[str, Any] = {}
 
-    def save(finished: bool) -> None:
+    def save(finished: bool, in_progress: dict[str, Any] | None = None) -> None:
         payload.update(
             {
                 "finished": finished,
+                # the case being measured when this was written: its runs so far (None when done)
+                "case_in_progress": in_progress,
                 "smoke": args.smoke,
                 "by_hand": BY_HAND,
                 "strategies": strategies,
@@ -1183,6 +1270,7 @@ def main() -> int:
                     backends=args.backends,
                     settle_plans=args.settle_plans,
                     settle_rounds=args.settle_rounds,
+                    checkpoint=lambda partial: save(finished=False, in_progress=partial),
                 )
                 cases.append(record)
                 console.print(case_table(record, device))

@@ -13,6 +13,7 @@ close to call) and the plans made by hand briefly, so ``auto`` picks the measure
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import gc
@@ -21,7 +22,8 @@ import multiprocessing
 import pickle
 import statistics
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -59,6 +61,27 @@ BASELINE = "sequential"
 
 #: called with a line saying what is being done
 Progress = Callable[[str], None]
+
+#: called after every plan run with (label, plan, what it measured or None, why it failed or None)
+RunObserver = Callable[[str, Plan, "PlanRun | None", "str | None"], None]
+_RUN_OBSERVERS: ContextVar[tuple[RunObserver, ...]] = ContextVar("colocate_run_observers", default=())
+
+
+@contextlib.contextmanager
+def observing_runs(observer: RunObserver) -> Iterator[None]:
+    """Call ``observer(label, plan, measured, failure)`` after every plan run inside the block.
+
+    Every run counts: the plans :func:`compare` runs, and those :func:`calibrate` and
+    :func:`calibrate_backends` run (members alone, pairs, candidate plans). A benchmark
+    saves each as it comes, so that a run stopped by a time limit keeps what it measured
+    (on a rarely lent GPU, minutes of it). Blocks nest; the observers of every enclosing
+    block are called, outermost first. An observer's exception propagates.
+    """
+    token = _RUN_OBSERVERS.set((*_RUN_OBSERVERS.get(), observer))
+    try:
+        yield
+    finally:
+        _RUN_OBSERVERS.reset(token)
 
 
 @dataclass(frozen=True)
@@ -143,14 +166,19 @@ def run_plan(
     before (measured on the CPU: a sequential plan ran at a third of its speed in a process
     whose main thread had run the members before). Members that do not pickle run here.
     """
+    outcome: tuple[PlanRun | None, str | None] | None = None
     if settings.isolated:
         try:
             pickle.dumps((plan, ensemble, settings))
         except Exception:
             pass  # a member made of a lambda or a closure: run it here instead
         else:
-            return _run_plan_in_child(plan, ensemble, settings)
-    return _run_plan_here(plan, ensemble, settings)
+            outcome = _run_plan_in_child(plan, ensemble, settings)
+    if outcome is None:
+        outcome = _run_plan_here(plan, ensemble, settings)
+    for observer in _RUN_OBSERVERS.get():
+        observer(name or plan.strategy, plan, *outcome)
+    return outcome
 
 
 def execute(
@@ -1036,12 +1064,14 @@ def _measure_pairs(
                     _calibration_plan(device, batch_size, [[name]], kind),
                     Ensemble((sub[name],), name=f"{ensemble.name}:{name}"),
                     settings,
+                    name=f"pair calibration: {name} alone ({kind})",
                 )
         say(f"calibrating: '{a}' beside '{b}', each in {where}")
         together = _median_latency(
             _calibration_plan(device, batch_size, [[a], [b]], kind),
             Ensemble((sub[a], sub[b]), name=f"{ensemble.name}:{a}+{b}"),
             settings,
+            name=f"pair calibration: {a} beside {b} ({kind})",
         )
         first, second = min(a, b), max(a, b)
         slowdown = max(1.0, together / max(alone[(a, kind)], alone[(b, kind)]))
@@ -1093,8 +1123,8 @@ def measure_plans(
     return tuple(out)
 
 
-def _median_latency(plan: Plan, ensemble: Ensemble, settings: RunSettings) -> float:
-    measured, failure = run_plan(plan, ensemble, settings)
+def _median_latency(plan: Plan, ensemble: Ensemble, settings: RunSettings, *, name: str) -> float:
+    measured, failure = run_plan(plan, ensemble, settings, name=name)
     run = measured.run if measured is not None else None
     if run is None or run.latency is None:
         raise ColocateError(f"calibration run of {', '.join(plan.members)} failed: {failure}")
@@ -1163,6 +1193,7 @@ __all__ = [
     "PairMeasurement",
     "PlanMeasurement",
     "RoundsSummary",
+    "RunObserver",
     "RunSettings",
     "baseline_plans",
     "by_hand_plans",
@@ -1175,6 +1206,7 @@ __all__ = [
     "load_calibration",
     "measure_plans",
     "mps_can_run",
+    "observing_runs",
     "pair_kind",
     "pairs_to_measure",
     "pareto_set",

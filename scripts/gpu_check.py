@@ -13,15 +13,18 @@ Standard library only, so it runs before anything is installed. Exit status 0 on
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -220,16 +223,29 @@ def _tail(text: str, lines: int = 40) -> str:
 
 
 def run_check(name: str, argv: list[str], timeout: int, env: dict[str, str]) -> dict[str, Any]:
+    """Run one check in a session of its own; past ``timeout`` kill it with all it started.
+
+    A benchmark runs each plan in a child process, which starts worker processes of its own:
+    killing the benchmark alone would leave them on the GPU, under the next check's figures.
+    """
     print(f"== {name}: {' '.join(argv)}", flush=True)
     start = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    # output to a file, not a pipe: a process the check leaves behind keeps a pipe open
+    with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as log:
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        code, out = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        code = -9
-        out = f"timed out after {timeout}s\n" + str(exc.stdout or "") + str(exc.stderr or "")
+        try:
+            code = proc.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        kill_session(proc.pid)  # past the timeout, or whatever it left running once it ended
+        if timed_out:
+            proc.wait()
+            code = -9
+        log.seek(0)
+        out = (f"timed out after {timeout}s\n" if timed_out else "") + log.read()
     seconds = time.perf_counter() - start
     print(_tail(out, 25), flush=True)
     print(f"== {name}: exit {code} in {seconds:.1f}s", flush=True)
@@ -241,6 +257,12 @@ def run_check(name: str, argv: list[str], timeout: int, env: dict[str, str]) -> 
         "outcome": "passed" if code == 0 else "failed",
         "output_tail": _tail(out),
     }
+
+
+def kill_session(session: int) -> None:
+    """SIGKILL every process left in ``session`` (a process group led by the check it started)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing left in it
+        os.killpg(session, signal.SIGKILL)
 
 
 def versions() -> dict[str, str | None]:

@@ -85,6 +85,7 @@ def test_packing_smoke(tmp_path: Path) -> None:
     assert data["versions"]["python"] and data["versions"]["torch"]
     assert "--smoke" in data["command"]
     assert data["finished"] is True
+    assert data["case_in_progress"] is None  # every case finished
     assert data["by_hand"]["streams"] == "one thread per member"
 
     cases = data["cases"]
@@ -133,6 +134,11 @@ def test_packing_smoke(tmp_path: Path) -> None:
         if with_backends["backends"] != "every member as given":
             assert variants is not None and variants.get("error") is None, variants
             assert variants["time_scale"] is not None
+        # every plan run is listed as it ended: calibration's, then the comparison's distinct plans
+        phases = [r["phase"] for r in case["runs"]]
+        assert phases[0] == "calibration" and phases[-1] == "comparison"
+        compared = {r["label"] for r in case["runs"] if r["phase"] == "comparison"}
+        assert compared == {row["ran_as"] for row in case["strategies"] if row["ran_as"]}
         members = case["members"]
         assert len(members) == case["member_count"]
         assert len({m["name"] for m in members}) == len(members)

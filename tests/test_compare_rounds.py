@@ -171,6 +171,74 @@ def test_a_round_that_fails_fails_the_plan_and_says_which(
     assert report.best is not None and report.best.name == "sequential"
 
 
+def test_observers_see_every_run_as_it_ends_in_order_with_its_label(
+    cpu: Device, pair_ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # replaced below run_plan, so that run_plan's own call of the observers is what is tested
+    figures = iter([100.0, 120.0, 90.0, -1.0, 70.0, 60.0])
+    ran: list[float] = []
+
+    def in_child(plan_: Plan, ensemble: Ensemble, settings: RunSettings) -> tuple[PlanRun | None, str | None]:
+        value = next(figures)
+        ran.append(value)
+        if value < 0:
+            return None, "WorkerFailedError: the plan's process died (exit code -9)"
+        return fake_run(plan_, value), None
+
+    monkeypatch.setattr(compare_module, "_run_plan_in_child", in_child)
+    outer: list[tuple[str, float | None, str | None]] = []
+    inner: list[str] = []
+
+    def record_outer(label: str, plan_: Plan, measured: PlanRun | None, failure: str | None) -> None:
+        outer.append((label, measured.run.throughput_sps if measured is not None else None, failure))
+
+    plans = three_plans(cpu)[:2]
+    with compare_module.observing_runs(record_outer):
+        with compare_module.observing_runs(lambda label, *_: inner.append(label)):
+            compare_module.run_rounds(
+                [(p.strategy, p) for p in plans], pair_ensemble, RunSettings(), rounds=2
+            )
+        compare_module.run_plan(plans[0], pair_ensemble, RunSettings(), name="after the inner block")
+    compare_module.run_plan(plans[0], pair_ensemble, RunSettings(), name="outside both")
+    assert ran == [100.0, 120.0, 90.0, -1.0, 70.0, 60.0]  # every run went through the patched child
+    # round 2 runs the plans rotated; the failed run is reported with its reason; each observer
+    # sees the runs of its own block only
+    assert outer == [
+        ("sequential", 100.0, None),
+        ("streams", 120.0, None),
+        ("streams", 90.0, None),
+        ("sequential", None, "WorkerFailedError: the plan's process died (exit code -9)"),
+        ("after the inner block", 70.0, None),
+    ]
+    assert inner == ["sequential", "streams", "streams", "sequential"]
+
+
+def test_calibration_runs_reach_the_observer_named_by_what_they_measure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runner_calls: list[str] = []
+
+    def here(plan_: Plan, ensemble: Ensemble, settings: RunSettings) -> tuple[PlanRun | None, str | None]:
+        latency = 0.012 if len(plan_.slots) == 2 else 0.01
+        runner_calls.append(plan_.strategy)
+        return fake_run(plan_, 1.0 / latency, latency_s=latency), None
+
+    monkeypatch.setattr(compare_module, "_run_plan_in_child", here)
+    seen: list[str] = []
+    ensemble = zoo.default_ensemble(scale="large")
+    picks = [("mlp", "vit", "process")]
+    with compare_module.observing_runs(lambda label, *_: seen.append(label)):
+        compare_module._measure_pairs(
+            ensemble, h100(), recorded(), 8, picks, RunSettings(seconds=1.0), lambda _: None
+        )
+    assert seen == [
+        "pair calibration: mlp alone (process)",
+        "pair calibration: vit alone (process)",
+        "pair calibration: mlp beside vit (process)",
+    ]
+    assert runner_calls == ["calibration"] * 3
+
+
 def test_repeats_must_be_a_positive_whole_number() -> None:
     with pytest.raises(InvalidInputError, match="repeats must be a whole number"):
         RunSettings(repeats=0)

@@ -67,3 +67,61 @@ def test_the_target_cases_come_first_each_in_its_own_step(gpu_check: ModuleType)
     assert rounds == ["2", "1"]  # batch 1, the close call between worker kinds, settles in two
     # both target steps and the checks before them fit a 590 s budget
     assert sum(timeout for _, _, timeout in gpu_check.GPU_BENCHMARKS[2:4]) + 90 <= 590
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie has ended; only our own children can be zombies, and this grandchild is init's
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.is_file() and stat.read_text().split()[2] == "Z")
+
+
+def test_a_check_past_its_timeout_is_killed_with_everything_it_started(
+    gpu_check: ModuleType, tmp_path: Path
+) -> None:
+    import sys
+    import time
+
+    pid_file = tmp_path / "grandchild.pid"
+    # a check that starts a long-lived process of its own (as a benchmark's plan child does) and hangs
+    code = (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "print('started', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    result = gpu_check.run_check("hangs", [sys.executable, "-c", code], 3, {"PATH": "/usr/bin:/bin"})
+    assert result["returncode"] == -9 and result["outcome"] == "failed"
+    assert result["output_tail"].startswith("timed out after 3s")
+    assert "started" in result["output_tail"]  # what it printed before the kill is kept
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 5.0
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild), "the check's own child outlived the timeout"
+
+
+def test_a_check_that_ends_leaves_nothing_behind(gpu_check: ModuleType, tmp_path: Path) -> None:
+    import sys
+    import time
+
+    pid_file = tmp_path / "orphan.pid"
+    code = (
+        "import subprocess, sys\n"
+        f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "print('done')\n"
+    )
+    result = gpu_check.run_check("leaves-one", [sys.executable, "-c", code], 30, {"PATH": "/usr/bin:/bin"})
+    assert result["returncode"] == 0 and "done" in result["output_tail"]
+    orphan = int(pid_file.read_text())
+    deadline = time.monotonic() + 5.0
+    while _alive(orphan) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(orphan)

@@ -1,0 +1,74 @@
+"""``benchmarks/packing.py`` keeps every plan run as it ends, so a run cut short keeps them.
+
+Nothing here runs a model: the child process that runs a plan is replaced by a fake that
+answers scripted figures (below ``run_plan``, whose observers the benchmark relies on).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+import colocate.comparison as compare_module
+from colocate import Ensemble, zoo
+from colocate.comparison import RunSettings
+from colocate.planning.types import Plan
+from colocate.report import PlanRun
+from tests.planning.helpers import h100, recorded
+from tests.scripts import BENCHMARKS, load_script
+from tests.test_compare_rounds import fake_run
+
+SPS = {"sequential": 100.0, "processes": 90.0}  # the rest 110 (auto may share a plan's slots)
+
+
+def scripted_child(
+    plan: Plan, ensemble: Ensemble, settings: RunSettings
+) -> tuple[PlanRun | None, str | None]:
+    if plan.strategy == "calibration":  # a member alone or a pair: latencies
+        latency = 0.012 if len(plan.slots) == 2 else 0.01
+        return fake_run(plan, plan.batch_size / latency, latency_s=latency), None
+    return fake_run(plan, SPS.get(plan.strategy, 110.0)), None
+
+
+def test_every_run_is_checkpointed_as_it_ends_calibration_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    packing = load_script("packing", BENCHMARKS)
+    monkeypatch.setattr(compare_module, "_run_plan_in_child", scripted_child)
+    ensemble = zoo.default_ensemble(scale="large")
+    snapshots: list[dict[str, Any]] = []
+    record, report = packing.run_case(
+        ensemble,
+        "default",
+        h100(),
+        recorded(),
+        8,
+        ["sequential", "streams", "processes", "auto"],
+        RunSettings(seconds=0.5),
+        calibrate_pairs=1,
+        calibrate_seconds=0.5,
+        say=lambda _line: None,
+        settle_plans=2,
+        settle_rounds=1,
+        checkpoint=lambda partial: snapshots.append(copy.deepcopy(partial)),
+    )
+    runs = record["runs"]
+    # one checkpoint per run, each holding the runs so far
+    assert [len(s["runs"]) for s in snapshots] == list(range(1, len(runs) + 1))
+    assert snapshots[-1]["runs"] == runs
+    phases = [r["phase"] for r in runs]
+    assert phases[0] == "calibration" and phases[-1] == "comparison"
+    assert phases == sorted(phases, key=["calibration", "comparison"].index)  # calibration, then comparison
+    pair_runs = [r for r in runs if r["label"].startswith("pair calibration: ")]
+    assert len(pair_runs) == 3  # two members alone and the pair
+    # the comparison's runs are the distinct plans of the record, with the figures it reports
+    compared = {r["label"]: r["measured_sps"] for r in runs if r["phase"] == "comparison"}
+    ran_as = {row["ran_as"]: row["measured_sps"] for row in record["strategies"] if row["ran_as"]}
+    assert compared == ran_as
+    assert compared["sequential"] == 100.0 and compared["processes"] == 90.0
+    assert all(r["status"] == "ok" and r["failure"] is None for r in runs)
+    # a checkpoint taken mid-case has the case's identity already, not its results
+    first = snapshots[0]
+    assert first["ensemble"] == "default" and first["batch_size"] == 8
+    assert "strategies" not in first and "planner" not in first
+    assert report is not None
