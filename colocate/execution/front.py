@@ -80,6 +80,10 @@ _REPLY_WAITS_MAX_SPREAD = 0.5
 _POLL_LEAD_SHARE = 0.05
 _POLL_LEAD_MIN_S = 0.0002
 _POLL_LEAD_MAX_S = 0.002
+# How long a worker polls its pipe after each reply when a core is free (reply polling on):
+# a caller in a loop sends its next request within a fraction of a millisecond of the reply
+# (on this project's 2-core VM, 0.4-0.6 ms: its reply read, combine and dispatch).
+_WORKER_IDLE_POLL_S = 0.001
 
 ReplyWait = Literal["auto", "spin", "block"]
 REPLY_WAITS: tuple[ReplyWait, ...] = ("auto", "spin", "block")
@@ -194,7 +198,9 @@ class Executor:
             is a worker process (a stream slot's thread would share this interpreter with
             the polling one) and the workers' busy threads (their torch threads on the CPU,
             one each on a GPU) leave at least one usable core. :attr:`reply_polling` says
-            what was decided.
+            what was decided. Whenever replies are polled for, each worker also polls its pipe
+            for a millisecond after each reply before it sleeps (:attr:`worker_idle_poll_s`),
+            so that the caller's next request finds it awake.
 
     Worker processes are started with ``spawn``: a script that uses process or mps
     slots needs the usual ``if __name__ == "__main__":`` guard, and their members must
@@ -300,6 +306,8 @@ class Executor:
             if slot.kind in ("process", "mps"):
                 pickle_members(slot, tuple(self._variants[m] for m in slot.members))
         resources = self._resources
+        # decided from the plan alone, before the workers start: they poll after each reply too
+        self._reply_polling = self._decide_reply_polling()
         slots = self._make_slots()  # pickles process members: fails before anything starts
         resources.slots.extend(slots)
         if self._uses_shm:
@@ -320,7 +328,6 @@ class Executor:
         for error in errors:
             if error is not None:
                 raise error
-        self._reply_polling = self._decide_reply_polling()
         resources.watchdog = threading.Thread(
             target=_watchdog,
             args=(weakref.ref(self), resources.stop_event),
@@ -351,6 +358,7 @@ class Executor:
                 )
                 continue
             options: dict[str, Any] = {
+                "idle_poll_s": self.worker_idle_poll_s,
                 "warmup_batch_size": self.warmup_batch_size,
                 "on_worker_death": self.on_worker_death,
                 "max_restarts": self.max_restarts,
@@ -378,6 +386,13 @@ class Executor:
         from ``reply_wait``: ``"sleep"``, ``"near-reply"`` (poll around the expected reply) or
         ``"throughout"``."""
         return self._reply_polling
+
+    @property
+    def worker_idle_poll_s(self) -> float:
+        """How long each process or mps worker polls its pipe after a reply before it sleeps:
+        a millisecond when replies are polled for (``reply_wait`` ``"spin"``, or ``"auto"``
+        with a core free), so that a caller's next request finds the worker awake; else 0."""
+        return 0.0 if self._reply_polling == "sleep" else _WORKER_IDLE_POLL_S
 
     def _decide_reply_polling(self) -> ReplyPolling:
         if self.reply_wait == "spin":

@@ -306,8 +306,9 @@ class MpsSlot(ProcessSlot):
         start_timeout_s: float = 300.0,
         stop_grace_s: float = 5.0,
         warmup_batch_size: int | None = None,
+        idle_poll_s: float = 0.0,
     ) -> None:
-        options: dict[str, Any] = {"warmup_batch_size": warmup_batch_size}
+        options: dict[str, Any] = {"warmup_batch_size": warmup_batch_size, "idle_poll_s": idle_poll_s}
         if device.kind == "cuda":
             if daemon is None:
                 raise MPSUnavailableError(

@@ -34,7 +34,9 @@ the reader sees the end. A thread that waits for its own request
 (``Executor.predict``) reads the replies itself while it waits
 (:meth:`ProcessSlot.begin_foreground`): the reply then
 wakes that thread directly instead of the reader thread, which would then wake
-it, one thread wake-up less per request. The reader thread parks meanwhile, and
+it, one thread wake-up less per request. A worker given ``idle_poll_s`` polls its pipe
+that long after each reply before it sleeps on it, so that a caller's next request
+finds it awake (the executor sets it when a core is free to poll on). The reader thread parks meanwhile, and
 also whenever no reply is due, so a loop of ``predict`` calls never wakes it.
 A worker's death fails every request in flight at once with a
 :class:`~colocate.errors.WorkerFailedError` naming the slot, its members and the
@@ -107,6 +109,7 @@ class WorkerSpec:
     cpu_threads: int | None = None  # torch intra-op threads of the worker (None: torch's default)
     cpu_affinity: tuple[int, ...] | None = None  # cores the worker may run on (None: all)
     warmup_batch_size: int | None = None  # one batch of this size through every member before ready
+    idle_poll_s: float = 0.0  # after each reply, poll the pipe this long before sleeping on it
 
 
 def pickle_members(slot: Slot, members: tuple[Member, ...]) -> bytes:
@@ -157,6 +160,10 @@ class ProcessSlot:
         cpu_threads: torch's intra-op thread count in the worker; None for torch's default.
         warmup_batch_size: the worker runs one batch of this size through every member
             before it answers ``ready`` (None: no warm-up).
+        idle_poll_s: after each reply the worker polls its pipe this long without sleeping
+            before it sleeps on it (0: it sleeps at once). A request that comes meanwhile, as
+            the next one of a caller in a loop does, then finds the worker awake instead of
+            paying its wake-up; the price is a core kept busy for that long after each reply.
     """
 
     kind = "process"
@@ -175,9 +182,12 @@ class ProcessSlot:
         cpu_affinity: tuple[int, ...] | None = None,
         cpu_threads: int | None = None,
         warmup_batch_size: int | None = None,
+        idle_poll_s: float = 0.0,
     ) -> None:
         if on_worker_death not in ("fail", "restart"):
             raise InvalidInputError(f"on_worker_death must be 'fail' or 'restart', got {on_worker_death!r}")
+        if not idle_poll_s >= 0.0:
+            raise InvalidInputError(f"idle_poll_s must be >= 0 seconds, got {idle_poll_s!r}")
         self.slot = slot
         self.members = members
         self.device = device
@@ -193,6 +203,7 @@ class ProcessSlot:
             cpu_threads=cpu_threads,
             cpu_affinity=cpu_affinity,
             warmup_batch_size=warmup_batch_size,
+            idle_poll_s=idle_poll_s,
         )
         self._lock = threading.Lock()  # state, pending, backlog, process, conn
         self._send_lock = threading.Lock()  # writes to the pipe (never held with _lock)
@@ -745,7 +756,7 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
             return
         if not _worker_send(conn, ("ready", os.getpid())):
             return
-        _serve(conn, runners, blocks, spec.slot)
+        _serve(conn, runners, blocks, spec.slot, spec.idle_poll_s)
     finally:
         deactivate_runners(runners)
         blocks.close()
@@ -753,13 +764,19 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
             conn.close()
 
 
-def _serve(conn: Connection, runners: list[MemberRunner], blocks: BlockCache, slot: str) -> None:
+def _serve(
+    conn: Connection, runners: list[MemberRunner], blocks: BlockCache, slot: str, idle_poll_s: float = 0.0
+) -> None:
     inbox: deque[tuple[Any, ...]] = deque()
     waiting = select.poll()  # one for the worker's life: Connection.poll builds a selector per call
     waiting.register(conn.fileno(), select.POLLIN)
     while True:
         try:
             if not inbox:
+                if idle_poll_s > 0.0:
+                    until = time.perf_counter() + idle_poll_s
+                    while not waiting.poll(0) and time.perf_counter() < until:
+                        pass
                 inbox.append(pickle.loads(conn.recv_bytes()))
             while waiting.poll(0):  # take everything already sent, so a stop is seen at once
                 inbox.append(pickle.loads(conn.recv_bytes()))

@@ -169,6 +169,10 @@ def test_predict_polls_as_reply_wait_says(
     with Executor(plan, ensemble, reply_wait=reply_wait, request_timeout_s=60.0) as executor:  # type: ignore[arg-type]
         polling = {"auto": "near-reply", "spin": "throughout", "block": "sleep"}[reply_wait]
         assert executor.reply_polling == polling
+        # the workers poll after each reply exactly when the replies are polled for
+        idle_poll_s = 0.0 if reply_wait == "block" else front._WORKER_IDLE_POLL_S
+        assert executor.worker_idle_poll_s == idle_poll_s > 0.0 or reply_wait == "block"
+        assert [slot.spec.idle_poll_s for slot in executor._resources.slots] == [idle_poll_s] * 2
         per_request = _poll_timeouts_per_request(executor, ensemble, timeouts, requests=8)
     assert all(per_request), "every request waited in poll"
     zero = [[t for t in calls if t == 0] for calls in per_request]
@@ -201,3 +205,62 @@ def test_spinning_gives_the_same_answers_as_members_called_directly(
             assert_close(combined, expected)
             for name, output in expected_members.items():
                 assert_close(members[name], output)
+
+
+class _RecordingPoll:
+    """A ``select.poll`` that records the timeout of every call (the worker's own, in a thread)."""
+
+    def __init__(self, calls: list[float | None]) -> None:
+        self._poll = select.poll()
+        self._calls = calls
+
+    def register(self, fd: int, events: int) -> None:
+        self._poll.register(fd, events)
+
+    def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+        self._calls.append(timeout)
+        return self._poll.poll(timeout)
+
+
+@pytest.mark.parametrize("idle_poll_s", [0.0, 0.05])
+def test_a_worker_polls_its_pipe_after_a_reply_only_when_told(
+    idle_poll_s: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import multiprocessing
+    import pickle
+    import threading
+    import time
+
+    from colocate.execution import processes
+    from colocate.execution._shm import BlockCache, SharedBatchPool
+
+    calls: list[float | None] = []
+    # the worker's module only: select.poll elsewhere stays the real one
+    recording = types.SimpleNamespace(poll=lambda: _RecordingPoll(calls), POLLIN=select.POLLIN)
+    monkeypatch.setattr(processes, "select", recording)
+    front_end, worker_end = multiprocessing.Pipe()
+    pool = SharedBatchPool()
+    block = pool.acquire(64)
+    blocks = BlockCache()
+    worker = threading.Thread(target=processes._serve, args=(worker_end, [], blocks, "s0", idle_poll_s))
+    worker.start()
+    try:
+        front_end.send_bytes(pickle.dumps(("run", 7, block.name, (2, 2), "float32")))
+        reply = pickle.loads(front_end.recv_bytes())
+        assert reply[:3] == ("ok", 7, [])  # no members: no outputs
+        time.sleep(idle_poll_s + 0.05)  # past the polling window: asleep on the pipe by now
+        calls_then = len(calls)
+        time.sleep(0.05)
+        assert len(calls) == calls_then, "the worker kept polling past its window"
+        front_end.send_bytes(pickle.dumps(("stop",)))
+        worker.join(5.0)
+        assert not worker.is_alive()
+    finally:
+        blocks.close()
+        pool.close()
+        front_end.close()
+    polled = [t for t in calls if t == 0]
+    if idle_poll_s == 0.0:
+        assert len(polled) == 2  # one look for more messages after each of the two it received
+    else:
+        assert len(polled) > 100  # polled without sleeping through the 50 ms after its reply
