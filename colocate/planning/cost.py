@@ -46,8 +46,10 @@ is faster than a member alone or than the device's SM time.
 Memory, per slot: the members' weights plus the largest peak activation among them (members of
 one slot run one after another on one stream, so the caching allocator reuses their activation
 blocks), plus ``allocator_margin``; plus one process cost per worker process (a CUDA context on
-a GPU, the interpreter's RSS on the CPU) and one for the serving process (on a GPU only when
-it runs streams). A plan fits when that is at most the device's free memory minus ``safety_margin``.
+a GPU, the interpreter's RSS on the CPU; an MPS client on a GPU costs a share of a context,
+``MPS_CLIENT_SHARE``, since the MPS server holds what its clients share) and one for the serving
+process (on a GPU only when it runs streams). A plan fits when that is at most the device's
+free memory minus ``safety_margin``.
 """
 
 from __future__ import annotations
@@ -264,9 +266,17 @@ class CostModel:
         return math.ceil((weights + activation) * (1.0 + self.allocator_margin))
 
     def peak_memory_bytes(self, layout: Layout, demands: DemandSet) -> int:
-        """Predicted peak memory of a layout: slots + one process cost per process."""
+        """Predicted peak memory of a layout: slots + what its processes cost."""
         total = sum(self.slot_memory_bytes(s.members, demands) for s in layout)
-        return total + self.processes(layout, demands) * demands.process_bytes
+        return total + self.process_memory_bytes(layout, demands)
+
+    def process_memory_bytes(self, layout: Layout, demands: DemandSet) -> int:
+        """What a layout's processes cost beyond their members: each worker's
+        (:meth:`DemandSet.worker_bytes`: an MPS client's on a GPU is a share of a context), and
+        the serving process's when it pays one (:meth:`processes`)."""
+        workers = sum(demands.worker_bytes(s.kind) for s in layout)
+        serving = any(s.kind == "stream" for s in layout) or not demands.is_gpu
+        return workers + (demands.process_bytes if serving else 0)
 
     def processes(self, layout: Layout, demands: DemandSet) -> int:
         """Processes that pay a process cost: the workers, and the serving process.
@@ -460,7 +470,7 @@ class Engine:
 
     def peak_memory(self, layout: Layout) -> int:
         total = sum(self.slot_memory(s.members) for s in layout)
-        return total + self.model.processes(layout, self.demands) * self.demands.process_bytes
+        return total + self.model.process_memory_bytes(layout, self.demands)
 
     def fits(self, layout: Layout) -> bool:
         return self.peak_memory(layout) <= self.limit

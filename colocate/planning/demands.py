@@ -65,6 +65,18 @@ CUDA_CONTEXT_BYTES = 500 * _MIB
 """Device memory one process's CUDA context takes when no profile tells (an estimate for an
 H100-class GPU with a framework loaded; the recorded H200 profiles measure 750-900 MiB with
 torch 2.11 including cuBLAS/cuDNN handles, and are used instead where they apply)."""
+MPS_CLIENT_SHARE = 0.37
+"""Device memory an MPS client process costs, as a share of a plain process's CUDA context.
+
+The MPS server holds one copy of the storage and scheduling resources its clients share, so
+a client carries less than a context of its own ("to a much lesser degree" since Volta, which
+gives each client its own address space: NVIDIA's MPS documentation, "When to Use MPS").
+Measured on a lent H100 (driver 580, torch 2.11; benchmarks/results/
+20261127T1959-nvidia-h100-80gb-hbm3-packing.json, 8 small members at batch 1): an MPS worker
+per member used 2,780 MiB and a plain worker process per member 6,850 MiB, which is
+(2,780 - 370) / 8 = 301 MiB per client against (6,850 - 370) / 8 = 810 MiB per process
+beyond the members' own 370 MiB: 0.37. One measurement; the server's own context is not
+in it (nor in the executor's measured memory, which covers the plan's own processes)."""
 MIN_CONTEXT_BYTES = 200 * _MIB
 """Lower clamp of a context size measured from profiles."""
 MAX_CONTEXT_BYTES = 4 << 30
@@ -279,6 +291,22 @@ class DemandSet:
         )
         note = f"member times scaled by {factor:.3g} (calibration: how fast plans run now)"
         return dataclasses.replace(self, members=members, notes=(*self.notes, note))
+
+    @property
+    def mps_client_bytes(self) -> int:
+        """Memory one mps worker costs: on a GPU an MPS client's share of a context
+        (:data:`MPS_CLIENT_SHARE`), on the CPU a whole process (there it is one)."""
+        if not self.device.is_gpu:
+            return self.process_bytes
+        return round(self.process_bytes * MPS_CLIENT_SHARE)
+
+    def worker_bytes(self, kind: str) -> int:
+        """Memory a worker of a ``kind`` slot costs beyond its members: a process's
+        (``process``), an MPS client's (``mps``), none for a ``stream`` slot (it runs in the
+        serving process)."""
+        if kind == "stream":
+            return 0
+        return self.mps_client_bytes if kind == "mps" else self.process_bytes
 
     @property
     def memory_available_bytes(self) -> int:
@@ -879,6 +907,7 @@ def profiled_batch_sizes(
 __all__ = [
     "CPU_PROCESS_BYTES",
     "CUDA_CONTEXT_BYTES",
+    "MPS_CLIENT_SHARE",
     "DemandSet",
     "MemberDemand",
     "demand_set",

@@ -8,7 +8,7 @@ the memory adds up. Notes say which figures are measured and which are estimated
 
 from __future__ import annotations
 
-from colocate.planning.cost import Engine, Evaluation, slot_name
+from colocate.planning.cost import CostModel, Engine, Evaluation, Layout, slot_name
 from colocate.planning.demands import DemandSet
 from colocate.planning.strategies import DESCRIPTIONS, Candidate, Context
 
@@ -33,6 +33,22 @@ def _ms(seconds: float) -> str:
 
 def _process_word(demands: DemandSet) -> str:
     return "CUDA context" if demands.is_gpu else "worker process"
+
+
+def _process_costs(model: CostModel, layout: Layout, demands: DemandSet) -> str:
+    """What a layout's processes cost, e.g. ``"1 x 1001 MiB per CUDA context and 8 x 370 MiB
+    per MPS client"``."""
+    processes = model.processes(layout, demands)
+    if not demands.is_gpu:
+        size = size_text(demands.process_bytes)
+        return f"{processes} x {size} per process (the serving process and each worker)"
+    clients = sum(1 for s in layout if s.kind == "mps")
+    parts = []
+    if processes - clients:
+        parts.append(f"{processes - clients} x {size_text(demands.process_bytes)} per CUDA context")
+    if clients:
+        parts.append(f"{clients} x {size_text(demands.mps_client_bytes)} per MPS client")
+    return " and ".join(parts) or "no process cost"
 
 
 def explain(
@@ -95,13 +111,11 @@ def explain(
     lines.extend(_kind_lines(ev, ctx))
     lines.append(_bound_line(ev, ctx))
     limit = engine.limit
-    processes = engine.model.processes(layout, demands)
     lines.append(
         f"peak memory {size_text(ev.peak_memory_bytes)} of {size_text(limit)} usable "
         f"({size_text(demands.memory_available_bytes)} free minus the {engine.model.safety_margin:.0%} "
         f"safety margin): per slot the weights plus its largest activation plus "
-        f"{engine.model.allocator_margin:.0%}, and {processes} x {size_text(demands.process_bytes)} "
-        f"per {'CUDA context' if demands.is_gpu else 'process (the serving process and each worker)'}"
+        f"{engine.model.allocator_margin:.0%}, and {_process_costs(engine.model, layout, demands)}"
     )
     return tuple(lines), _notes(ctx, batch_note)
 
@@ -165,7 +179,7 @@ def _slot_lines(ev: Evaluation, ctx: Context) -> list[str]:
         if slot.kind != "stream":
             word = _process_word(demands)
             reasons.append(
-                f"one {slot.kind} slot costs one {word} ({size_text(demands.process_bytes)}) "
+                f"one {slot.kind} slot costs one {word} ({size_text(demands.worker_bytes(slot.kind))}) "
                 f"instead of {len(members)}"
             )
         elif demands.is_gpu and all(demands[m].host_share >= HOST_BOUND_SHARE for m in members):
@@ -289,11 +303,9 @@ def infeasible_message(strategy: str, demands: DemandSet, engine: Engine, smalle
         f"{model.safety_margin:.0%} safety margin)"
     ]
     if smallest is not None:
-        processes = model.processes(smallest.layout, demands)
         parts.append(
             f"the smallest candidate needs {size_text(smallest.peak_memory_bytes)} "
-            f"({len(smallest.layout)} slot(s), {processes} x {size_text(demands.process_bytes)} per "
-            f"{_process_word(demands)})"
+            f"({len(smallest.layout)} slot(s), {_process_costs(model, smallest.layout, demands)})"
         )
     needs = sorted(demands.members, key=lambda d: -d.memory_bytes)
     parts.append(

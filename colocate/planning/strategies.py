@@ -189,9 +189,9 @@ def pack(ctx: Context, kind: str, slots: int, order: Sequence[str]) -> list[list
     engine = ctx.engine
     demands = ctx.demands
     target = max(max(ctx.latency(m) for m in order), sum(ctx.latency(m) for m in order) / slots) * 1.0001
-    per_process = demands.process_bytes
+    per_process = demands.worker_bytes(kind)  # 0 for a stream slot
     worker = kind != "stream"
-    serving = per_process if demands.is_gpu and not worker else 0
+    serving = demands.process_bytes if demands.is_gpu and not worker else 0
     bins: list[list[str]] = []
     times: list[float] = []
     mems: list[int] = []

@@ -10,7 +10,7 @@ import pytest
 from colocate.devices import cpu_device
 from colocate.errors import InvalidInputError
 from colocate.planning import CostModel, DemandSet, SlotSpec, mps_percentages
-from colocate.planning.demands import MemberDemand, demand_set
+from colocate.planning.demands import MPS_CLIENT_SHARE, MemberDemand, demand_set
 from colocate.planning.types import Slot
 
 from .helpers import MIB, demand, demands
@@ -126,8 +126,15 @@ def test_memory_counts_weights_largest_activation_and_contexts() -> None:
     assert M.peak_memory_bytes(two_streams, ds) == slot(200) + slot(500) + 500 * MIB
     two_procs = (SlotSpec("process", ("a",)), SlotSpec("process", ("b",)))
     assert M.peak_memory_bytes(two_procs, ds) == slot(200) + slot(500) + 2 * 500 * MIB
+    # an MPS client pays a share of a context (the server holds what the clients share); the
+    # serving process pays a whole one for its stream slot
+    client = round(500 * MIB * MPS_CLIENT_SHARE)
+    assert ds.mps_client_bytes == client and 0 < client < 500 * MIB
     mixed = (SlotSpec("stream", ("a",)), SlotSpec("mps", ("b",), 50.0))
-    assert M.peak_memory_bytes(mixed, ds) == slot(200) + slot(500) + 2 * 500 * MIB
+    assert M.peak_memory_bytes(mixed, ds) == slot(200) + slot(500) + 500 * MIB + client
+    two_clients = (SlotSpec("mps", ("a",), 50.0), SlotSpec("mps", ("b",), 50.0))
+    assert M.peak_memory_bytes(two_clients, ds) == slot(200) + slot(500) + 2 * client  # no serving context
+    # the client's memory limit still budgets a whole context: libraries' workspaces count against it
     limit = M.mps_memory_limit_bytes(("b",), ds)
     budget = (slot(500) + 500 * MIB) * 1.1  # its members and its context, with 10 % headroom
     assert limit % MIB == 0 and budget <= limit < budget + MIB
@@ -267,3 +274,23 @@ def test_cpu_stream_slots_of_eager_torch_members_do_not_overlap() -> None:
     torch_seq = M.predict((SlotSpec("stream", ("a", "b")),), _cpu(*torch_members))
     assert torch_streams.throughput_sps < 0.6 * torch_seq.throughput_sps  # 1 thread each, serialised
     assert ort_streams.throughput_sps > 1.6 * torch_streams.throughput_sps
+
+
+def test_mps_plans_charge_clients_a_share_of_a_context_and_say_so() -> None:
+    from colocate import zoo
+    from colocate.planning import plan
+    from colocate.planning.demands import member_demands
+    from tests.planning.helpers import h100, recorded
+
+    ensemble = zoo.default_ensemble(scale="large")
+    device, profiles = h100(), recorded()
+    ds = member_demands(ensemble, device, profiles, 8)
+    mps = plan(ensemble, device, profiles, strategy="mps", batch_size=8)
+    processes = plan(ensemble, device, profiles, strategy="processes", batch_size=8)
+    assert len(mps.slots) == len(processes.slots) == len(ensemble.members)  # one worker per member
+    # the same members and slots: the plans differ by a context's unshared part per worker
+    saved = processes.prediction.peak_memory_bytes - mps.prediction.peak_memory_bytes
+    assert saved == len(mps.slots) * (ds.process_bytes - ds.mps_client_bytes)
+    memory_line = next(line for line in mps.explanation if line.startswith("peak memory"))
+    assert f"{len(mps.slots)} x " in memory_line and "per MPS client" in memory_line
+    assert "per CUDA context" not in memory_line  # no stream slot: the serving process has none
