@@ -160,12 +160,19 @@ def _layout_key(plan: Plan) -> tuple[Any, ...]:
 def _measured(calibration: Calibration | None) -> dict[str, Any]:
     """What a calibration measured, for the result JSON (empty figures without one)."""
     if calibration is None:
-        return {"pairs": [], "plans": [], "time_scale": None, "worker_time_scale": None}
+        return {
+            "pairs": [],
+            "plans": [],
+            "time_scale": None,
+            "worker_time_scale": None,
+            "stream_time_scale": None,
+        }
     return {
         "pairs": serde.to_dict(calibration.pairs),
         "plans": serde.to_dict(calibration.plans),
         "time_scale": calibration.time_scale,
         "worker_time_scale": calibration.worker_time_scale,
+        "stream_time_scale": calibration.stream_time_scale,
     }
 
 

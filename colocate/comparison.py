@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from colocate import serde
 from colocate.devices import Device, mps_available, mps_daemon_running
@@ -483,7 +483,8 @@ def compare(
                     variant_notes.append(
                         f"'{label}': the variants it chose were calibrated as they run ({pairs} pair(s), "
                         f"{runs} plan(s) measured, time scale {variant_calibration.time_scale:.2f}, "
-                        f"worker slots x{variant_calibration.worker_time_scale:.2f}) "
+                        f"worker slots x{variant_calibration.worker_time_scale:.2f}, "
+                        f"stream slots side by side x{variant_calibration.stream_time_scale:.2f}) "
                         "and its slots laid out again"
                     )
                 planned_entry = (label, made, None)
@@ -867,7 +868,8 @@ def calibrate(
        CUDA-graph switches). ``auto`` planning with this calibration then picks the
        measured-best of them, so it never picks a plan that measured slower than one made by hand.
     3. **How fast plans run now** (:func:`_time_scales`): the loop's ratio of predicted to
-       measured throughput gives ``time_scale``, the plans of worker slots ``worker_time_scale``.
+       measured throughput gives ``time_scale``, the plans of worker slots ``worker_time_scale``,
+       the plans of several stream slots ``stream_time_scale``.
     4. **The calibrated pick, measured.** Planned again with all of that, ``auto`` can pick slots
        no run had, predicted above every measurement (the scales move the balance between
        plans). That plan then runs ``plan_rounds`` rounds too, so that ``auto`` settles on a
@@ -939,7 +941,7 @@ def calibrate(
         else:
             say(f"calibrating: running '{settled_pick.strategy}' to see how fast plans run now")
         plans = measure_plans(contenders, ensemble, plan_settings, progress=say)
-    time_scale, worker_time_scale = _time_scales(plans)
+    time_scale, worker_time_scale, stream_time_scale = _time_scales(plans)
     if abs(time_scale - 1.0) > 0.05:
         say(
             f"calibrating: plans ran {1 / time_scale:.2f}x the throughput the profiles predict; "
@@ -951,6 +953,12 @@ def calibrate(
             "the model predicts beside plans of stream slots; the planner scales the members' "
             "times in worker slots by that"
         )
+    if abs(stream_time_scale - 1.0) > 0.05:
+        say(
+            f"calibrating: plans of several stream slots ran {1 / stream_time_scale:.2f}x the "
+            "throughput the model predicts beside the loop; the planner scales the members' times "
+            "in a stream slot beside other slots by that"
+        )
     calibration = Calibration(
         ensemble=ensemble.name,
         device=device,
@@ -960,6 +968,7 @@ def calibrate(
         plans=plans,
         time_scale=time_scale,
         worker_time_scale=worker_time_scale,
+        stream_time_scale=stream_time_scale,
     )
     if not calibration.measured_plans():
         return calibration
@@ -1007,8 +1016,16 @@ def _unmeasured_pick(
     return None if _layout_key(pick) in measured else pick
 
 
-def _time_scales(plans: Sequence[PlanMeasurement]) -> tuple[float, float]:
-    """How much slower than predicted the measured plans ran: ``(time_scale, worker_time_scale)``.
+class TimeScales(NamedTuple):
+    """What a calibration's plan measurements say about the cost model (see :func:`_time_scales`)."""
+
+    time_scale: float
+    worker_time_scale: float
+    stream_time_scale: float
+
+
+def _time_scales(plans: Sequence[PlanMeasurement]) -> TimeScales:
+    """How much slower than predicted the measured plans ran.
 
     ``time_scale`` is how fast the members run now against their profiles (which may come from
     a quieter or busier moment, or other clocks): predicted over measured throughput of the
@@ -1018,8 +1035,11 @@ def _time_scales(plans: Sequence[PlanMeasurement]) -> tuple[float, float]:
     ratio over the plans of worker slots only (process, mps), divided by ``time_scale``: what
     the model gets wrong about worker processes (on a GPU, how finely it time-slices their
     contexts; on the CPU, the workers' own costs). It is 1 unless a plan of stream slots ran
-    too. Plans that mix the kinds inform neither. ``scripts/time_scale_rules.py`` replays
-    these rules and the earlier one on recorded runs.
+    too. ``stream_time_scale`` is the same over the plans of several stream slots, when the
+    loop ran too: what the model gets wrong about stream slots side by side (on a lent H100,
+    CUDA-graph members a thread each ran at a quarter of the predicted speed). Plans that mix
+    the kinds inform none. ``scripts/time_scale_rules.py`` replays these rules and the
+    earlier ones on recorded runs.
     """
 
     def ratios(which: Sequence[PlanMeasurement]) -> list[float]:
@@ -1035,11 +1055,16 @@ def _time_scales(plans: Sequence[PlanMeasurement]) -> tuple[float, float]:
     every = ratios(plans)
     streams = ratios([p for p in plans if only_streams(p)])
     if not streams:
-        return (float(statistics.median(every)) if every else 1.0), 1.0
+        return TimeScales((float(statistics.median(every)) if every else 1.0), 1.0, 1.0)
     loop = ratios([p for p in plans if only_streams(p) and len(p.slots) == 1])
     time_scale = float(statistics.median(loop or streams))
     workers = ratios([p for p in plans if all(s.kind != "stream" for s in p.slots)])
-    return time_scale, (float(statistics.median(workers)) / time_scale if workers else 1.0)
+    side_by_side = ratios([p for p in plans if only_streams(p) and len(p.slots) > 1]) if loop else []
+    return TimeScales(
+        time_scale,
+        float(statistics.median(workers)) / time_scale if workers else 1.0,
+        float(statistics.median(side_by_side)) / time_scale if side_by_side else 1.0,
+    )
 
 
 def _measure_pairs(

@@ -74,6 +74,11 @@ class Calibration:
     # over measured throughput, over ``time_scale``; 1 unless such a plan and a plan of stream
     # slots were both measured (files written before it existed load with 1)
     worker_time_scale: float = 1.0
+    # how much slower (>1) or faster the plans of several stream slots ran than the model
+    # predicts once ``time_scale`` is applied: the median of their predicted over measured
+    # throughput, over ``time_scale``; 1 unless such a plan and the loop were both measured
+    # (files written before it existed load with 1)
+    stream_time_scale: float = 1.0
 
     def model(self, base: CostModel | None = None) -> CostModel:
         """The cost model this calibration implies: ``base`` (default constants) with the
@@ -84,6 +89,7 @@ class Calibration:
             interference=self.interference(),
             time_scale=self.time_scale,
             worker_time_scale=self.worker_time_scale,
+            stream_time_scale=self.stream_time_scale,
         )
 
     def interference(self) -> dict[PairKey, float]:

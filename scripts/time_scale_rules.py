@@ -15,7 +15,10 @@ The rules:
   members in worker slots (process, mps) from the plans of worker slots only.
 * ``loop``: as ``streams``, but the scale from the one-slot plan holding every member (a
   Python loop) when it was measured: its prediction involves no concurrency model, so its
-  ratio is only how fast the members run now (the rule colocate uses now).
+  ratio is only how fast the members run now (colocate's rule from 20:30 to 23:00 UTC).
+* ``current``: as ``loop``, and a third factor for the members in a stream slot beside other
+  slots, from the plans of several stream slots, when the loop was measured
+  (``comparison._time_scales``: the rule colocate uses now).
 
 Scaling an uncalibrated prediction by the factors is a linear approximation: the cost model
 also has fixed costs (dispatch, combine) that the scales do not stretch. Strategies that mix
@@ -42,7 +45,7 @@ from colocate import serde
 from colocate.comparison import _time_scales
 from colocate.planning.types import PlanMeasurement
 
-RULES = ("all", "streams", "loop")
+RULES = ("all", "streams", "loop", "current")
 
 
 def measurements(plans: Sequence[dict[str, Any]]) -> list[PlanMeasurement]:
@@ -50,14 +53,19 @@ def measurements(plans: Sequence[dict[str, Any]]) -> list[PlanMeasurement]:
     return [serde.from_dict(PlanMeasurement, plan) for plan in plans]
 
 
-def scales(plans: Sequence[PlanMeasurement], rule: str) -> tuple[float, float]:
-    """``(time_scale, worker_time_scale)`` that ``rule`` takes from a calibration's plans.
+def scales(plans: Sequence[PlanMeasurement], rule: str) -> tuple[float, float, float]:
+    """``(time_scale, worker_time_scale, stream_time_scale)`` that ``rule`` takes from a
+    calibration's plans.
 
-    ``loop`` is colocate's own rule (``comparison._time_scales``); ``all`` and ``streams``
-    are the earlier ones, kept here to compare against.
+    ``current`` is colocate's own rule (``comparison._time_scales``); ``all``, ``streams`` and
+    ``loop`` are the earlier ones, kept here to compare against (``loop`` is ``current``
+    without the third factor).
     """
+    if rule == "current":
+        return tuple(_time_scales(plans))  # type: ignore[return-value]
     if rule == "loop":
-        return _time_scales(plans)
+        time_scale, worker_time_scale, _ = _time_scales(plans)
+        return time_scale, worker_time_scale, 1.0
 
     def ratios(which: Sequence[PlanMeasurement]) -> list[float]:
         return [
@@ -68,13 +76,13 @@ def scales(plans: Sequence[PlanMeasurement], rule: str) -> tuple[float, float]:
 
     every = ratios(plans)
     if not every:
-        return 1.0, 1.0
+        return 1.0, 1.0, 1.0
     streams = ratios([p for p in plans if all(s.kind == "stream" for s in p.slots)])
     if rule == "all" or not streams:
-        return statistics.median(every), 1.0
+        return statistics.median(every), 1.0, 1.0
     workers = ratios([p for p in plans if all(s.kind != "stream" for s in p.slots)])
     time_scale = statistics.median(streams)
-    return time_scale, (statistics.median(workers) / time_scale if workers else 1.0)
+    return time_scale, (statistics.median(workers) / time_scale if workers else 1.0), 1.0
 
 
 def case_errors(case: dict[str, Any]) -> dict[str, Any] | None:
@@ -93,13 +101,15 @@ def case_errors(case: dict[str, Any]) -> dict[str, Any] | None:
         worker = "process" in slots or "mps" in slots
         if worker and "stream" in slots:
             continue
+        side_by_side = not worker and slots.count("stream") > 1
         with_backends = bool(row.get("backends"))
         if not (variant_plans if with_backends else plans):
             continue
         errors["uncalibrated"].append(abs(predicted / measured - 1.0))
         for rule in RULES:
-            time_scale, worker_scale = (variant_by_rule if with_backends else by_rule)[rule]
+            time_scale, worker_scale, stream_scale = (variant_by_rule if with_backends else by_rule)[rule]
             calibrated = predicted / time_scale / (worker_scale if worker else 1.0)
+            calibrated /= stream_scale if side_by_side else 1.0
             errors[rule].append(abs(calibrated / measured - 1.0))
     if not errors["uncalibrated"]:
         return None

@@ -788,28 +788,60 @@ def test_time_scales_split_stream_plans_from_worker_plans(cpu: Device) -> None:
     )
     # the H100's batch-1 case: stream plans near their prediction, processes 13x theirs
     plans = (_ran(seq, 43.0, 48.0), _ran(streams, 37.8, 39.0), _ran(procs, 13.4, 181.0))
-    time_scale, worker = compare_module._time_scales(plans)
+    time_scale, worker, side_by_side = compare_module._time_scales(plans)
     assert time_scale == pytest.approx(43 / 48)  # the loop: no concurrency model in its prediction
     assert worker == pytest.approx((13.4 / 181) / time_scale)
+    assert side_by_side == pytest.approx((37.8 / 39) / time_scale)  # a thread per member, beside the loop
     # without the loop, the median over the plans of stream slots
     coloring = hand_plan(cpu, "coloring", [["mlp"], ["mobilenet"]])
     without_loop = (_ran(streams, 37.8, 39.0), _ran(coloring, 43.0, 51.7), _ran(procs, 13.4, 181.0))
-    assert compare_module._time_scales(without_loop)[0] == pytest.approx((37.8 / 39 + 43 / 51.7) / 2)
+    # (which then set time_scale themselves: no separate factor for them)
+    assert compare_module._time_scales(without_loop)[::2] == (pytest.approx((37.8 / 39 + 43 / 51.7) / 2), 1.0)
     # CUDA graphs on the H100: the loop as predicted, streams of graphs a quarter of theirs
     graphs = (_ran(seq, 366.0, 354.0), _ran(streams, 1108.0, 229.0), _ran(coloring, 1187.0, 290.0))
-    assert compare_module._time_scales(graphs) == (pytest.approx(366 / 354), 1.0)
+    loop_scale = 366 / 354
+    side = ((1108 / 229 + 1187 / 290) / 2) / loop_scale
+    assert compare_module._time_scales(graphs) == (pytest.approx(loop_scale), 1.0, pytest.approx(side))
+    assert 3.9 < side < 4.5
     # the worker figure is the median over worker-only plans, mps ones included
-    _, worker2 = compare_module._time_scales((*plans, _ran(mps, 13.4, 150.0), _ran(procs, 13.4, 170.0)))
+    _, worker2, _ = compare_module._time_scales((*plans, _ran(mps, 13.4, 150.0), _ran(procs, 13.4, 170.0)))
     assert worker2 == pytest.approx((13.4 / 170) / time_scale)
     # a mixed plan informs neither scale
-    assert compare_module._time_scales((*plans, _ran(mixed, 100.0, 1.0))) == (time_scale, worker)
+    assert compare_module._time_scales((*plans, _ran(mixed, 100.0, 1.0))) == (
+        time_scale,
+        worker,
+        side_by_side,
+    )
     # worker plans alone: one scale for every plan, as before the split
     assert compare_module._time_scales((_ran(procs, 10.0, 20.0), _ran(mps, 10.0, 40.0))) == (
         pytest.approx(0.375),
         1.0,
+        1.0,
     )
-    assert compare_module._time_scales((_ran(seq, 10.0, 20.0),)) == (0.5, 1.0)
-    assert compare_module._time_scales(()) == (1.0, 1.0)
+    assert compare_module._time_scales((_ran(seq, 10.0, 20.0),)) == (0.5, 1.0, 1.0)
+    assert compare_module._time_scales(()) == (1.0, 1.0, 1.0)
+
+
+def test_stream_time_scale_stretches_stream_slots_beside_others_only() -> None:
+    ds = demands(demand("a", 10), demand("b", 20))
+    loop = (SlotSpec("stream", ("a", "b")),)
+    streams = (SlotSpec("stream", ("a",)), SlotSpec("stream", ("b",)))
+    workers = (SlotSpec("process", ("a",)), SlotSpec("process", ("b",)))
+    mixed = (SlotSpec("stream", ("a",)), SlotSpec("process", ("b",)))
+    slower = CostModel(stream_time_scale=4.0)
+    base = CostModel()
+    # the loop and the workers as modelled; streams side by side at a quarter (fixed costs aside)
+    for layout in (loop, workers):
+        assert slower.predict(layout, ds).throughput_sps == pytest.approx(
+            base.predict(layout, ds).throughput_sps
+        )
+    assert base.predict(streams, ds).throughput_sps / 4.5 < slower.predict(streams, ds).throughput_sps
+    assert slower.predict(streams, ds).throughput_sps <= base.predict(streams, ds).throughput_sps / 3
+    # a stream slot beside a worker slot is beside other slots too
+    assert slower.predict(mixed, ds).throughput_sps < base.predict(mixed, ds).throughput_sps
+    for bad in (0.0, -1.0):
+        with pytest.raises(InvalidInputError, match="stream_time_scale"):
+            CostModel(stream_time_scale=bad)
 
 
 def test_worker_time_scale_stretches_worker_slots_only() -> None:
@@ -828,17 +860,26 @@ def test_worker_time_scale_stretches_worker_slots_only() -> None:
             CostModel(worker_time_scale=bad)
 
 
-def test_calibration_carries_the_worker_time_scale_and_reads_old_files(tmp_path: Path) -> None:
+def test_calibration_carries_the_worker_and_stream_time_scales_and_reads_old_files(tmp_path: Path) -> None:
     calibration = Calibration(
-        ensemble="pair", device=h100(), batch_size=1, pairs=(), time_scale=0.9, worker_time_scale=0.08
+        ensemble="pair",
+        device=h100(),
+        batch_size=1,
+        pairs=(),
+        time_scale=0.9,
+        worker_time_scale=0.08,
+        stream_time_scale=4.0,
     )
     loaded = serde.load(Calibration, serde.save(calibration, tmp_path / "c.json"))
     assert loaded == calibration
-    assert loaded.model().worker_time_scale == 0.08 and loaded.model().time_scale == 0.9
+    model = loaded.model()
+    assert (model.time_scale, model.worker_time_scale, model.stream_time_scale) == (0.9, 0.08, 4.0)
     raw = json.loads((tmp_path / "c.json").read_text())
     raw["data"].pop("worker_time_scale")
+    raw["data"].pop("stream_time_scale")
     (tmp_path / "old.json").write_text(json.dumps(raw))
-    assert serde.load(Calibration, tmp_path / "old.json").worker_time_scale == 1.0
+    old = serde.load(Calibration, tmp_path / "old.json")
+    assert (old.worker_time_scale, old.stream_time_scale) == (1.0, 1.0)
 
 
 def test_a_calibrated_worker_scale_lets_auto_pick_worker_processes_the_model_ranked_last() -> None:

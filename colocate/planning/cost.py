@@ -203,9 +203,16 @@ class CostModel:
     # throughput of a Python loop, while the time-slicing bound (contexts' latencies add up,
     # fitted at batch 8 on an H200) predicted a third of it; 1 = as modelled
     worker_time_scale: float = 1.0
+    # members' times in a stream slot beside other slots x this, on top of time_scale: how much
+    # slower (>1) or faster plans of several stream slots ran at calibration than the model
+    # predicts relative to the loop (Calibration.stream_time_scale). On a lent H100, eight
+    # CUDA-graph members in a stream slot each ran at 0.8x the loop where the model, seeing no
+    # host work to contend for, predicted 3.2x (one calibration: 4.0); on this project's 2-core
+    # CPU it ranged 0.3-2.1 over the recorded runs; 1 = as modelled
+    stream_time_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("time_scale", "worker_time_scale"):
+        for name in ("time_scale", "worker_time_scale", "stream_time_scale"):
             value = getattr(self, name)
             if not value > 0:
                 raise InvalidInputError(f"CostModel.{name} must be positive, got {value!r}")
@@ -407,7 +414,7 @@ class Engine:
         self.demands = demands.scaled(model.time_scale)
         self.gpu = demands.is_gpu
         self.limit = model.memory_limit_bytes(demands)
-        self._eff: dict[tuple[str, str, float | None], _Eff] = {}
+        self._eff: dict[tuple[str, str, float | None, bool], _Eff] = {}
         self._pairs: dict[tuple[str, str], float] = {}
         self._slot_mem: dict[tuple[str, ...], int] = {}
         # normalised by CostModel.__post_init__: (a, b, kind) with a < b
@@ -428,13 +435,18 @@ class Engine:
         the executor gives it (:func:`cpu_threads_per_slot`), so their latency and core share
         are taken at that many threads."""
         threads = cpu_threads_per_slot(self.demands.cores, slots) if not self.gpu and kind != "mps" else None
-        key = (name, kind, percent if kind == "mps" else threads)
+        beside_others = kind == "stream" and slots > 1
+        key = (name, kind, percent if kind == "mps" else threads, beside_others)
         cached = self._eff.get(key)
         if cached is not None:
             return cached
         d = self.demands[name]
-        # the calibrated correction for worker slots (CostModel.worker_time_scale)
-        scale = self.model.worker_time_scale if kind != "stream" else 1.0
+        # the calibrated corrections for worker slots and for stream slots beside other slots
+        # (CostModel.worker_time_scale, CostModel.stream_time_scale)
+        if kind != "stream":
+            scale = self.model.worker_time_scale
+        else:
+            scale = self.model.stream_time_scale if beside_others else 1.0
         latency = d.latency_s * scale
         busy = d.busy_s * scale
         if self.gpu:
