@@ -73,6 +73,7 @@ from colocate.comparison import (
     calibrate_backends,
     compare,
     observing_runs,
+    run_record,
     variant_key,
 )
 from colocate.devices import Device
@@ -486,20 +487,13 @@ def run_case(
 def run_entry(
     phase: str, label: str, plan: Plan, measured: PlanRun | None, failure: str | None, at_s: float
 ) -> dict[str, Any]:
-    """One plan run as the JSON's ``runs`` lists it."""
-    run = measured.run if measured is not None else None
-    latency = run.latency if run is not None else None
+    """One plan run as the JSON's ``runs`` lists it (:func:`colocate.comparison.run_record`,
+    with the phase, the slots as the case's rows write them and when it ended)."""
     return {
         "phase": phase,
-        "label": label,
+        **run_record(label, plan, measured, failure),
         "slots": _slots_text(plan),
         "backends": _backends_text(plan),
-        "status": run.status if run is not None else "failed",
-        "failure": failure,
-        "measured_sps": run.throughput_sps if run is not None else None,
-        "latency_p50_s": latency.median_s if latency is not None else None,
-        "latency_p99_s": latency.p99_s if latency is not None else None,
-        "requests_completed": run.requests_completed if run is not None else None,
         "ended_at_s": at_s,
     }
 

@@ -7,10 +7,13 @@ and executor). Every subcommand takes ``--json`` for machine-readable output.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import datetime as dt
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from colocate import serde
@@ -515,8 +518,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from colocate import devices
-    from colocate.comparison import compare, load_calibration, regime_rows, save_report
-    from colocate.report import rate_rows, render_table
+    from colocate.comparison import observing_runs, run_record
 
     device = devices.find_device(args.device)
     ensemble = _load_ensemble(args, device)
@@ -524,6 +526,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     say = (lambda line: None) if args.json else (lambda line: console.print(f"[dim]{line}[/dim]"))
     profiles = _profiles_for(args, ensemble, device, args.batch_sizes)
     settings = _run_settings(args)
+    with contextlib.ExitStack() as stack:
+        if args.out:
+            # every plan run (calibration's too) as it ends: a comparison stopped early keeps them
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            log = stack.enter_context(open(Path(args.out) / "runs.jsonl", "w", encoding="utf-8"))
+
+            def append(label: str, plan: Any, measured: Any, failure: str | None) -> None:
+                ended = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+                log.write(json.dumps({**run_record(label, plan, measured, failure), "ended": ended}) + "\n")
+                log.flush()
+
+            stack.enter_context(observing_runs(append))
+        return _compare_batches(args, ensemble, device, profiles, settings, console, say)
+
+
+def _compare_batches(
+    args: argparse.Namespace,
+    ensemble: Any,
+    device: Any,
+    profiles: Any,
+    settings: Any,
+    console: Any,
+    say: Any,
+) -> int:
+    from colocate.comparison import compare, load_calibration, regime_rows, save_report
+    from colocate.report import rate_rows, render_table
+
     reports = []
     for batch_size in args.batch_sizes:
         calibration: Any = None if args.no_calibrate else "auto"

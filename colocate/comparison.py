@@ -67,6 +67,24 @@ RunObserver = Callable[[str, Plan, "PlanRun | None", "str | None"], None]
 _RUN_OBSERVERS: ContextVar[tuple[RunObserver, ...]] = ContextVar("colocate_run_observers", default=())
 
 
+def run_record(label: str, plan: Plan, measured: PlanRun | None, failure: str | None) -> dict[str, object]:
+    """One plan run as a plain dict for a log (what a :data:`RunObserver` is given): its label,
+    slots, status, failure, samples/s, median and p99 latency and completed requests."""
+    run = measured.run if measured is not None else None
+    latency = run.latency if run is not None else None
+    return {
+        "label": label,
+        "batch_size": plan.batch_size,
+        "slots": [f"{slot.kind}: {', '.join(slot.members)}" for slot in plan.slots],
+        "status": run.status if run is not None else "failed",
+        "failure": failure,
+        "measured_sps": run.throughput_sps if run is not None else None,
+        "latency_p50_s": latency.median_s if latency is not None else None,
+        "latency_p99_s": latency.p99_s if latency is not None else None,
+        "requests_completed": run.requests_completed if run is not None else None,
+    }
+
+
 @contextlib.contextmanager
 def observing_runs(observer: RunObserver) -> Iterator[None]:
     """Call ``observer(label, plan, measured, failure)`` after every plan run inside the block.
@@ -1239,6 +1257,7 @@ __all__ = [
     "regime_rows",
     "rotated",
     "run_plan",
+    "run_record",
     "run_rounds",
     "save_report",
     "summarize_rounds",

@@ -188,3 +188,11 @@ def test_compare_rate_sweep(tiny_profiles: Path, tmp_path: Path, capsys: pytest.
         assert p.completed + p.failed == int(p.rate_rps * 2.0)  # evenly spaced arrivals for 2 s
         assert p.latency_p50_s is not None and p.latency_p99_s is not None
         assert p.latency_p50_s <= p.latency_p99_s
+    # every plan run was logged as it ended, with what the report says it measured
+    (logged,) = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert logged["label"] == "sequential" and logged["batch_size"] == 2 and logged["status"] == "ok"
+    assert logged["measured_sps"] == pytest.approx(report.results[0].run.throughput_sps)
+    assert logged["slots"] == [
+        "stream: " + ", ".join(m.name for m in zoo.default_ensemble(scale="tiny").members)
+    ]
+    assert logged["failure"] is None and logged["ended"]
