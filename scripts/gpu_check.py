@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# the files of a check's folder kept as results: JSON, plots, and run logs (colocate compare's
+# runs.jsonl: every plan run as it ended, kept when the check is cut)
+KEPT_SUFFIXES = (".json", ".jsonl", ".png")
 RESULTS = ROOT / "benchmarks" / "results"
 PY = sys.executable
 
@@ -454,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         checks.append(run_check(name, command, allowed, env))
         kept = []
-        produced_files = sorted(p for p in outdir.rglob("*") if p.suffix in (".json", ".png"))
+        produced_files = sorted(p for p in outdir.rglob("*") if p.suffix in KEPT_SUFFIXES)
         for produced in produced_files:
             flat = "-".join(produced.relative_to(outdir).parts)
             target = RESULTS / f"{stamp}-{gpu}-{flat}"

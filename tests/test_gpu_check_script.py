@@ -125,3 +125,8 @@ def test_a_check_that_ends_leaves_nothing_behind(gpu_check: ModuleType, tmp_path
     while _alive(orphan) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(orphan)
+
+
+def test_run_logs_are_kept_with_the_results(gpu_check: ModuleType) -> None:
+    # colocate compare --out writes runs.jsonl as it goes: what a cut compare step leaves
+    assert {".json", ".jsonl", ".png"} <= set(gpu_check.KEPT_SUFFIXES)
