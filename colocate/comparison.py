@@ -63,7 +63,7 @@ BASELINE = "sequential"
 Progress = Callable[[str], None]
 
 #: called after every plan run with (label, plan, what it measured or None, why it failed or None)
-RunObserver = Callable[[str, Plan, "PlanRun | None", "str | None"], None]
+RunObserver = Callable[[str, Plan, PlanRun | None, str | None], None]
 _RUN_OBSERVERS: ContextVar[tuple[RunObserver, ...]] = ContextVar("colocate_run_observers", default=())
 
 

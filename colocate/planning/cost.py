@@ -142,6 +142,12 @@ class Evaluation:
         return max(range(len(self.slot_end_s)), key=lambda i: self.slot_end_s[i])
 
 
+def _serving_pays(layout: Layout, demands: DemandSet) -> bool:
+    """Whether the serving process pays a process cost: on a GPU only with stream slots (its
+    CUDA context), on the CPU always (the interpreter and the framework)."""
+    return any(s.kind == "stream" for s in layout) or not demands.is_gpu
+
+
 class _Eff:
     """One member's figures in one kind of slot (what the simulation reads)."""
 
@@ -206,7 +212,7 @@ class CostModel:
     # members' times in a stream slot beside other slots x this, on top of time_scale: how much
     # slower (>1) or faster plans of several stream slots ran at calibration than the model
     # predicts relative to the loop (Calibration.stream_time_scale). On a lent H100, eight
-    # CUDA-graph members in a stream slot each ran at 0.8x the loop where the model, seeing no
+    # CUDA-graph members in a stream slot each ran at 0.6-0.8x the loop where the model, seeing no
     # host work to contend for, predicted 3.2x (one calibration: 4.0); on this project's 2-core
     # CPU it ranged 0.3-2.1 over the recorded runs; 1 = as modelled
     stream_time_scale: float = 1.0
@@ -282,8 +288,7 @@ class CostModel:
         (:meth:`DemandSet.worker_bytes`: an MPS client's on a GPU is a share of a context), and
         the serving process's when it pays one (:meth:`processes`)."""
         workers = sum(demands.worker_bytes(s.kind) for s in layout)
-        serving = any(s.kind == "stream" for s in layout) or not demands.is_gpu
-        return workers + (demands.process_bytes if serving else 0)
+        return workers + (demands.process_bytes if _serving_pays(layout, demands) else 0)
 
     def processes(self, layout: Layout, demands: DemandSet) -> int:
         """Processes that pay a process cost: the workers, and the serving process.
@@ -293,8 +298,7 @@ class CostModel:
         runs (measured: the serving process's resident set is part of every plan's peak).
         """
         workers = sum(1 for s in layout if s.kind != "stream")
-        serving = any(s.kind == "stream" for s in layout) or not demands.is_gpu
-        return workers + int(serving)
+        return workers + int(_serving_pays(layout, demands))
 
     def mps_memory_limit_bytes(self, members: Sequence[str], demands: DemandSet) -> int:
         """CUDA_MPS_PINNED_DEVICE_MEM_LIMIT for an mps slot, in whole MiB.

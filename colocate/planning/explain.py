@@ -177,7 +177,7 @@ def _slot_lines(ev: Evaluation, ctx: Context) -> list[str]:
                 f"together they finish at {_ms(ev.slot_end_s[i])}, before the request's {_ms(latest)}"
             )
         if slot.kind != "stream":
-            word = _process_word(demands)
+            word = "MPS client" if slot.kind == "mps" and demands.is_gpu else _process_word(demands)
             reasons.append(
                 f"one {slot.kind} slot costs one {word} ({size_text(demands.worker_bytes(slot.kind))}) "
                 f"instead of {len(members)}"
