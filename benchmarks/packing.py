@@ -202,6 +202,21 @@ def _rel_error(predicted: float | None, measured: float | None) -> float | None:
     return (predicted - measured) / measured
 
 
+def round_spread(calibration: Calibration | None) -> float | None:
+    """How far one run of a plan is from another here: the median, over the plans the
+    calibration ran in two or more rounds, of (fastest - slowest round) / their median. A
+    regret below it is within what running the same plan again can change (None without
+    such plans)."""
+    if calibration is None:
+        return None
+    spreads = [
+        (max(p.round_sps) - min(p.round_sps)) / statistics.median(p.round_sps)
+        for p in calibration.plans
+        if len(p.round_sps) >= 2 and statistics.median(p.round_sps) > 0
+    ]
+    return float(statistics.median(spreads)) if spreads else None
+
+
 def _median_abs(values: Sequence[float | None]) -> float | None:
     known = [abs(v) for v in values if v is not None and math.isfinite(v)]
     return float(statistics.median(known)) if known else None
@@ -745,6 +760,7 @@ def _run_case(
     regret_backends = None
     if with_backends is not None and overall_best_sps and backends_sps is not None:
         regret_backends = max(0.0, (overall_best_sps - backends_sps) / overall_best_sps)
+    spread = round_spread(calibration)
     error_after = _median_abs([r["throughput_error"] for r in distinct]) if interference else None
     error_before = _median_abs([r["throughput_error_uncalibrated"] for r in distinct])
     record["planner"] = {
@@ -756,6 +772,9 @@ def _run_case(
         "auto_sps": auto_sps,
         "auto_status": auto_row["status"] if auto_row is not None else None,
         "regret": regret,
+        # run-to-run spread of the calibration's plans: a regret below it is within the noise
+        "round_spread": spread,
+        "regret_within_spread": (regret <= spread) if regret is not None and spread is not None else None,
         "best_by_hand": best_by_hand["strategy"] if best_by_hand is not None else None,
         "best_by_hand_sps": best_by_hand["measured_sps"] if best_by_hand is not None else None,
         "auto_vs_by_hand": _ratio(auto_sps, best_by_hand["measured_sps"]) if best_by_hand else None,
@@ -863,7 +882,7 @@ def summary_rows(cases: Sequence[dict[str, Any]]) -> list[list[str]]:
                 f"{c['ensemble']} b{c['batch_size']}",
                 (p["best"] or "-") + (f" ({speedup:.2f}x)" if speedup is not None else ""),
                 p["auto"] or "-",
-                _pct(p["regret"]) if p["regret"] is not None else (p["auto_status"] or "-"),
+                _regret_text(p),
                 _versus_by_hand(p),
                 _pct(p["regret_uncalibrated"])
                 if p["regret_uncalibrated"] is not None
@@ -875,6 +894,14 @@ def summary_rows(cases: Sequence[dict[str, Any]]) -> list[list[str]]:
             ]
         )
     return rows
+
+
+def _regret_text(planner: dict[str, Any]) -> str:
+    """``"6% (runs spread 15%)"``: auto's regret and the calibration's run-to-run spread."""
+    if planner["regret"] is None:
+        return str(planner["auto_status"] or "-")
+    spread = planner.get("round_spread")
+    return _pct(planner["regret"]) + (f" (runs spread {_pct(spread)})" if spread is not None else "")
 
 
 def _versus_by_hand(planner: dict[str, Any]) -> str:
@@ -1285,7 +1312,9 @@ def main() -> int:
             shutil.rmtree(smoke_cache, ignore_errors=True)
     console.print(summary_table(cases, device))
     console.print(
-        "regret = (best measured - auto measured) / best measured; model error = median over the plans "
+        "regret = (best measured - auto measured) / best measured (runs spread: the median over the "
+        "calibration's plans of (fastest - slowest round) / median, what running a plan again can "
+        "change); model error = median over the plans "
         "that ran of |predicted - measured| / measured throughput (before -> after calibration)",
         highlight=False,
     )

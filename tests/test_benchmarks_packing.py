@@ -43,6 +43,8 @@ PLANNER_FIELDS = (
     "auto",
     "auto_sps",
     "regret",
+    "round_spread",
+    "regret_within_spread",
     "regret_uncalibrated",
     "calibrated",
     "model_error_before",

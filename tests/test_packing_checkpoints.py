@@ -72,3 +72,33 @@ def test_every_run_is_checkpointed_as_it_ends_calibration_first(monkeypatch: pyt
     assert first["ensemble"] == "default" and first["batch_size"] == 8
     assert "strategies" not in first and "planner" not in first
     assert report is not None
+
+
+def test_round_spread_is_the_median_spread_of_the_plans_run_twice() -> None:
+    from colocate.planning.types import PlanMeasurement, Slot
+    from colocate.report import Calibration
+
+    packing = load_script("packing", BENCHMARKS)
+
+    def measured(name: str, *rounds: float) -> PlanMeasurement:
+        return PlanMeasurement(name, (Slot("s0", "stream", ("m",)),), 1, 100.0, rounds)
+
+    def calibration(*plans: PlanMeasurement) -> Calibration:
+        return Calibration(ensemble="e", device=h100(), batch_size=1, pairs=(), plans=plans)
+
+    # spreads 0.2, 0.5 and 0.1 (one round and failed plans do not count): the median is 0.2
+    spread = packing.round_spread(
+        calibration(
+            measured("a", 90.0, 110.0),
+            measured("b", 80.0, 120.0, 100.0, 60.0, 110.0),
+            measured("c", 95.0, 105.0),
+            measured("one round", 10.0),
+            measured("failed"),
+        )
+    )
+    assert spread == pytest.approx(0.2)
+    assert packing.round_spread(calibration(measured("one round", 10.0))) is None
+    assert packing.round_spread(None) is None
+    planner = {"regret": 0.06, "round_spread": 0.15, "auto_status": "ok"}
+    assert packing._regret_text(planner) == "6% (runs spread 15%)"
+    assert packing._regret_text({"regret": None, "auto_status": "failed"}) == "failed"
