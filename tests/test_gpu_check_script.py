@@ -61,7 +61,11 @@ def test_the_target_cases_come_first_each_in_its_own_step(gpu_check: ModuleType)
     assert names[2:4] == ["packing-b1", "packing-b8"]
     for name, argv, timeout in gpu_check.GPU_BENCHMARKS[2:4]:
         assert argv[argv.index("--batch-sizes") + 1] == name.removeprefix("packing-b")
-        assert argv[argv.index("--sizes") + 1] == "8" and "auto" in argv[argv.index("--strategies") + 1]
+        assert argv[argv.index("--sizes") + 1] == "8"
+        # the loop and auto first (a cut comparison has run them), then the plans made by hand
+        strategies = argv[argv.index("--strategies") + 1].split(",")
+        assert strategies[:2] == ["sequential", "auto"]
+        assert {"streams", "processes", "mps"} <= set(strategies[2:])
         assert "--allow-mps-start" in argv and timeout >= 230
     rounds = [argv[argv.index("--settle-rounds") + 1] for _, argv, _ in gpu_check.GPU_BENCHMARKS[2:4]]
     assert rounds == ["2", "1"]  # batch 1, the close call between worker kinds, settles in two
