@@ -207,21 +207,6 @@ def test_spinning_gives_the_same_answers_as_members_called_directly(
                 assert_close(members[name], output)
 
 
-class _RecordingPoll:
-    """A ``select.poll`` that records the timeout of every call (the worker's own, in a thread)."""
-
-    def __init__(self, calls: list[float | None]) -> None:
-        self._poll = select.poll()
-        self._calls = calls
-
-    def register(self, fd: int, events: int) -> None:
-        self._poll.register(fd, events)
-
-    def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
-        self._calls.append(timeout)
-        return self._poll.poll(timeout)
-
-
 @pytest.mark.parametrize("idle_poll_s", [0.0, 0.05])
 def test_a_worker_polls_its_pipe_after_a_reply_only_when_told(
     idle_poll_s: float, monkeypatch: pytest.MonkeyPatch
