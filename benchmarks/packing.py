@@ -468,35 +468,289 @@ def run_case(
     is then called with the record so far.
     """
     record: dict[str, Any] = {}
-    phase = ["calibration"]
+    phase = "calibration"  # read by ran(), set as the case moves on
 
     def ran(label: str, plan: Plan, measured: PlanRun | None, failure: str | None) -> None:
-        record["runs"].append(
-            run_entry(phase[0], label, plan, measured, failure, time.perf_counter() - started)
-        )
+        record["runs"].append(run_entry(phase, label, plan, measured, failure, time.perf_counter() - started))
         if checkpoint is not None:
             checkpoint(record)
 
     started = time.perf_counter()
     with observing_runs(ran):
-        return _run_case(
-            record,
-            phase,
-            ensemble,
-            label,
-            device,
-            profiles,
-            batch_size,
-            strategies,
-            settings,
-            calibrate_pairs=calibrate_pairs,
-            calibrate_seconds=calibrate_seconds,
-            say=say,
-            other=other,
-            backends=backends,
-            settle_plans=settle_plans,
-            settle_rounds=settle_rounds,
+        as_given = profiles.default_set if isinstance(profiles, VariantProfiles) else profiles
+        other_mark = other.mark() if other is not None else None
+        record.update(
+            {
+                "ensemble": label,
+                "ensemble_name": ensemble.name,
+                "members": [
+                    {
+                        "name": m.name,
+                        "arch": getattr(m.source, "arch", None),
+                        "scale": getattr(m.source, "scale", None),
+                        "seed": getattr(m.source, "seed", None),
+                        "profiled_latency_s": _profiled_latency(as_given, m.name, batch_size),
+                    }
+                    for m in ensemble.members
+                ],
+                "member_count": len(ensemble.members),
+                "batch_size": batch_size,
+                # the machine's load before the case: other work on the CPU distorts every figure
+                "loadavg_before": list(os.getloadavg()),
+                "runs": [],  # every plan run, calibration's included, in order (see run_case)
+            }
         )
+
+        calibration: Calibration | None = None
+        calibration_error = None
+        calibration_s = 0.0
+        # the same for the members as given and for the variants auto+backends chooses
+        calibrating: dict[str, Any] = {
+            "batch_size": batch_size,
+            "max_pairs": calibrate_pairs,
+            "seconds": calibrate_seconds,
+            "max_plans": settle_plans,
+            "plan_rounds": settle_rounds,
+            "run_settings": settings,
+            "progress": say,
+        }
+        if "auto" in strategies and calibrate_pairs > 0:
+            say(f"calibrating: up to {calibrate_pairs} member pair(s) that matter most to 'auto'")
+            t0 = time.perf_counter()
+            try:
+                calibration = calibrate(ensemble, device, as_given, **calibrating)
+            except ColocateError as exc:
+                calibration_error = f"{type(exc).__name__}: {exc}"
+                say(f"calibration failed, planning from the model alone: {calibration_error}")
+            calibration_s = time.perf_counter() - t0
+        interference = calibration.interference() if calibration is not None else None
+        measured_plans = calibration.measured_plans() if calibration is not None else ()
+        record["calibration"] = {
+            "ran": calibration is not None,
+            "error": calibration_error,
+            "wall_s": calibration_s,
+            **_measured(calibration),
+        }
+
+        # plan every strategy; identical slot layouts run once under a joined label
+        planned: dict[str, Plan | None] = {}
+        rejected: dict[str, str] = {}
+        for name in strategies:
+            chooses = name == WITH_BACKENDS
+            try:
+                planned[name] = make_plan(
+                    ensemble,
+                    device,
+                    profiles,
+                    strategy="auto" if chooses else name,
+                    batch_size=batch_size,
+                    model=calibration.model() if calibration is not None else None,
+                    backends=(backends or "auto") if chooses else None,
+                    measured_plans=measured_plans,
+                )
+            except ColocateError as exc:
+                planned[name] = None
+                rejected[name] = f"{type(exc).__name__}: {exc}"
+        # the members' calibration measured them as given: measure the variants auto+backends chose
+        phase = "calibration of the variants"
+        record["calibration_backends"] = None
+        chose = planned.get(WITH_BACKENDS)
+        if (
+            chose is not None
+            and variant_key(chose)  # some member runs as another variant
+            and calibration is not None
+            and isinstance(profiles, VariantProfiles)
+        ):
+            t0 = time.perf_counter()
+            try:
+                planned[WITH_BACKENDS], variant_calibration = calibrate_backends(
+                    ensemble, device, profiles, chose, **calibrating
+                )
+                record["calibration_backends"] = {
+                    "error": None,
+                    "wall_s": time.perf_counter() - t0,
+                    **_measured(variant_calibration),
+                }
+            except ColocateError as exc:
+                say(f"calibrating the variants failed, keeping the plan as chosen: {exc}")
+                record["calibration_backends"] = {"error": f"{type(exc).__name__}: {exc}"}
+        groups: dict[tuple[Any, ...], list[str]] = {}
+        for name, made in planned.items():
+            if made is not None:
+                groups.setdefault(_layout_key(made), []).append(name)
+        run_label: dict[str, str] = {}
+        unique: list[Plan] = []
+        for names in groups.values():
+            joined = BASELINE if BASELINE in names else "=".join(names)
+            for name in names:
+                run_label[name] = joined
+            first = planned[names[0]]
+            assert first is not None
+            unique.append(dataclasses.replace(first, strategy=joined))
+
+        # what auto picks without the measured pairs (not run unless another strategy has its slots)
+        auto_uncalibrated: Plan | None = None
+        if "auto" in strategies and interference is not None:
+            try:
+                auto_uncalibrated = make_plan(
+                    ensemble, device, profiles, strategy="auto", batch_size=batch_size
+                )
+            except ColocateError:
+                auto_uncalibrated = None
+
+        report: Report | None = None
+        results: dict[str, PlanResult] = {}
+        phase = "comparison"
+        if unique:
+            report = compare(
+                ensemble,
+                device,
+                unique,
+                profiles=profiles,
+                batch_size=batch_size,
+                settings=settings,
+                calibration=calibration,
+                progress=say,
+            )
+            results = {r.name: r for r in report.results}
+
+        base = results.get(BASELINE)
+        base_sps = base.measured_sps if base is not None else None
+        base_p99 = base.run.latency.p99_s if base is not None and base.run and base.run.latency else None
+        rows: list[dict[str, Any]] = []
+        for name in strategies:
+            made = planned.get(name)
+            result = results.get(run_label.get(name, ""))
+            run = result.run if result is not None else None
+            latency = run.latency if run is not None else None
+            measured = result.measured_sps if result is not None else None
+            predicted = made.prediction.throughput_sps if made is not None else None
+            uncalibrated = (
+                result.uncalibrated_sps if result is not None and interference is not None else predicted
+            )
+            mem_pred = made.prediction.peak_memory_bytes if made is not None else None
+            mem_meas = run.peak_memory_bytes if run is not None else None
+            p99 = latency.p99_s if latency is not None else None
+            status: str
+            reason: str | None
+            if result is None:
+                status, reason = "rejected", rejected.get(name, "not run")
+            else:
+                status, reason = result.status, result.reason
+            rows.append(
+                {
+                    "strategy": name,
+                    "by_hand": BY_HAND.get(name),
+                    "ran_as": run_label.get(name),
+                    "status": status,
+                    "reason": reason,
+                    "slots": _slots_text(made),
+                    "backends": _backends_text(made),
+                    "slot_count": len(made.slots) if made is not None else None,
+                    "slot_kinds": sorted({s.kind for s in made.slots}) if made is not None else [],
+                    "measured_sps": measured,
+                    "latency_p50_s": latency.median_s if latency is not None else None,
+                    "latency_p99_s": p99,
+                    "latency_high_variance": latency.high_variance if latency is not None else None,
+                    "requests_completed": run.requests_completed if run is not None else None,
+                    "concurrency": run.concurrency if run is not None else None,
+                    "speedup": _ratio(measured, base_sps),
+                    "p99_ratio": _ratio(p99, base_p99),
+                    "predicted_sps": predicted,
+                    "predicted_uncalibrated_sps": uncalibrated,
+                    "throughput_error": _rel_error(predicted, measured),
+                    "throughput_error_uncalibrated": _rel_error(uncalibrated, measured),
+                    "predicted_latency_p99_s": made.prediction.latency_p99_s if made is not None else None,
+                    "predicted_peak_memory_bytes": mem_pred,
+                    "measured_peak_memory_bytes": mem_meas,
+                    "memory_error": _rel_error(
+                        float(mem_pred) if mem_pred is not None else None,
+                        float(mem_meas) if mem_meas is not None else None,
+                    ),
+                }
+            )
+        record["strategies"] = rows
+
+        # planner quality: one entry per distinct run (shared runs counted once)
+        distinct = {r["ran_as"]: r for r in rows if r["ran_as"] is not None}.values()
+        best = report.best if report is not None else None
+        overall_best_sps = best.measured_sps if best is not None else None
+        # auto's regret is against the plans of its own space (every member as given): auto+backends,
+        # which may change the members' backends, is measured against everything
+        same_space = [
+            r["measured_sps"]
+            for r in rows
+            if r["strategy"] != WITH_BACKENDS and r["measured_sps"] is not None
+        ]
+        best_sps = max(same_space) if same_space else None
+        auto_row = next((r for r in rows if r["strategy"] == "auto"), None)
+        auto_sps = auto_row["measured_sps"] if auto_row is not None else None
+        regret = None
+        if auto_row is not None and best_sps and auto_sps is not None:
+            regret = max(0.0, (best_sps - auto_sps) / best_sps)
+        uncal_regret = None
+        uncal_same_as = None
+        if auto_uncalibrated is not None and best_sps:
+            key = _layout_key(auto_uncalibrated)
+            for names in groups.values():
+                made = planned[names[0]]
+                if made is not None and _layout_key(made) == key:
+                    uncal_same_as = run_label[names[0]]
+            if uncal_same_as is not None:
+                same = results.get(uncal_same_as)
+                if same is not None and same.measured_sps is not None:
+                    uncal_regret = max(0.0, (best_sps - same.measured_sps) / best_sps)
+        # the bar a user sets: the best of the plans made by hand (a loop, a thread or a process each)
+        by_hand = [r for r in rows if r["strategy"] in BY_HAND and r["measured_sps"] is not None]
+        best_by_hand = max(by_hand, key=lambda r: r["measured_sps"]) if by_hand else None
+        with_backends = next((r for r in rows if r["strategy"] == WITH_BACKENDS), None)
+        backends_sps = with_backends["measured_sps"] if with_backends is not None else None
+        regret_backends = None
+        if with_backends is not None and overall_best_sps and backends_sps is not None:
+            regret_backends = max(0.0, (overall_best_sps - backends_sps) / overall_best_sps)
+        spread = round_spread(calibration)
+        error_after = _median_abs([r["throughput_error"] for r in distinct]) if interference else None
+        error_before = _median_abs([r["throughput_error_uncalibrated"] for r in distinct])
+        record["planner"] = {
+            "best": best.name if best is not None else None,
+            "best_sps": overall_best_sps,
+            "best_as_given_sps": best_sps,
+            "auto": auto_row["ran_as"] if auto_row is not None else None,
+            "auto_slots": auto_row["slots"] if auto_row is not None else None,
+            "auto_sps": auto_sps,
+            "auto_status": auto_row["status"] if auto_row is not None else None,
+            "regret": regret,
+            # run-to-run spread of the calibration's plans: a regret below it is within the noise
+            "round_spread": spread,
+            "regret_within_spread": (regret <= spread) if regret is not None and spread is not None else None,
+            "best_by_hand": best_by_hand["strategy"] if best_by_hand is not None else None,
+            "best_by_hand_sps": best_by_hand["measured_sps"] if best_by_hand is not None else None,
+            "auto_vs_by_hand": _ratio(auto_sps, best_by_hand["measured_sps"]) if best_by_hand else None,
+            "auto_uncalibrated_slots": _slots_text(auto_uncalibrated)
+            if auto_uncalibrated is not None
+            else None,
+            "auto_uncalibrated_same_as": uncal_same_as,
+            "regret_uncalibrated": uncal_regret,
+            "calibrated": bool(interference),
+            "calibration_pairs": len(interference or {}),
+            "model_error_before": error_before,
+            "model_error_after": error_after,
+            "report_model_error": report.model_error(calibrated=True) if report is not None else None,
+            "report_model_error_uncalibrated": (
+                report.model_error(calibrated=False) if report is not None else None
+            ),
+            "memory_error": _median_abs([r["memory_error"] for r in distinct]),
+            "auto_backends": with_backends["ran_as"] if with_backends is not None else None,
+            "auto_backends_variants": with_backends["backends"] if with_backends is not None else None,
+            "auto_backends_sps": backends_sps,
+            "auto_backends_status": with_backends["status"] if with_backends is not None else None,
+            "regret_backends": regret_backends,
+            "backends_vs_auto": _ratio(backends_sps, auto_sps),
+        }
+        record["wall_s"] = time.perf_counter() - started
+        if other is not None and other_mark is not None:
+            record["other_load"] = other.since(other_mark, record["wall_s"], device.cpu_cores)
+        return record, report
 
 
 def run_entry(
@@ -511,296 +765,6 @@ def run_entry(
         "backends": _backends_text(plan),
         "ended_at_s": at_s,
     }
-
-
-def _run_case(
-    record: dict[str, Any],
-    phase: list[str],
-    ensemble: Ensemble,
-    label: str,
-    device: Device,
-    profiles: ProfileSet | VariantProfiles,
-    batch_size: int,
-    strategies: Sequence[str],
-    settings: RunSettings,
-    *,
-    calibrate_pairs: int,
-    calibrate_seconds: float,
-    say: Any,
-    other: OtherLoad | None,
-    backends: str | None,
-    settle_plans: int,
-    settle_rounds: int,
-) -> tuple[dict[str, Any], Report | None]:
-    started = time.perf_counter()
-    as_given = profiles.default_set if isinstance(profiles, VariantProfiles) else profiles
-    other_mark = other.mark() if other is not None else None
-    record.update(
-        {
-            "ensemble": label,
-            "ensemble_name": ensemble.name,
-            "members": [
-                {
-                    "name": m.name,
-                    "arch": getattr(m.source, "arch", None),
-                    "scale": getattr(m.source, "scale", None),
-                    "seed": getattr(m.source, "seed", None),
-                    "profiled_latency_s": _profiled_latency(as_given, m.name, batch_size),
-                }
-                for m in ensemble.members
-            ],
-            "member_count": len(ensemble.members),
-            "batch_size": batch_size,
-            # the machine's load before the case: other work on the CPU distorts every figure
-            "loadavg_before": list(os.getloadavg()),
-            "runs": [],  # every plan run, calibration's included, in order (see run_case)
-        }
-    )
-
-    calibration: Calibration | None = None
-    calibration_error = None
-    calibration_s = 0.0
-    # the same for the members as given and for the variants auto+backends chooses
-    calibrating: dict[str, Any] = {
-        "batch_size": batch_size,
-        "max_pairs": calibrate_pairs,
-        "seconds": calibrate_seconds,
-        "max_plans": settle_plans,
-        "plan_rounds": settle_rounds,
-        "run_settings": settings,
-        "progress": say,
-    }
-    if "auto" in strategies and calibrate_pairs > 0:
-        say(f"calibrating: up to {calibrate_pairs} member pair(s) that matter most to 'auto'")
-        t0 = time.perf_counter()
-        try:
-            calibration = calibrate(ensemble, device, as_given, **calibrating)
-        except ColocateError as exc:
-            calibration_error = f"{type(exc).__name__}: {exc}"
-            say(f"calibration failed, planning from the model alone: {calibration_error}")
-        calibration_s = time.perf_counter() - t0
-    interference = calibration.interference() if calibration is not None else None
-    measured_plans = calibration.measured_plans() if calibration is not None else ()
-    record["calibration"] = {
-        "ran": calibration is not None,
-        "error": calibration_error,
-        "wall_s": calibration_s,
-        **_measured(calibration),
-    }
-
-    # plan every strategy; identical slot layouts run once under a joined label
-    planned: dict[str, Plan | None] = {}
-    rejected: dict[str, str] = {}
-    for name in strategies:
-        chooses = name == WITH_BACKENDS
-        try:
-            planned[name] = make_plan(
-                ensemble,
-                device,
-                profiles,
-                strategy="auto" if chooses else name,
-                batch_size=batch_size,
-                model=calibration.model() if calibration is not None else None,
-                backends=(backends or "auto") if chooses else None,
-                measured_plans=measured_plans,
-            )
-        except ColocateError as exc:
-            planned[name] = None
-            rejected[name] = f"{type(exc).__name__}: {exc}"
-    # the members' calibration measured them as given: measure the variants auto+backends chose
-    phase[0] = "calibration of the variants"
-    record["calibration_backends"] = None
-    chose = planned.get(WITH_BACKENDS)
-    if (
-        chose is not None
-        and variant_key(chose)  # some member runs as another variant
-        and calibration is not None
-        and isinstance(profiles, VariantProfiles)
-    ):
-        t0 = time.perf_counter()
-        try:
-            planned[WITH_BACKENDS], variant_calibration = calibrate_backends(
-                ensemble, device, profiles, chose, **calibrating
-            )
-            record["calibration_backends"] = {
-                "error": None,
-                "wall_s": time.perf_counter() - t0,
-                **_measured(variant_calibration),
-            }
-        except ColocateError as exc:
-            say(f"calibrating the variants failed, keeping the plan as chosen: {exc}")
-            record["calibration_backends"] = {"error": f"{type(exc).__name__}: {exc}"}
-    groups: dict[tuple[Any, ...], list[str]] = {}
-    for name, made in planned.items():
-        if made is not None:
-            groups.setdefault(_layout_key(made), []).append(name)
-    run_label: dict[str, str] = {}
-    unique: list[Plan] = []
-    for names in groups.values():
-        joined = BASELINE if BASELINE in names else "=".join(names)
-        for name in names:
-            run_label[name] = joined
-        first = planned[names[0]]
-        assert first is not None
-        unique.append(dataclasses.replace(first, strategy=joined))
-
-    # what auto picks without the measured pairs (not run unless another strategy has its slots)
-    auto_uncalibrated: Plan | None = None
-    if "auto" in strategies and interference is not None:
-        try:
-            auto_uncalibrated = make_plan(ensemble, device, profiles, strategy="auto", batch_size=batch_size)
-        except ColocateError:
-            auto_uncalibrated = None
-
-    report: Report | None = None
-    results: dict[str, PlanResult] = {}
-    phase[0] = "comparison"
-    if unique:
-        report = compare(
-            ensemble,
-            device,
-            unique,
-            profiles=profiles,
-            batch_size=batch_size,
-            settings=settings,
-            calibration=calibration,
-            progress=say,
-        )
-        results = {r.name: r for r in report.results}
-
-    base = results.get(BASELINE)
-    base_sps = base.measured_sps if base is not None else None
-    base_p99 = base.run.latency.p99_s if base is not None and base.run and base.run.latency else None
-    rows: list[dict[str, Any]] = []
-    for name in strategies:
-        made = planned.get(name)
-        result = results.get(run_label.get(name, ""))
-        run = result.run if result is not None else None
-        latency = run.latency if run is not None else None
-        measured = result.measured_sps if result is not None else None
-        predicted = made.prediction.throughput_sps if made is not None else None
-        uncalibrated = (
-            result.uncalibrated_sps if result is not None and interference is not None else predicted
-        )
-        mem_pred = made.prediction.peak_memory_bytes if made is not None else None
-        mem_meas = run.peak_memory_bytes if run is not None else None
-        p99 = latency.p99_s if latency is not None else None
-        status: str
-        reason: str | None
-        if result is None:
-            status, reason = "rejected", rejected.get(name, "not run")
-        else:
-            status, reason = result.status, result.reason
-        rows.append(
-            {
-                "strategy": name,
-                "by_hand": BY_HAND.get(name),
-                "ran_as": run_label.get(name),
-                "status": status,
-                "reason": reason,
-                "slots": _slots_text(made),
-                "backends": _backends_text(made),
-                "slot_count": len(made.slots) if made is not None else None,
-                "slot_kinds": sorted({s.kind for s in made.slots}) if made is not None else [],
-                "measured_sps": measured,
-                "latency_p50_s": latency.median_s if latency is not None else None,
-                "latency_p99_s": p99,
-                "latency_high_variance": latency.high_variance if latency is not None else None,
-                "requests_completed": run.requests_completed if run is not None else None,
-                "concurrency": run.concurrency if run is not None else None,
-                "speedup": _ratio(measured, base_sps),
-                "p99_ratio": _ratio(p99, base_p99),
-                "predicted_sps": predicted,
-                "predicted_uncalibrated_sps": uncalibrated,
-                "throughput_error": _rel_error(predicted, measured),
-                "throughput_error_uncalibrated": _rel_error(uncalibrated, measured),
-                "predicted_latency_p99_s": made.prediction.latency_p99_s if made is not None else None,
-                "predicted_peak_memory_bytes": mem_pred,
-                "measured_peak_memory_bytes": mem_meas,
-                "memory_error": _rel_error(
-                    float(mem_pred) if mem_pred is not None else None,
-                    float(mem_meas) if mem_meas is not None else None,
-                ),
-            }
-        )
-    record["strategies"] = rows
-
-    # planner quality: one entry per distinct run (shared runs counted once)
-    distinct = {r["ran_as"]: r for r in rows if r["ran_as"] is not None}.values()
-    best = report.best if report is not None else None
-    overall_best_sps = best.measured_sps if best is not None else None
-    # auto's regret is against the plans of its own space (every member as given): auto+backends,
-    # which may change the members' backends, is measured against everything
-    same_space = [
-        r["measured_sps"] for r in rows if r["strategy"] != WITH_BACKENDS and r["measured_sps"] is not None
-    ]
-    best_sps = max(same_space) if same_space else None
-    auto_row = next((r for r in rows if r["strategy"] == "auto"), None)
-    auto_sps = auto_row["measured_sps"] if auto_row is not None else None
-    regret = None
-    if auto_row is not None and best_sps and auto_sps is not None:
-        regret = max(0.0, (best_sps - auto_sps) / best_sps)
-    uncal_regret = None
-    uncal_same_as = None
-    if auto_uncalibrated is not None and best_sps:
-        key = _layout_key(auto_uncalibrated)
-        for names in groups.values():
-            made = planned[names[0]]
-            if made is not None and _layout_key(made) == key:
-                uncal_same_as = run_label[names[0]]
-        if uncal_same_as is not None:
-            same = results.get(uncal_same_as)
-            if same is not None and same.measured_sps is not None:
-                uncal_regret = max(0.0, (best_sps - same.measured_sps) / best_sps)
-    # the bar a user sets: the best of the plans made by hand (a loop, a thread or a process each)
-    by_hand = [r for r in rows if r["strategy"] in BY_HAND and r["measured_sps"] is not None]
-    best_by_hand = max(by_hand, key=lambda r: r["measured_sps"]) if by_hand else None
-    with_backends = next((r for r in rows if r["strategy"] == WITH_BACKENDS), None)
-    backends_sps = with_backends["measured_sps"] if with_backends is not None else None
-    regret_backends = None
-    if with_backends is not None and overall_best_sps and backends_sps is not None:
-        regret_backends = max(0.0, (overall_best_sps - backends_sps) / overall_best_sps)
-    spread = round_spread(calibration)
-    error_after = _median_abs([r["throughput_error"] for r in distinct]) if interference else None
-    error_before = _median_abs([r["throughput_error_uncalibrated"] for r in distinct])
-    record["planner"] = {
-        "best": best.name if best is not None else None,
-        "best_sps": overall_best_sps,
-        "best_as_given_sps": best_sps,
-        "auto": auto_row["ran_as"] if auto_row is not None else None,
-        "auto_slots": auto_row["slots"] if auto_row is not None else None,
-        "auto_sps": auto_sps,
-        "auto_status": auto_row["status"] if auto_row is not None else None,
-        "regret": regret,
-        # run-to-run spread of the calibration's plans: a regret below it is within the noise
-        "round_spread": spread,
-        "regret_within_spread": (regret <= spread) if regret is not None and spread is not None else None,
-        "best_by_hand": best_by_hand["strategy"] if best_by_hand is not None else None,
-        "best_by_hand_sps": best_by_hand["measured_sps"] if best_by_hand is not None else None,
-        "auto_vs_by_hand": _ratio(auto_sps, best_by_hand["measured_sps"]) if best_by_hand else None,
-        "auto_uncalibrated_slots": _slots_text(auto_uncalibrated) if auto_uncalibrated is not None else None,
-        "auto_uncalibrated_same_as": uncal_same_as,
-        "regret_uncalibrated": uncal_regret,
-        "calibrated": bool(interference),
-        "calibration_pairs": len(interference or {}),
-        "model_error_before": error_before,
-        "model_error_after": error_after,
-        "report_model_error": report.model_error(calibrated=True) if report is not None else None,
-        "report_model_error_uncalibrated": (
-            report.model_error(calibrated=False) if report is not None else None
-        ),
-        "memory_error": _median_abs([r["memory_error"] for r in distinct]),
-        "auto_backends": with_backends["ran_as"] if with_backends is not None else None,
-        "auto_backends_variants": with_backends["backends"] if with_backends is not None else None,
-        "auto_backends_sps": backends_sps,
-        "auto_backends_status": with_backends["status"] if with_backends is not None else None,
-        "regret_backends": regret_backends,
-        "backends_vs_auto": _ratio(backends_sps, auto_sps),
-    }
-    record["wall_s"] = time.perf_counter() - started
-    if other is not None and other_mark is not None:
-        record["other_load"] = other.since(other_mark, record["wall_s"], device.cpu_cores)
-    return record, report
 
 
 # --- output --------------------------------------------------------------------------------------
