@@ -1034,6 +1034,15 @@ def _unmeasured_pick(
     return None if _layout_key(pick) in measured else pick
 
 
+def _predicted_over_measured(plans: Sequence[PlanMeasurement]) -> list[float]:
+    """Predicted over measured throughput of each plan that ran (the time scales' ratios)."""
+    return [
+        p.predicted_sps / measured
+        for p in plans
+        if (measured := p.measured_sps) is not None and measured > 0 and p.predicted_sps > 0
+    ]
+
+
 class TimeScales(NamedTuple):
     """What a calibration's plan measurements say about the cost model (see :func:`_time_scales`)."""
 
@@ -1060,24 +1069,19 @@ def _time_scales(plans: Sequence[PlanMeasurement]) -> TimeScales:
     earlier ones on recorded runs.
     """
 
-    def ratios(which: Sequence[PlanMeasurement]) -> list[float]:
-        return [
-            p.predicted_sps / measured
-            for p in which
-            if (measured := p.measured_sps) is not None and measured > 0 and p.predicted_sps > 0
-        ]
-
     def only_streams(p: PlanMeasurement) -> bool:
         return all(s.kind == "stream" for s in p.slots)
 
-    every = ratios(plans)
-    streams = ratios([p for p in plans if only_streams(p)])
+    every = _predicted_over_measured(plans)
+    streams = _predicted_over_measured([p for p in plans if only_streams(p)])
     if not streams:
         return TimeScales((float(statistics.median(every)) if every else 1.0), 1.0, 1.0)
-    loop = ratios([p for p in plans if only_streams(p) and len(p.slots) == 1])
+    loop = _predicted_over_measured([p for p in plans if only_streams(p) and len(p.slots) == 1])
     time_scale = float(statistics.median(loop or streams))
-    workers = ratios([p for p in plans if all(s.kind != "stream" for s in p.slots)])
-    side_by_side = ratios([p for p in plans if only_streams(p) and len(p.slots) > 1]) if loop else []
+    workers = _predicted_over_measured([p for p in plans if all(s.kind != "stream" for s in p.slots)])
+    side_by_side = (
+        _predicted_over_measured([p for p in plans if only_streams(p) and len(p.slots) > 1]) if loop else []
+    )
     return TimeScales(
         time_scale,
         float(statistics.median(workers)) / time_scale if workers else 1.0,

@@ -42,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from colocate import serde
-from colocate.comparison import _time_scales
+from colocate.comparison import _predicted_over_measured, _time_scales
 from colocate.planning.types import PlanMeasurement
 
 RULES = ("all", "streams", "loop", "current")
@@ -62,25 +62,18 @@ def scales(plans: Sequence[PlanMeasurement], rule: str) -> tuple[float, float, f
     without the third factor).
     """
     if rule == "current":
-        return tuple(_time_scales(plans))  # type: ignore[return-value]
+        return _time_scales(plans)  # a TimeScales, which is that tuple
     if rule == "loop":
         time_scale, worker_time_scale, _ = _time_scales(plans)
         return time_scale, worker_time_scale, 1.0
 
-    def ratios(which: Sequence[PlanMeasurement]) -> list[float]:
-        return [
-            p.predicted_sps / measured
-            for p in which
-            if (measured := p.measured_sps) is not None and measured > 0 and p.predicted_sps > 0
-        ]
-
-    every = ratios(plans)
+    every = _predicted_over_measured(plans)
     if not every:
         return 1.0, 1.0, 1.0
-    streams = ratios([p for p in plans if all(s.kind == "stream" for s in p.slots)])
+    streams = _predicted_over_measured([p for p in plans if all(s.kind == "stream" for s in p.slots)])
     if rule == "all" or not streams:
         return statistics.median(every), 1.0, 1.0
-    workers = ratios([p for p in plans if all(s.kind != "stream" for s in p.slots)])
+    workers = _predicted_over_measured([p for p in plans if all(s.kind != "stream" for s in p.slots)])
     time_scale = statistics.median(streams)
     return time_scale, (statistics.median(workers) / time_scale if workers else 1.0), 1.0
 
