@@ -4,6 +4,12 @@
     python benchmarks/plan_speed.py                      # 16, 64 and 256 members, median of 5 runs
     python benchmarks/plan_speed.py --sizes 16,64,128 --runs 3 --out result.json
     python benchmarks/plan_speed.py --smoke --out /tmp/plan-speed.json   # 16 members, one run
+    python benchmarks/plan_speed.py --strategy exhaustive --sizes 6,7,8 --runs 3
+    python benchmarks/plan_speed.py --strategy all --sizes 8 --device cpu   # what a calibration plans
+
+``--strategy`` times another strategy instead (the targets are auto's), or ``all``: every
+strategy in one ``plan_all``, as a calibration plans its candidates twice (on 8 members that
+includes ``exhaustive``'s 175,696 layouts).
 
 The members are drawn by ``colocate.planning.synthetic.synthetic_profiles`` (seeded): latencies
 0.3-30 ms, GPU busy 10-95 %, SM fill 0.3-1, host share 0.05-1, up to 1.5 GiB each. Targets:
@@ -31,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import ROOT, save_figure, write_result
 from colocate import devices
-from colocate.planning import plan
+from colocate.planning import STRATEGIES, plan, plan_all
 from colocate.planning import search as _search_module
 from colocate.planning.strategies import STRATEGY_FUNCTIONS
 from colocate.planning.synthetic import synthetic_profiles
@@ -87,7 +93,7 @@ def phase_timer(phases: dict[str, float]) -> Iterator[None]:
         _search.explain = explain
 
 
-def plot(results: list[dict[str, Any]], title: str, path: Path) -> Path:
+def plot(results: list[dict[str, Any]], title: str, path: Path, strategy: str = "auto") -> Path:
     """Left: median planning time per size (log scale) with its target; right: share of each phase."""
     import matplotlib
 
@@ -113,7 +119,7 @@ def plot(results: list[dict[str, Any]], title: str, path: Path) -> Path:
     left.set_xticks(x, labels)
     left.set_xlabel("members")
     left.set_ylabel("seconds")
-    left.set_title("planning time of auto")
+    left.set_title(f"planning time of {strategy}")
     left.legend()
     phases = list(dict.fromkeys(p for r in results for p in r["phases_s"]))
     bottom = [0.0] * len(results)
@@ -148,6 +154,13 @@ def main() -> int:
     )
     parser.add_argument("--device", default="h100", help="device to plan for (a preset or spec file)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--strategy",
+        default="auto",
+        choices=[*STRATEGIES, "all"],
+        help="strategy to time (default auto; 'all': every strategy in one plan_all, as a calibration does)",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size of the synthetic profiles")
     parser.add_argument("--smoke", action="store_true", help="16 members, one run")
     parser.add_argument(
         "--out", default=None, help="result JSON (default: benchmarks/results/<date>-cpu-plan-speed.json)"
@@ -160,7 +173,7 @@ def main() -> int:
     load_before = os.getloadavg()
     results = []
     for n in sizes:
-        profiles = synthetic_profiles(n, device, seed=args.seed)
+        profiles = synthetic_profiles(n, device, seed=args.seed, batch_size=args.batch_size)
         names = profiles.members
         times = []
         run_phases: list[dict[str, float]] = []
@@ -169,14 +182,18 @@ def main() -> int:
             phases: dict[str, float] = {}
             with phase_timer(phases):
                 start = time.perf_counter()
-                chosen = plan(names, device, profiles)
+                if args.strategy == "all":
+                    made = plan_all(names, device, profiles)
+                    chosen = next(p for p in made if p.strategy == "auto")
+                else:
+                    chosen = plan(names, device, profiles, strategy=args.strategy)
                 elapsed = time.perf_counter() - start
             phases[OTHER] = max(0.0, elapsed - sum(phases.values()))
             times.append(elapsed)
             run_phases.append(phases)
         assert chosen is not None
         median = statistics.median(times)
-        target = TARGETS_S.get(n)
+        target = TARGETS_S.get(n) if args.strategy == "auto" else None
         kinds: dict[str, int] = {}
         for slot in chosen.slots:
             kinds[slot.kind] = kinds.get(slot.kind, 0) + 1
@@ -206,7 +223,7 @@ def main() -> int:
         if target is not None:
             verdict = f" (target < {target:.0f} s: {'ok' if median < target else 'MISSED'})"
         print(
-            f"auto, {n:3d} members on {device.name}: median {median:.3f} s over {runs} runs "
+            f"{args.strategy}, {n:3d} members on {device.name}: median {median:.3f} s over {runs} runs "
             f"(min {min(times):.3f}, max {max(times):.3f}){verdict}; "
             f"plan: {', '.join(f'{v} {k}' for k, v in kinds.items())}, "
             f"{chosen.prediction.throughput_sps:.0f} samples/s",
@@ -222,15 +239,19 @@ def main() -> int:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{stamp}-cpu-plan-speed.json"
     png = plot(
-        results, f"auto on {device.name} (synthetic members, planned on the CPU)", out.with_suffix(".png")
+        results,
+        f"{args.strategy} on {device.name} (synthetic members, planned on the CPU)",
+        out.with_suffix(".png"),
+        args.strategy,
     )
     write_result(
         out,
         "plan-speed",
         device,
         {
-            "strategy": "auto",
+            "strategy": args.strategy,
             "seed": args.seed,
+            "batch_size": args.batch_size,
             "planning_host": "cpu",
             "smoke": args.smoke,
             "load_average": {"before": list(load_before), "after": list(os.getloadavg())},

@@ -142,3 +142,13 @@ def test_plan_speed_smoke(tmp_path: Path) -> None:
         assert key in result, f"plan-speed result has no '{key}'"
     assert result["runs"] == 1
     assert "coloring" in result["phases_s"]
+
+
+def test_plan_speed_times_every_strategy_a_calibration_plans(tmp_path: Path) -> None:
+    data = _run("plan_speed.py", tmp_path / "x.json", "--strategy", "all", "--sizes", "6")
+    assert data["strategy"] == "all"
+    result = data["results"][0]
+    assert result["members"] == 6
+    assert result["target_s"] is None  # the targets are auto's alone
+    assert "exhaustive" in result["phases_s"]
+    assert result["plan_from"].startswith("auto:")

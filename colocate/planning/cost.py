@@ -421,6 +421,14 @@ class Engine:
         self._eff: dict[tuple[str, str, float | None, bool], _Eff] = {}
         self._pairs: dict[tuple[str, str], float] = {}
         self._slot_mem: dict[tuple[str, ...], int] = {}
+        # a slot's figures in a layout of n slots, and the last layout's bounds: a search bounds
+        # then evaluates the same layout, and meets the same slots in many layouts
+        self._effs_of_slot: dict[tuple[SlotSpec, int], tuple[_Eff, ...]] = {}
+        self._sums_of_slot: dict[tuple[SlotSpec, int], tuple[float, float, float]] = {}
+        self._last_bounds: tuple[Layout, tuple[list[float], float, list[tuple[str, float]]]] | None = None
+        self._floors: dict[tuple[tuple[str, ...], int], tuple[float, float, float, float]] = {}
+        self._inputs: dict[tuple[str, ...], int] = {}
+        self._every_layout_fits: bool | None = None
         # normalised by CostModel.__post_init__: (a, b, kind) with a < b
         table = typing.cast("Mapping[tuple[str, str, str], float]", model.interference or {})
         unknown = sorted({m for (a, b, _) in table for m in (a, b)} - set(demands.names))
@@ -477,6 +485,36 @@ class Engine:
         self._eff[key] = e
         return e
 
+    def slot_effs(self, slot: SlotSpec, slots: int) -> tuple[_Eff, ...]:
+        """:meth:`eff` of each of ``slot``'s members, in a layout of ``slots`` slots."""
+        key = (slot, slots)
+        cached = self._effs_of_slot.get(key)
+        if cached is None:
+            cached = tuple(self.eff(m, slot.kind, slot.percent, slots) for m in slot.members)
+            self._effs_of_slot[key] = cached
+        return cached
+
+    def _slot_sums(self, slot: SlotSpec, slots: int) -> tuple[float, float, float]:
+        """The slot's members' work, host time and latency, each summed in run order."""
+        key = (slot, slots)
+        cached = self._sums_of_slot.get(key)
+        if cached is None:
+            work = host = latency = 0.0
+            for e in self.slot_effs(slot, slots):
+                work += e.work
+                host += e.host
+                latency += e.latency
+            cached = (work, host, latency)
+            self._sums_of_slot[key] = cached
+        return cached
+
+    def _largest_input(self, members: tuple[str, ...]) -> int:
+        cached = self._inputs.get(members)
+        if cached is None:
+            cached = max(self.demands[m].input_bytes for m in members)
+            self._inputs[members] = cached
+        return cached
+
     def slot_memory(self, members: tuple[str, ...]) -> int:
         cached = self._slot_mem.get(members)
         if cached is None:
@@ -489,7 +527,21 @@ class Engine:
         return total + self.model.process_memory_bytes(layout, self.demands)
 
     def fits(self, layout: Layout) -> bool:
-        return self.peak_memory(layout) <= self.limit
+        return self.every_layout_fits() or self.peak_memory(layout) <= self.limit
+
+    def every_layout_fits(self) -> bool:
+        """Whether every layout of the members (or of some of them) fits: the most any can need
+        is each member in a slot of its own (a slot's memory is its weights plus its largest
+        activation, at most the sum of its members' alone), each slot a worker of the costlier
+        kind, and the serving process paying too."""
+        if self._every_layout_fits is None:
+            names = self.demands.names
+            worker = max(self.demands.worker_bytes("process"), self.demands.worker_bytes("mps"))
+            most = (
+                sum(self.slot_memory((m,)) for m in names) + len(names) * worker + self.demands.process_bytes
+            )
+            self._every_layout_fits = most <= self.limit
+        return self._every_layout_fits
 
     # -- pairs --------------------------------------------------------------------------
 
@@ -573,7 +625,7 @@ class Engine:
     def _simulate(self, layout: Layout, *, corrected: bool = True, pair_factor: float | None = None) -> _Sim:
         model = self.model
         n = len(layout)
-        effs = [[self.eff(m, s.kind, s.percent, len(layout)) for m in s.members] for s in layout]
+        effs = [self.slot_effs(s, n) for s in layout]
         names = [s.members for s in layout]
         stream = [s.kind == "stream" for s in layout]
         if not self.gpu or any(s.kind == "mps" for s in layout):
@@ -702,10 +754,21 @@ class Engine:
                 )
 
     def _bounds(self, layout: Layout) -> tuple[list[float], float, list[tuple[str, float]]]:
-        """Per-slot dispatch offsets, the combine time, and the interval bounds that need no simulation."""
+        """Per-slot dispatch offsets, the combine time, and the interval bounds that need no
+        simulation (a fresh list each call: :meth:`evaluate` replaces the critical path's)."""
+        last = self._last_bounds
+        if last is not None and last[0] == layout:
+            offsets, combine, bounds = last[1]
+            return offsets, combine, list(bounds)
+        found = self._compute_bounds(layout)
+        self._last_bounds = (layout, found)
+        offsets, combine, bounds = found
+        return offsets, combine, list(bounds)
+
+    def _compute_bounds(self, layout: Layout) -> tuple[list[float], float, list[tuple[str, float]]]:
         model = self.model
         demands = self.demands
-        worker_inputs = [demands[m].input_bytes for s in layout if s.kind != "stream" for m in s.members]
+        worker_inputs = [self._largest_input(s.members) for s in layout if s.kind != "stream"]
         copy_s = max(worker_inputs) / model.shm_copy_bytes_per_s if worker_inputs else 0.0
         offsets = [
             model.stream_dispatch_s if s.kind == "stream" else model.process_dispatch_s + copy_s
@@ -724,17 +787,9 @@ class Engine:
         main_busy = 0.0
         has_mps = any(s.kind == "mps" for s in layout)
         time_sliced = self.gpu and (not has_mps or not model.trust_mps_overlap)
+        slots = len(layout)
         for i, s in enumerate(layout):
-            slot_work = 0.0
-            host = 0.0
-            busy = 0.0
-            latency = 0.0
-            for m in s.members:
-                e = self.eff(m, s.kind, s.percent, len(layout))
-                slot_work += e.work
-                host += e.host
-                busy += e.g
-                latency += e.latency
+            slot_work, host, latency = self._slot_sums(s, slots)
             serial = max(serial, offsets[i] + latency)
             work += slot_work
             all_host += host
@@ -766,6 +821,61 @@ class Engine:
         _, combine, bounds = self._bounds(layout)
         interval = max(b for _, b in bounds)
         return self.demands.batch_size / interval, interval + combine
+
+    def partition_lower_bound(self, groups: Sequence[tuple[str, ...]]) -> tuple[float, float]:
+        """Throughput and latency no better than which *any* layout of these slots can be
+        predicted, whatever each slot's kind (stream, process or mps) and MPS share.
+
+        Each bound of :meth:`lower_bound` but time slicing (which only adds to a layout's
+        bounds), taken with every slot at its most favourable kind for that bound: a lower
+        bound on each bound, so on their maximum, for every kind assignment. An exhaustive
+        search skips a partition of the members whose bound cannot win.
+        """
+        model = self.model
+        slots = len(groups)
+        combine = model.combine_base_s + model.combine_per_member_s * sum(len(g) for g in groups)
+        serial = work = interpreter = host = 0.0
+        for group in groups:
+            g_serial, g_work, g_interpreter, g_host = self._slot_floor(group, slots)
+            serial = max(serial, g_serial)
+            work += g_work
+            interpreter += g_interpreter
+            host += g_host
+        interval = max(
+            serial,
+            work,
+            (interpreter + combine) / model.stream_host_capacity,
+            (host + combine) / max(1, self.demands.host_cores),
+        )
+        return self.demands.batch_size / interval, interval + combine
+
+    def _slot_floor(self, members: tuple[str, ...], slots: int) -> tuple[float, float, float, float]:
+        """A slot's least contribution, over its kinds and MPS shares, to each bound of
+        :meth:`_compute_bounds`: its dispatch plus its latency (the critical path), its work, its
+        dispatch plus its interpreter time (the GIL), its dispatch plus its host time (the
+        cores). A worker's dispatch is taken without its shared-memory copy (>= 0)."""
+        key = (members, slots)
+        cached = self._floors.get(key)
+        if cached is not None:
+            return cached
+        options = [SlotSpec("stream", members), SlotSpec("process", members)]
+        if self.gpu:  # an MPS share changes only what the simulation reads, none of these sums
+            options.append(SlotSpec("mps", members, 100.0))
+        else:  # an mps slot's share is its thread count: each one it can have
+            cores = self.demands.cores
+            options.extend(SlotSpec("mps", members, 100.0 * t / cores) for t in range(1, cores + 1))
+        serial = work = interpreter = host = math.inf
+        for spec in options:
+            s_work, s_host, s_latency = self._slot_sums(spec, slots)
+            stream = spec.kind == "stream"
+            offset = self.model.stream_dispatch_s if stream else self.model.process_dispatch_s
+            serial = min(serial, offset + s_latency)
+            work = min(work, s_work)
+            interpreter = min(interpreter, offset + (s_host if stream else 0.0))
+            host = min(host, offset + s_host)
+        floor = (serial, work, interpreter, host)
+        self._floors[key] = floor
+        return floor
 
     def evaluate(self, layout: Layout) -> Evaluation:
         """Throughput, latency, memory and bounds of ``layout``."""

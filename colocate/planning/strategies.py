@@ -59,6 +59,10 @@ class Context:
         self.model: CostModel = engine.model
         self.order = {name: i for i, name in enumerate(demands.names)}
         self._graphs: dict[str, Any] = {}
+        self._mps_shares: dict[tuple[tuple[str, ...], ...], tuple[float, ...]] = {}
+        # set by a search while it runs: False for a partition of the members (slots, kinds
+        # open) none of whose layouts can win, so that ``exhaustive`` skips all its kind choices
+        self.partition_filter: Callable[[Sequence[tuple[str, ...]]], bool] | None = None
 
     def graph(self, kind: str = "stream") -> Any:
         """The conflict graph for pairs in slots of ``kind``."""
@@ -87,9 +91,17 @@ class Context:
             if s.members
         ]
         slots.sort(key=lambda s: self.order[s.members[0]])
+        return self.with_mps_shares(slots)
+
+    def with_mps_shares(self, slots: list[SlotSpec]) -> Layout:
+        """``slots`` (already in canonical order) with their MPS shares set."""
         mps = [i for i, s in enumerate(slots) if s.kind == "mps"]
         if mps:
-            shares = mps_percentages([slots[i].members for i in mps], self.demands)
+            groups = tuple(slots[i].members for i in mps)
+            shares = self._mps_shares.get(groups)
+            if shares is None:
+                shares = mps_percentages(groups, self.demands)
+                self._mps_shares[groups] = shares
             for i, share in zip(mps, shares, strict=True):
                 slots[i] = SlotSpec("mps", slots[i].members, share)
         return tuple(slots)
@@ -335,8 +347,15 @@ def _exhaustive(ctx: Context) -> Iterator[Candidate]:
         "slots, every slot kind",
     )
     for groups in set_partitions(names):
-        for kinds in _kind_assignments(len(groups)):
-            yield Candidate(ctx.layout(groups, kinds), "exhaustive", why)
+        # set_partitions gives the groups in canonical order already (members in ensemble order,
+        # groups by their first member), so only the MPS shares are left to set
+        members = [tuple(g) for g in groups]
+        if ctx.partition_filter is not None and not ctx.partition_filter(members):
+            continue
+        specs = {kind: [SlotSpec(kind, g) for g in members] for kind in ("stream", *WORKER_KINDS)}
+        for kinds in _kind_assignments(len(members)):
+            slots = [specs[k][i] for i, k in enumerate(kinds)]
+            yield Candidate(ctx.with_mps_shares(slots), "exhaustive", why)
 
 
 STRATEGY_FUNCTIONS: dict[str, StrategyFn] = {

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from colocate import serde
 from colocate.devices import Device, find_device
 from colocate.errors import PlanInfeasibleError
-from colocate.planning import STRATEGIES, CostModel, Plan, member_demands, plan_all
-from colocate.planning.search import SIMPLER_WITHIN
+from colocate.planning import STRATEGIES, CostModel, Plan, member_demands, plan, plan_all
+from colocate.planning.cost import Engine, as_layout
+from colocate.planning.search import SIMPLER_WITHIN, Pool, Selector
+from colocate.planning.strategies import STRATEGY_FUNCTIONS, Context, _kind_assignments, set_partitions
 from colocate.planning.synthetic import synthetic_profile
 from colocate.profiling import ProfileSet
 
@@ -118,3 +123,70 @@ def test_latency_objective_never_loses_to_sequential(specs: list[dict[str, float
     by = {p.strategy: p for p in plans}
     if "sequential" in by:
         assert by["auto"].prediction.latency_s <= by["sequential"].prediction.latency_s
+
+
+memory_gib = st.sampled_from([2.0, 6.0, 24.0])  # tight (some layouts rejected), close, ample
+
+
+def _exhaustive_world(
+    specs: list[dict[str, float]], device_name: str, free_gib: float, model: CostModel
+) -> tuple[ProfileSet, Device, Engine, Context]:
+    device = dataclasses.replace(_device(device_name), memory_free_bytes=int(free_gib * (1 << 30)))
+    ps = _profiles(specs, device)
+    ds = member_demands(ps.members, device, ps, 8)
+    engine = model.engine(ds)
+    return ps, device, engine, Context(ds, engine)
+
+
+scales = st.sampled_from(
+    [CostModel(), CostModel(time_scale=1.2, worker_time_scale=1.5, stream_time_scale=2.0)]
+)
+
+
+@SETTINGS
+@given(st.lists(member, min_size=2, max_size=5), devices, memory_gib, scales)
+def test_a_partitions_floor_bounds_every_layout_of_it(
+    specs: list[dict[str, float]], device_name: str, free_gib: float, model: CostModel
+) -> None:
+    """exhaustive skips a partition on Engine.partition_lower_bound: it must be no worse than
+    each kind assignment's own bound, or a winning layout could be skipped; and a layout must
+    fit whenever every_layout_fits says all do."""
+    _, _, engine, ctx = _exhaustive_world(specs, device_name, free_gib, model)
+    all_fit = engine.every_layout_fits()
+    for groups in set_partitions(list(ctx.demands.names)):
+        most_sps, least_latency = engine.partition_lower_bound([tuple(g) for g in groups])
+        for kinds in _kind_assignments(len(groups)):
+            layout = ctx.layout(groups, kinds)
+            sps, latency = engine.lower_bound(layout)
+            assert sps <= most_sps * (1 + 1e-12), (groups, kinds)
+            assert latency >= least_latency * (1 - 1e-12), (groups, kinds)
+            if all_fit:
+                assert engine.peak_memory(layout) <= engine.limit
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(
+    st.lists(member, min_size=2, max_size=5), devices, memory_gib, st.sampled_from(["throughput", "latency"])
+)
+def test_exhaustive_chooses_what_evaluating_every_layout_chooses(
+    specs: list[dict[str, float]], device_name: str, free_gib: float, objective: str
+) -> None:
+    """The bar from the other strategies and the skipped partitions only save work: the plan
+    (and the count of layouts rejected for memory) is the one an unpruned search picks."""
+    ps, device, engine, ctx = _exhaustive_world(specs, device_name, free_gib, CostModel())
+    reference = Pool(Selector(objective, None))
+    for candidate in STRATEGY_FUNCTIONS["exhaustive"](ctx):
+        reference.offer(engine, candidate, prune=False)
+    chosen = reference.choose()
+    if chosen is None:
+        with pytest.raises(PlanInfeasibleError):
+            plan(ps.members, device, ps, strategy="exhaustive", batch_size=8, objective=objective)
+        return
+    made = plan(ps.members, device, ps, strategy="exhaustive", batch_size=8, objective=objective)
+    assert as_layout(made.slots) == chosen[0].layout
+    rejected = [line for line in made.explanation if "do not fit in memory" in line]
+    assert rejected == (
+        [f"{reference.too_big} candidate layout(s) were rejected: they do not fit in memory"]
+        if reference.too_big
+        else []
+    )
