@@ -437,6 +437,7 @@ class Engine:
                 f"interference table names unknown member(s) {unknown}; members: {', '.join(demands.names)}"
             )
         self._measured: dict[tuple[str, str, str], float] = dict(table)
+        self._paired = frozenset(m for (a, b, _) in table for m in (a, b))  # members with a measurement
         self.evaluations = 0
 
     # -- figures ------------------------------------------------------------------------
@@ -691,7 +692,7 @@ class Engine:
                 a = e.host * (k_stream_host if stream[k] else k_cores)
                 b = e.g * k_gpu
                 duration = e.rest + (a if a > b else b)
-                if correct:
+                if correct and (pair_factor is not None or names[k][pos[k]] in self._paired):
                     # a measured pair stretches both while side by side, in whichever concurrency
                     # domains they run, when it was measured in slots of their kinds. Beside
                     # several measured partners a member takes their geometric mean, not their
