@@ -426,7 +426,9 @@ class Engine:
         self._effs_of_slot: dict[tuple[SlotSpec, int], tuple[_Eff, ...]] = {}
         self._sums_of_slot: dict[tuple[SlotSpec, int], tuple[float, float, float]] = {}
         self._last_bounds: tuple[Layout, tuple[list[float], float, list[tuple[str, float]]]] | None = None
-        self._floors: dict[tuple[tuple[str, ...], int], tuple[float, float, float, float]] = {}
+        self._floors: dict[
+            tuple[tuple[str, ...], int, tuple[str, ...]], tuple[float, float, float, float]
+        ] = {}
         self._inputs: dict[tuple[str, ...], int] = {}
         self._every_layout_fits: bool | None = None
         # normalised by CostModel.__post_init__: (a, b, kind) with a < b
@@ -495,7 +497,12 @@ class Engine:
             self._effs_of_slot[key] = cached
         return cached
 
-    def _slot_sums(self, slot: SlotSpec, slots: int) -> tuple[float, float, float]:
+    def time_sliced(self, worker: str) -> bool:
+        """Whether layouts of stream slots and ``worker`` slots are bounded by time slicing (a
+        GPU's contexts take turns; MPS clients too unless ``trust_mps_overlap``)."""
+        return self.gpu and (worker != "mps" or not self.model.trust_mps_overlap)
+
+    def slot_sums(self, slot: SlotSpec, slots: int) -> tuple[float, float, float]:
         """The slot's members' work, host time and latency, each summed in run order."""
         key = (slot, slots)
         cached = self._sums_of_slot.get(key)
@@ -790,7 +797,7 @@ class Engine:
         time_sliced = self.gpu and (not has_mps or not model.trust_mps_overlap)
         slots = len(layout)
         for i, s in enumerate(layout):
-            slot_work, host, latency = self._slot_sums(s, slots)
+            slot_work, host, latency = self.slot_sums(s, slots)
             serial = max(serial, offsets[i] + latency)
             work += slot_work
             all_host += host
@@ -828,46 +835,66 @@ class Engine:
         predicted, whatever each slot's kind (stream, process or mps) and MPS share.
 
         Each bound of :meth:`lower_bound` but time slicing (which only adds to a layout's
-        bounds), taken with every slot at its most favourable kind for that bound: a lower
-        bound on each bound, so on their maximum, for every kind assignment. An exhaustive
-        search skips a partition of the members whose bound cannot win.
+        bounds), taken with every slot at its most favourable kind for that bound
+        (:meth:`slot_floor`): a lower bound on each bound, so on their maximum, for every kind
+        assignment. An exhaustive search skips a partition of the members whose bound cannot win.
         """
-        model = self.model
         slots = len(groups)
-        combine = model.combine_base_s + model.combine_per_member_s * sum(len(g) for g in groups)
         serial = work = interpreter = host = 0.0
         for group in groups:
-            g_serial, g_work, g_interpreter, g_host = self._slot_floor(group, slots)
+            g_serial, g_work, g_interpreter, g_host = self.slot_floor(
+                group, slots, ("stream", "process", "mps")
+            )
             serial = max(serial, g_serial)
             work += g_work
             interpreter += g_interpreter
             host += g_host
+        return self.floor_bound((serial, work, interpreter, host), sum(len(g) for g in groups))
+
+    def floor_bound(
+        self, floor: tuple[float, float, float, float], members: int, sliced: float = 0.0
+    ) -> tuple[float, float]:
+        """The (most throughput, least latency) of a layout of ``members`` members whose slots'
+        floors (:meth:`slot_floor`) add up to ``floor``: the critical path (their maximum), then
+        the work, the interpreter's and the host's time (their sums); ``sliced``: a floor of the
+        time-slicing bound, when one is known. The interval is taken a
+        part in a billion lower, so that sums taken in another order than a layout's own bounds
+        cannot come out above them by a rounding."""
+        model = self.model
+        serial, work, interpreter, host = floor
+        combine = model.combine_base_s + model.combine_per_member_s * members
         interval = max(
             serial,
             work,
             (interpreter + combine) / model.stream_host_capacity,
             (host + combine) / max(1, self.demands.host_cores),
-        )
+            sliced,
+        ) * (1.0 - 1e-9)
         return self.demands.batch_size / interval, interval + combine
 
-    def _slot_floor(self, members: tuple[str, ...], slots: int) -> tuple[float, float, float, float]:
-        """A slot's least contribution, over its kinds and MPS shares, to each bound of
+    def slot_floor(
+        self, members: tuple[str, ...], slots: int, kinds: tuple[str, ...]
+    ) -> tuple[float, float, float, float]:
+        """A slot's least contribution, over ``kinds`` and every MPS share, to each bound of
         :meth:`_compute_bounds`: its dispatch plus its latency (the critical path), its work, its
         dispatch plus its interpreter time (the GIL), its dispatch plus its host time (the
         cores). A worker's dispatch is taken without its shared-memory copy (>= 0)."""
-        key = (members, slots)
+        key = (members, slots, kinds)
         cached = self._floors.get(key)
         if cached is not None:
             return cached
-        options = [SlotSpec("stream", members), SlotSpec("process", members)]
-        if self.gpu:  # an MPS share changes only what the simulation reads, none of these sums
-            options.append(SlotSpec("mps", members, 100.0))
-        else:  # an mps slot's share is its thread count: each one it can have
-            cores = self.demands.cores
-            options.extend(SlotSpec("mps", members, 100.0 * t / cores) for t in range(1, cores + 1))
+        options = []
+        for kind in kinds:
+            if kind != "mps":
+                options.append(SlotSpec(kind, members))
+            elif self.gpu:  # an MPS share changes only what the simulation reads, none of these sums
+                options.append(SlotSpec("mps", members, 100.0))
+            else:  # an mps slot's share is its thread count: each one it can have
+                cores = self.demands.cores
+                options.extend(SlotSpec("mps", members, 100.0 * t / cores) for t in range(1, cores + 1))
         serial = work = interpreter = host = math.inf
         for spec in options:
-            s_work, s_host, s_latency = self._slot_sums(spec, slots)
+            s_work, s_host, s_latency = self.slot_sums(spec, slots)
             stream = spec.kind == "stream"
             offset = self.model.stream_dispatch_s if stream else self.model.process_dispatch_s
             serial = min(serial, offset + s_latency)

@@ -147,13 +147,12 @@ class Pool:
         if self.best is None or Selector.better(score, self.best):
             self.best = score
 
-    def partition_could_win(self, engine: Engine, groups: Sequence[tuple[str, ...]]) -> bool:
-        """Whether some layout of these slots, of any kinds, could still reach the tie window of
-        the best (:meth:`Engine.partition_lower_bound`); each that could not would fail
-        :meth:`could_win`."""
+    def bound_could_win(self, throughput: float, latency: float) -> bool:
+        """Whether layouts no better than ``throughput`` and ``latency`` (a bound on a set of
+        them, e.g. :meth:`Engine.partition_lower_bound`) could still reach the tie window of
+        the best; when not, each of them would fail :meth:`could_win`."""
         if self.best is None:
             return True
-        throughput, latency = engine.partition_lower_bound(groups)
         optimistic = self.selector.score(throughput, latency)
         return self.selector.close(optimistic, self.best) or Selector.better(optimistic, self.best)
 
@@ -432,17 +431,17 @@ class _Session:
                 if bar is not None:
                     pool.raise_bar(bar)
             names = [strategy]
-        # exhaustive skips whole partitions that cannot win, when no layout can be rejected for
-        # memory (else the count and the smallest rejected layout, which explain a plan or its
-        # absence, would miss the skipped ones)
+        # exhaustive skips layouts by bounds on whole sets of them, when no layout can be
+        # rejected for memory (else the count and the smallest rejected layout, which explain
+        # a plan or its absence, would miss the skipped ones)
         if "exhaustive" in names and self.engine.every_layout_fits():
-            self.ctx.partition_filter = lambda groups: pool.partition_could_win(self.engine, groups)
+            self.ctx.could_win = pool.bound_could_win
         try:
             for name in names:
                 for candidate in STRATEGY_FUNCTIONS[name](self.ctx):
                     pool.offer(self.engine, candidate, prune=name == "exhaustive")
         finally:
-            self.ctx.partition_filter = None
+            self.ctx.could_win = None
         improved_by = 0
         if strategy == "auto":
             for ev, candidate in pool.starts():

@@ -60,9 +60,9 @@ class Context:
         self.order = {name: i for i, name in enumerate(demands.names)}
         self._graphs: dict[str, Any] = {}
         self._mps_shares: dict[tuple[tuple[str, ...], ...], tuple[float, ...]] = {}
-        # set by a search while it runs: False for a partition of the members (slots, kinds
-        # open) none of whose layouts can win, so that ``exhaustive`` skips all its kind choices
-        self.partition_filter: Callable[[Sequence[tuple[str, ...]]], bool] | None = None
+        # set by a search while it runs: whether layouts no better than (throughput, latency)
+        # could still win, so that ``exhaustive`` skips the sets of layouts bounded by that
+        self.could_win: Callable[[float, float], bool] | None = None
 
     def graph(self, kind: str = "stream") -> Any:
         """The conflict graph for pairs in slots of ``kind``."""
@@ -346,16 +346,78 @@ def _exhaustive(ctx: Context) -> Iterator[Candidate]:
         f"the best of all {exhaustive_count(len(names)):,} layouts: every partition of the members into "
         "slots, every slot kind",
     )
+    could_win = ctx.could_win
     for groups in set_partitions(names):
         # set_partitions gives the groups in canonical order already (members in ensemble order,
         # groups by their first member), so only the MPS shares are left to set
         members = [tuple(g) for g in groups]
-        if ctx.partition_filter is not None and not ctx.partition_filter(members):
+        if could_win is not None and not could_win(*ctx.engine.partition_lower_bound(members)):
             continue
         specs = {kind: [SlotSpec(kind, g) for g in members] for kind in ("stream", *WORKER_KINDS)}
-        for kinds in _kind_assignments(len(members)):
+        assignments = (
+            _kind_assignments(len(members))
+            if could_win is None
+            else _promising_kind_assignments(ctx.engine, members, could_win)
+        )
+        for kinds in assignments:
             slots = [specs[k][i] for i, k in enumerate(kinds)]
             yield Candidate(ctx.with_mps_shares(slots), "exhaustive", why)
+
+
+def _promising_kind_assignments(
+    engine: Engine, members: Sequence[tuple[str, ...]], could_win: Callable[[float, float], bool]
+) -> Iterator[tuple[str, ...]]:
+    """:func:`_kind_assignments` of these slots, in the same order, less those a bound shows
+    cannot win: a depth-first walk over the worker slots' mask from its highest bit (so the
+    masks come in increasing order), each subtree skipped when its bound cannot win. The bound
+    takes the decided slots at their kind and the open ones at their more favourable kind
+    (:meth:`Engine.slot_floor`), and on a GPU the time slicing of the decided slots alone
+    (the open ones only add to it): no layout skipped could have won (its own bound is no
+    better)."""
+    k = len(members)
+    count = sum(len(g) for g in members)
+    overhead = 1.0 + engine.model.time_slice_overhead
+    yield ("stream",) * k
+    for worker in WORKER_KINDS:
+        sliced = engine.time_sliced(worker)
+        fixed = {kind: [engine.slot_floor(g, k, (kind,)) for g in members] for kind in ("stream", worker)}
+        # a slot's (work, latency) at each kind, for the time-slicing bound
+        sums = {
+            kind: [engine.slot_sums(SlotSpec(kind, g, 100.0 if kind == "mps" else None), k) for g in members]
+            for kind in ("stream", worker)
+        }
+        either = [engine.slot_floor(g, k, ("stream", worker)) for g in members]
+        # the open slots are always 0..i: their floors' running maximum and sums
+        open_floor = [(0.0, 0.0, 0.0, 0.0)]
+        for f in either:
+            s, w, p, h = open_floor[-1]
+            open_floor.append((max(s, f[0]), w + f[1], p + f[2], h + f[3]))
+        # (slot to decide next, mask so far, the decided slots' floor, and for time slicing
+        # their stream work, stream latency (the longest), workers' sum and worker count)
+        stack: list[tuple[int, int, tuple[float, float, float, float], float, float, float, int]] = [
+            (k - 1, 0, (0.0, 0.0, 0.0, 0.0), 0.0, 0.0, 0.0, 0)
+        ]
+        while stack:
+            i, mask, done, main_work, main_busy, workers_sum, workers = stack.pop()
+            if i < 0:
+                if mask:
+                    yield tuple(worker if mask >> j & 1 else "stream" for j in range(k))
+                continue
+            o = open_floor[i + 1]
+            bound = (max(done[0], o[0]), done[1] + o[1], done[2] + o[2], done[3] + o[3])
+            domains = workers + (1 if main_busy > 0 else 0)
+            slicing = (max(main_work, main_busy) + workers_sum) * overhead if sliced and domains > 1 else 0.0
+            if not could_win(*engine.floor_bound(bound, count, slicing)):
+                continue
+            for bit, kind in ((1, worker), (0, "stream")):  # pushed so that stream (bit 0) pops first
+                f = fixed[kind][i]
+                work, _, latency = sums[kind][i]
+                floor = (max(done[0], f[0]), done[1] + f[1], done[2] + f[2], done[3] + f[3])
+                if bit:
+                    state = (main_work, main_busy, workers_sum + max(work, latency), workers + 1)
+                else:
+                    state = (main_work + work, max(main_busy, latency), workers_sum, workers)
+                stack.append((i - 1, mask | (bit << i), floor, *state))
 
 
 STRATEGY_FUNCTIONS: dict[str, StrategyFn] = {

@@ -14,7 +14,13 @@ from colocate.errors import PlanInfeasibleError
 from colocate.planning import STRATEGIES, CostModel, Plan, member_demands, plan, plan_all
 from colocate.planning.cost import Engine, as_layout
 from colocate.planning.search import SIMPLER_WITHIN, Pool, Selector
-from colocate.planning.strategies import STRATEGY_FUNCTIONS, Context, _kind_assignments, set_partitions
+from colocate.planning.strategies import (
+    STRATEGY_FUNCTIONS,
+    Context,
+    _kind_assignments,
+    _promising_kind_assignments,
+    set_partitions,
+)
 from colocate.planning.synthetic import synthetic_profile
 from colocate.profiling import ProfileSet
 
@@ -190,3 +196,31 @@ def test_exhaustive_chooses_what_evaluating_every_layout_chooses(
         if reference.too_big
         else []
     )
+
+
+@SETTINGS
+@given(
+    st.lists(member, min_size=2, max_size=5),
+    devices,
+    scales,
+    st.sampled_from([0.5, 0.8, 0.95, 1.0]),
+)
+def test_the_kind_walk_keeps_every_assignment_whose_bound_passes(
+    specs: list[dict[str, float]], device_name: str, model: CostModel, quantile: float
+) -> None:
+    """exhaustive walks each partition's kind assignments depth first and skips a subtree on its
+    bound: every assignment whose own bound passes must still come, in _kind_assignments' order."""
+    _, _, engine, ctx = _exhaustive_world(specs, device_name, 24.0, model)
+    for groups in set_partitions(list(ctx.demands.names)):
+        members = [tuple(g) for g in groups]
+        every = list(_kind_assignments(len(members)))
+        own = {kinds: engine.lower_bound(ctx.layout(groups, kinds))[0] for kinds in every}
+        ranked = sorted(own.values())
+        bar = ranked[min(len(ranked) - 1, int(quantile * len(ranked)))]
+
+        def could_win(throughput: float, latency: float, bar: float = bar) -> bool:
+            return throughput >= bar
+
+        kept = list(_promising_kind_assignments(engine, members, could_win))
+        assert kept == [kinds for kinds in every if kinds in set(kept)]  # in the same order
+        assert {kinds for kinds in every if own[kinds] >= bar} <= set(kept), (groups, bar)
