@@ -90,3 +90,38 @@ def test_the_top_level_api_names_the_functions_the_docs_use() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_a_worker_does_not_import_the_planner() -> None:
+    # a process or mps worker unpickles its spec through colocate.execution.processes: the
+    # search, the graphs and networkx would add a quarter of a second to every worker's start
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, colocate.execution.processes\n"
+            "print(sorted(m for m in ('networkx', 'colocate.planning.search', 'colocate.planning.graph',"
+            " 'colocate.planning.strategies') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_the_planning_package_resolves_every_name_it_exports() -> None:
+    import colocate.planning as planning
+
+    assert sorted(planning.__all__) == sorted(planning._LAZY)
+    for name in planning.__all__:
+        assert getattr(planning, name) is not None
+        assert name in dir(planning)
+    try:
+        planning.no_such_name  # noqa: B018
+    except AttributeError as exc:
+        assert "no_such_name" in str(exc)
+    else:
+        raise AssertionError("an unknown name must raise AttributeError")
