@@ -172,23 +172,31 @@ def test_a_partitions_floor_bounds_every_layout_of_it(
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(
-    st.lists(member, min_size=2, max_size=5), devices, memory_gib, st.sampled_from(["throughput", "latency"])
+    st.lists(member, min_size=2, max_size=5),
+    devices,
+    memory_gib,
+    st.sampled_from([("throughput", None), ("latency", None), ("throughput_under_latency", 0.01)]),
 )
 def test_exhaustive_chooses_what_evaluating_every_layout_chooses(
-    specs: list[dict[str, float]], device_name: str, free_gib: float, objective: str
+    specs: list[dict[str, float]],
+    device_name: str,
+    free_gib: float,
+    objective_and_bound: tuple[str, float | None],
 ) -> None:
-    """The bar from the other strategies and the skipped partitions only save work: the plan
-    (and the count of layouts rejected for memory) is the one an unpruned search picks."""
+    """The bar from the other strategies and the skipped layouts only save work: the plan (and
+    the count of layouts rejected for memory) is the one an unpruned search picks."""
+    objective, bound = objective_and_bound
     ps, device, engine, ctx = _exhaustive_world(specs, device_name, free_gib, CostModel())
-    reference = Pool(Selector(objective, None))
+    reference = Pool(Selector(objective, bound))
     for candidate in STRATEGY_FUNCTIONS["exhaustive"](ctx):
         reference.offer(engine, candidate, prune=False)
     chosen = reference.choose()
-    if chosen is None:
+    options = {"strategy": "exhaustive", "batch_size": 8, "objective": objective, "latency_bound_s": bound}
+    if chosen is None or reference.selector.of(chosen[0])[0] == 0:  # nothing fits, or meets the bound
         with pytest.raises(PlanInfeasibleError):
-            plan(ps.members, device, ps, strategy="exhaustive", batch_size=8, objective=objective)
+            plan(ps.members, device, ps, **options)  # type: ignore[arg-type]
         return
-    made = plan(ps.members, device, ps, strategy="exhaustive", batch_size=8, objective=objective)
+    made = plan(ps.members, device, ps, **options)  # type: ignore[arg-type]
     assert as_layout(made.slots) == chosen[0].layout
     rejected = [line for line in made.explanation if "do not fit in memory" in line]
     assert rejected == (
