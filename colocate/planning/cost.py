@@ -794,7 +794,7 @@ class Engine:
         main_work = 0.0
         main_busy = 0.0
         has_mps = any(s.kind == "mps" for s in layout)
-        time_sliced = self.gpu and (not has_mps or not model.trust_mps_overlap)
+        time_sliced = self.time_sliced("mps" if has_mps else "process")
         slots = len(layout)
         for i, s in enumerate(layout):
             slot_work, host, latency = self.slot_sums(s, slots)

@@ -158,11 +158,9 @@ class Pool:
 
     def could_win(self, engine: Engine, layout: Layout) -> bool:
         """Whether the layout's optimistic bound could still reach the tie window of the best."""
-        if self.best is None:
+        if self.best is None:  # no bound needed
             return True
-        throughput, latency = engine.lower_bound(layout)
-        optimistic = self.selector.score(throughput, latency)
-        return self.selector.close(optimistic, self.best) or Selector.better(optimistic, self.best)
+        return self.bound_could_win(*engine.lower_bound(layout))
 
     def offer(self, engine: Engine, candidate: Candidate, *, prune: bool = True) -> Evaluation | None:
         """Evaluate a candidate unless seen, too big, or unable to win; keep it if it is good."""
