@@ -37,6 +37,10 @@ the planner record adds its regret against the best measured plan and its speed-
 The JSON (default ``benchmarks/results/<UTC stamp>-<device>-packing.json``) holds the
 device, versions, date and command, one record per case, and a summary; a PNG beside it
 plots speed-up and p99 ratio per case and strategy, and regret and model error per case.
+The profiles the run planned from are written beside it (``<out stem>-profiles.json``, named
+in the JSON's ``profiles_file``) before the first case runs, and every plan run carries its
+slots and variants, so ``benchmarks/model_replay.py`` can predict the measured plans again
+with a later cost model, on any machine.
 Each case also lists every plan run it made (``runs``: calibration and comparison, in
 order), and the JSON is written again after each of them, the case under way in
 ``case_in_progress``: a run stopped by a time limit (a lent GPU's minutes) keeps every
@@ -764,6 +768,11 @@ def run_entry(
         "slots": _slots_text(plan),
         "backends": _backends_text(plan),
         "ended_at_s": at_s,
+        # the plan as it ran, structured, with what the cost model predicted for it then: with
+        # the profiles file (``profiles_file``), benchmarks/model_replay.py predicts it again
+        "plan_slots": serde.to_dict(plan.slots),
+        "plan_backends": serde.to_dict(plan.backends),
+        "predicted_sps": plan.prediction.throughput_sps,
     }
 
 
@@ -1195,6 +1204,11 @@ def main() -> int:
         for _, _, line in still_suspect:
             say(f"[yellow]still suspect, kept:[/yellow] {line}")
     other_profiling = other.since(other_mark, profile_s, device.cpu_cores)
+    # the profiles every prediction here came from, written before any case runs, so that a run
+    # cut short keeps them too: benchmarks/model_replay.py predicts the measured plans again from
+    # them with a later cost model, without the device
+    profiles_path = out.with_name(f"{out.stem}-profiles.json")
+    serde.save(variants if variants is not None else profiles, profiles_path)
 
     cases: list[dict[str, Any]] = []
     payload: dict[str, Any] = {}
@@ -1228,6 +1242,7 @@ def main() -> int:
                     "profile": serde.to_dict(profile_settings),
                 },
                 "profile_wall_s": profile_s,
+                "profiles_file": profiles_path.name,
                 "loadavg_at_start": list(load_at_start),
                 "suspect_profiles": [line for _, _, line in suspects],
                 "suspect_profiles_after_retry": [line for _, _, line in still_suspect],

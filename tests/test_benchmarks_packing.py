@@ -15,6 +15,10 @@ from typing import Any
 
 import pytest
 
+from colocate import serde
+from colocate.profiling.types import VariantProfiles
+from tests.scripts import BENCHMARKS, load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METADATA = ("kind", "date", "command", "device", "versions")
@@ -149,3 +153,31 @@ def test_packing_smoke(tmp_path: Path) -> None:
     assert "suspect_profiles" in data
     assert data["backends"] == "torch,onnxruntime"
     assert data["variant_labels"] == ["torch", "onnxruntime"]
+
+    # the profiles it planned from lie beside it, and every run has its structured plan, so the
+    # cost model can be replayed on the run later: the replay reads both back
+    assert data["profiles_file"] == "p-profiles.json"
+    variants = serde.load(VariantProfiles, out.with_name(data["profiles_file"]))
+    assert set(variants.labels) == {"torch", "onnxruntime"}
+    for case in cases:
+        for run in case["runs"]:
+            texts = run["slots"].split("; ")
+            assert len(texts) == len(run["plan_slots"])
+            for text, slot in zip(texts, run["plan_slots"], strict=True):
+                assert text.startswith(slot["kind"]) and text.endswith(": " + ", ".join(slot["members"]))
+            assert isinstance(run["plan_backends"], list)
+    replay = load_script("model_replay", BENCHMARKS)
+    replay_out = tmp_path / "replay.json"
+    assert replay.main(["--source", str(out), "--out", str(replay_out)]) == 0
+    replayed = json.loads(replay_out.read_text())
+    assert replayed["kind"] == "model-replay"
+    assert [(c["ensemble"], c["batch_size"]) for c in replayed["cases"]] == [
+        (c["ensemble_name"], c["batch_size"]) for c in cases
+    ]
+    for case in replayed["cases"]:
+        assert case["plans"], case
+        for row in case["plans"]:
+            assert row["error"] is None, row
+            assert row["model"] > 0 and row["measured_sps"] > 0
+        assert case["models"]["model"]["plans"] == len(case["plans"])
+    assert replay_out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC

@@ -1,0 +1,105 @@
+"""``benchmarks/model_replay.py``: the cost model predicted again on recorded GPU runs.
+
+The recorded runs are real measurements committed under ``benchmarks/results/``; these tests
+check that the replay reads them, predicts every plan, applies the run's measured pairs and
+fits the calibration's time scales on the calibration's plans only, and that the pick and its
+regret are computed as documented. They do not assert how good the model is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from colocate.errors import InvalidInputError
+from colocate.planning.types import PlanMeasurement
+from tests.scripts import BENCHMARKS, load_script
+
+replay = load_script("model_replay", BENCHMARKS)
+H100 = replay.SOURCES[1]
+
+
+def _case(source: tuple[str, str]) -> Any:
+    report, profiles = source
+    (case,) = replay.load_cases(replay.RESULTS / report, replay.RESULTS / profiles)
+    return case
+
+
+@pytest.mark.parametrize("source", replay.SOURCES, ids=lambda s: s[0].split("-compare")[0])
+def test_every_recorded_gpu_plan_is_predicted_again(source: tuple[str, str]) -> None:
+    case = _case(source)
+    assert case.device.kind == "cuda" and case.batch_size == 8
+    assert {p.label for p in case.plans} == {"sequential", "streams", "processes", "mps", "auto"}
+    record = replay.replay_case(case)
+    for row in record["plans"]:
+        assert row["error"] is None, row
+        assert row["model"] > 0 and row["then"] > 0 and row["measured_sps"] > 0
+    summary = record["models"]["model"]
+    assert summary["plans"] == 5
+    assert summary["pick"] == max(record["plans"], key=lambda r: r["model"])["label"]
+
+
+def test_the_runs_measured_pairs_change_the_plans_they_apply_to() -> None:
+    case = _case(H100)
+    assert len(case.interference) == 3  # efficientnet beside mobilenet, vit and mlp
+    rows = {r["label"]: r for r in replay.replay_case(case)["plans"]}
+    # a thread each: efficientnet overlaps the three it was measured beside, slower than modelled
+    assert rows["streams"]["+pairs"] < rows["streams"]["model"]
+    # a loop overlaps nothing: the pairs cannot apply
+    assert rows["sequential"]["+pairs"] == pytest.approx(rows["sequential"]["model"])
+
+
+def test_calibrated_predictions_are_judged_on_the_plans_the_calibration_did_not_run() -> None:
+    case = _case(H100)
+    loop = next(p for p in case.plans if p.label == "sequential")
+    measured = PlanMeasurement("sequential", loop.slots, 8, 1.0, (loop.measured_sps,))
+    calibrated_case = replace(case, calibration_plans=(measured,))
+    record = replay.replay_case(calibrated_case)
+    rows = {r["label"]: r for r in record["plans"]}
+    assert rows["sequential"]["calibrated"] is None  # fitted on it: not judged on it
+    # the loop's rule: time_scale = what +pairs predicts for the loop over what it measured
+    scale = rows["sequential"]["+pairs"] / loop.measured_sps
+    assert record["time_scales"]["time_scale"] == pytest.approx(scale)
+    assert rows["streams"]["calibrated"] == pytest.approx(rows["streams"]["+pairs"] / scale, rel=0.02)
+    assert record["models"]["calibrated"]["plans"] == 4
+
+
+def test_model_summary_picks_the_highest_prediction_and_measures_its_regret() -> None:
+    rows = [
+        {"label": "a", "measured_sps": 100.0, "model": 90.0},
+        {"label": "b", "measured_sps": 80.0, "model": 120.0},
+        {"label": "c", "measured_sps": 50.0, "model": 60.0},
+        {"label": "d", "measured_sps": 70.0, "model": None},
+    ]
+    summary = replay.model_summary(rows, "model")
+    assert summary["plans"] == 3
+    assert summary["pick"] == "b"
+    assert summary["pick_regret"] == pytest.approx(0.2)  # b measured 80 against a's 100
+    assert summary["median_abs_error"] == pytest.approx(0.2)  # 0.1, 0.5, 0.2
+    assert summary["spearman"] == pytest.approx(0.5)
+    assert replay.model_summary(rows, "then")["plans"] == 0
+
+
+def test_unreadable_sources_say_what_is_missing(tmp_path: Path) -> None:
+    bogus = tmp_path / "x.json"
+    bogus.write_text(json.dumps({"kind": "packing", "cases": []}))
+    with pytest.raises(InvalidInputError, match="names no profiles file"):
+        replay.packing_cases(bogus)
+    with pytest.raises(InvalidInputError, match="not a profiles file"):
+        replay.load_profiles(bogus)
+    with pytest.raises(InvalidInputError, match="no such profiles file"):
+        replay.load_profiles(tmp_path / "missing.json")
+
+
+def test_main_writes_json_and_png(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    assert replay.main(["--source", ":".join(str(replay.RESULTS / f) for f in H100), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    for key in ("kind", "date", "command", "device", "versions", "cases", "summary"):
+        assert key in data
+    assert data["cases"][0]["device"] == "NVIDIA H100 80GB HBM3"
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
