@@ -6,10 +6,17 @@
     python benchmarks/plan_speed.py --smoke --out /tmp/plan-speed.json   # 16 members, one run
     python benchmarks/plan_speed.py --strategy exhaustive --sizes 6,7,8 --runs 3
     python benchmarks/plan_speed.py --strategy all --sizes 8 --device cpu   # what a calibration plans
+    python benchmarks/plan_speed.py --strategy all --sizes 8 --batch-size 8 \
+        --profiles benchmarks/results/20261127T1959-nvidia-h100-80gb-hbm3-profile-default-ensemble.json
 
 ``--strategy`` times another strategy instead (the targets are auto's), or ``all``: every
 strategy in one ``plan_all``, as a calibration plans its candidates twice (on 8 members that
 includes ``exhaustive``'s 175,696 layouts).
+
+``--profiles`` plans from recorded profiles instead of synthetic ones (a ProfileSet or
+VariantProfiles file, or a ``profile_default_ensemble.py`` result, e.g. a lent GPU's): for the
+device they were taken on, at ``--batch-size``, with the recorded members repeated under new
+names (``resnet-0``, ``mobilenet-1``, ..., ``resnet-5``) to make each size.
 
 The members are drawn by ``colocate.planning.synthetic.synthetic_profiles`` (seeded): latencies
 0.3-30 ms, GPU busy 10-95 %, SM fill 0.3-1, host share 0.05-1, up to 1.5 GiB each. Targets:
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import os
 import statistics
@@ -41,6 +49,7 @@ from colocate.planning import STRATEGIES, plan, plan_all
 from colocate.planning import search as _search_module
 from colocate.planning.strategies import STRATEGY_FUNCTIONS
 from colocate.planning.synthetic import synthetic_profiles
+from colocate.profiling.types import ProfileSet
 
 _search: Any = _search_module  # patched by phase_timer, restored after
 
@@ -140,6 +149,27 @@ def plot(results: list[dict[str, Any]], title: str, path: Path, strategy: str = 
     return save_figure(fig, path)
 
 
+def recorded_profiles(path: Path) -> ProfileSet:
+    """The profiles of a recorded run (each member under its default backend)."""
+    from benchmarks.model_replay import load_profiles
+
+    loaded = load_profiles(path)
+    return loaded if isinstance(loaded, ProfileSet) else loaded.default_set
+
+
+def repeated_members(recorded: ProfileSet, count: int) -> ProfileSet:
+    """``count`` members: the recorded ones in turn, each copy named ``<member>-<i>``."""
+    members = recorded.members
+    return ProfileSet(
+        tuple(
+            dataclasses.replace(p, member=f"{members[i % len(members)]}-{i}")
+            for i in range(count)
+            for p in recorded.profiles
+            if p.member == members[i % len(members)]
+        )
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -163,17 +193,27 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of the synthetic profiles")
     parser.add_argument("--smoke", action="store_true", help="16 members, one run")
     parser.add_argument(
+        "--profiles",
+        default=None,
+        help="plan from recorded profiles (repeated under new names to make each size) on the "
+        "device they were taken on, instead of synthetic ones",
+    )
+    parser.add_argument(
         "--out", default=None, help="result JSON (default: benchmarks/results/<date>-cpu-plan-speed.json)"
     )
     args = parser.parse_args()
 
-    device = devices.find_device(args.device)
+    recorded = recorded_profiles(Path(args.profiles)) if args.profiles else None
+    device = recorded.profiles[0].device if recorded is not None else devices.find_device(args.device)
     sizes = [int(n) for n in (args.sizes or ("16" if args.smoke else "16,64,256")).split(",")]
     runs = args.runs or (1 if args.smoke else 5)
     load_before = os.getloadavg()
     results = []
     for n in sizes:
-        profiles = synthetic_profiles(n, device, seed=args.seed, batch_size=args.batch_size)
+        if recorded is not None:
+            profiles = repeated_members(recorded, n)
+        else:
+            profiles = synthetic_profiles(n, device, seed=args.seed, batch_size=args.batch_size)
         names = profiles.members
         times = []
         run_phases: list[dict[str, float]] = []
@@ -183,10 +223,10 @@ def main() -> int:
             with phase_timer(phases):
                 start = time.perf_counter()
                 if args.strategy == "all":
-                    made = plan_all(names, device, profiles)
+                    made = plan_all(names, device, profiles, batch_size=args.batch_size)
                     chosen = next(p for p in made if p.strategy == "auto")
                 else:
-                    chosen = plan(names, device, profiles, strategy=args.strategy)
+                    chosen = plan(names, device, profiles, strategy=args.strategy, batch_size=args.batch_size)
                 elapsed = time.perf_counter() - start
             phases[OTHER] = max(0.0, elapsed - sum(phases.values()))
             times.append(elapsed)
@@ -240,7 +280,8 @@ def main() -> int:
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{stamp}-cpu-plan-speed.json"
     png = plot(
         results,
-        f"{args.strategy} on {device.name} (synthetic members, planned on the CPU)",
+        f"{args.strategy} on {device.name} "
+        f"({'recorded' if recorded is not None else 'synthetic'} members, planned on the CPU)",
         out.with_suffix(".png"),
         args.strategy,
     )
@@ -252,6 +293,7 @@ def main() -> int:
             "strategy": args.strategy,
             "seed": args.seed,
             "batch_size": args.batch_size,
+            "profiles": args.profiles,  # None: synthetic members
             "planning_host": "cpu",
             "smoke": args.smoke,
             "load_average": {"before": list(load_before), "after": list(os.getloadavg())},

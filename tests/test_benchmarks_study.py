@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from tests.scripts import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -152,3 +154,31 @@ def test_plan_speed_times_every_strategy_a_calibration_plans(tmp_path: Path) -> 
     assert result["target_s"] is None  # the targets are auto's alone
     assert "exhaustive" in result["phases_s"]
     assert result["plan_from"].startswith("auto:")
+
+
+def test_plan_speed_plans_from_recorded_gpu_profiles(tmp_path: Path) -> None:
+    recorded = BENCHMARKS / "results" / "20261127T1959-nvidia-h100-80gb-hbm3-profile-default-ensemble.json"
+    data = _run(
+        "plan_speed.py",
+        tmp_path / "x.json",
+        *("--profiles", str(recorded), "--strategy", "all", "--sizes", "7", "--batch-size", "8"),
+    )
+    assert data["device"]["name"] == "NVIDIA H100 80GB HBM3"  # the device they were taken on
+    assert data["profiles"] == str(recorded)
+    result = data["results"][0]
+    assert result["members"] == 7
+    assert sum(result["plan_slots"].values()) >= 1
+    assert result["plan_from"].startswith("auto:")
+
+
+def test_repeated_members_cycle_the_recorded_ones_under_new_names() -> None:
+    plan_speed = load_script("plan_speed", BENCHMARKS)
+    recorded = plan_speed.recorded_profiles(
+        BENCHMARKS / "results" / "20261127T1959-nvidia-h100-80gb-hbm3-profile-default-ensemble.json"
+    )
+    made = plan_speed.repeated_members(recorded, 7)
+    assert made.members == (
+        "resnet-0", "mobilenet-1", "efficientnet-2", "vit-3", "mlp-4", "resnet-5", "mobilenet-6"
+    )  # fmt: skip
+    assert made.get("mobilenet-6", 8).latency == recorded.get("mobilenet", 8).latency
+    assert made.batch_sizes == recorded.batch_sizes
