@@ -72,6 +72,11 @@ def test_every_run_is_checkpointed_as_it_ends_calibration_first(monkeypatch: pyt
     assert first["ensemble"] == "default" and first["batch_size"] == 8
     assert "strategies" not in first and "planner" not in first
     assert report is not None
+    # the scripted runs give each plan the same figure every time, so pooling the calibration's
+    # runs with the comparison's changes no median: the pooled regret is the plain one
+    planner = record["planner"]
+    assert planner["pooled"]["auto_runs"] >= 2  # calibration settled on it, then compared it
+    assert planner["regret_pooled"] == pytest.approx(planner["regret"])
 
 
 def test_round_spread_is_the_median_spread_of_the_plans_run_twice() -> None:
@@ -102,3 +107,43 @@ def test_round_spread_is_the_median_spread_of_the_plans_run_twice() -> None:
     planner = {"regret": 0.06, "round_spread": 0.15, "auto_status": "ok"}
     assert packing._regret_text(planner) == "6% (runs spread 15%)"
     assert packing._regret_text({"regret": None, "auto_status": "failed"}) == "failed"
+
+
+def test_pooled_regret_takes_every_run_of_a_layout_of_every_member_as_given() -> None:
+    packing = load_script("packing", BENCHMARKS)
+
+    def run(slots: str, sps: float | None, members: int = 3, backends: str | None = None) -> dict[str, Any]:
+        return {
+            "slots": slots,
+            "measured_sps": sps,
+            "status": "ok" if sps else "failed",
+            "backends": backends,
+            "plan_slots": [{"members": [f"m{i}" for i in range(members)]}],
+        }
+
+    runs = [
+        run("auto", 100.0),  # calibration, round 1
+        run("mps", 120.0),
+        run("auto", 110.0),  # calibration, round 2
+        run("mps", 90.0),
+        run("pair", 500.0, members=2),  # a pair measured alone: not a plan of the ensemble
+        run("variants", 400.0, backends="m0: onnxruntime"),  # outside auto's space
+        run("auto", 104.0),  # comparison
+        run("mps", 112.0),  # comparison: alone, mps is 7 % ahead of auto's 104
+        run("loop", None),
+    ]
+    pooled = packing.pooled_regret(runs, "auto", 3)
+    # medians: auto 104 (3 runs), mps 112 (3 runs)
+    assert pooled["best"] == "mps" and pooled["best_runs"] == 3 and pooled["auto_runs"] == 3
+    assert pooled["regret"] == pytest.approx((112.0 - 104.0) / 112.0)
+    assert pooled["layouts"] == 2
+    assert packing.pooled_regret(runs, None, 3)["regret"] is None
+    assert packing.pooled_regret(runs[:2], "auto", 3)["regret"] == pytest.approx(1 / 6)
+    planner = {
+        "regret": 0.07,
+        "round_spread": 0.15,
+        "auto_status": "ok",
+        "regret_pooled": 0.0714,
+        "pooled": pooled,
+    }
+    assert packing._regret_text(planner) == "7% (runs spread 15%; pooled 7%)"
