@@ -205,6 +205,14 @@ def report_cases(report_path: Path, profiles_path: Path) -> list[Case]:
     ]
 
 
+def profiles_beside(result: Path, recorded_name: str) -> Path:
+    """The profiles file of a packing result: ``<its stem>-profiles.json`` when it lies beside
+    it (a result and its profiles renamed together, as ``make gpu-check`` does when it files
+    them under benchmarks/results/), else the name the result recorded."""
+    renamed = result.with_name(f"{result.stem}-profiles.json")
+    return renamed if renamed.is_file() else result.with_name(recorded_name)
+
+
 def packing_cases(path: Path) -> list[Case]:
     """The cases of a ``benchmarks/packing.py`` result that names its profiles file."""
     data = json.loads(path.read_text())
@@ -216,7 +224,7 @@ def packing_cases(path: Path) -> list[Case]:
             f"{path}: names no profiles file (packing results carry one since 2026-11-28); give a "
             "compare report and a profiles file as REPORT:PROFILES instead"
         )
-    profiles_path = path.with_name(name)
+    profiles_path = profiles_beside(path, name)
     profiles = load_profiles(profiles_path)
     device = serde.from_dict(Device, data["device"], where=str(path))
     cases = []

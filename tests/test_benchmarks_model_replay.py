@@ -103,3 +103,17 @@ def test_main_writes_json_and_png(tmp_path: Path) -> None:
         assert key in data
     assert data["cases"][0]["device"] == "NVIDIA H100 80GB HBM3"
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_result_renamed_with_its_profiles_finds_them(tmp_path: Path) -> None:
+    # make gpu-check files "packing-b8.json" and "packing-b8-profiles.json" as
+    # "<stamp>-<gpu>-packing-b8.json" and "<stamp>-<gpu>-packing-b8-profiles.json"; the result
+    # still names "packing-b8-profiles.json"
+    renamed = tmp_path / "20261128T0300-nvidia-h100-packing-b8.json"
+    renamed.write_text("{}")
+    (tmp_path / "20261128T0300-nvidia-h100-packing-b8-profiles.json").write_text("{}")
+    assert replay.profiles_beside(renamed, "packing-b8-profiles.json").name == (
+        "20261128T0300-nvidia-h100-packing-b8-profiles.json"
+    )
+    alone = tmp_path / "p.json"
+    assert replay.profiles_beside(alone, "p-profiles.json") == tmp_path / "p-profiles.json"
