@@ -117,7 +117,7 @@ def explain(
         f"safety margin): per slot the weights plus its largest activation plus "
         f"{engine.model.allocator_margin:.0%}, and {_process_costs(engine.model, layout, demands)}"
     )
-    return tuple(lines), _notes(ctx, batch_note)
+    return tuple(lines), _notes(ctx, batch_note, settled=settled is not None)
 
 
 def _critical_lines(ev: Evaluation, ctx: Context) -> list[str]:
@@ -267,11 +267,14 @@ def _bound_line(ev: Evaluation, ctx: Context) -> str:
     return f"throughput is limited by the host's {cores} cores: {_ms(value)} of host work per request"
 
 
-def _notes(ctx: Context, batch_note: str) -> tuple[str, ...]:
+def _notes(ctx: Context, batch_note: str, *, settled: bool = False) -> tuple[str, ...]:
     demands = ctx.demands
     notes: list[str] = []
     if batch_note:
         notes.append(batch_note)
+    worker_note = _uncalibrated_workers_note(ctx, settled)
+    if worker_note:
+        notes.append(worker_note)
     if demands.device.kind == "simulated":
         notes.append(f"{demands.device.name} is simulated: every figure is a prediction")
     estimated = [d for d in demands.members if not d.measured]
@@ -290,6 +293,29 @@ def _notes(ctx: Context, batch_note: str) -> tuple[str, ...]:
         "members of the slots that finish last, independent tails adding in quadrature"
     )
     return tuple(dict.fromkeys(notes))
+
+
+def _uncalibrated_workers_note(ctx: Context, settled: bool) -> str | None:
+    """A caveat where the model alone decides between stream and worker slots and is least sure.
+
+    On a GPU the model bounds worker processes of host-bound members by time slicing (their
+    latencies add up). The lent GPUs measured such plans on both sides of the loop: about 0.4x
+    for the default ensemble's five large members at batch 1 and 8 (H100, H200), 3.4x for eight
+    small members at batch 1 (H100; docs/results.md). Only measuring tells which applies.
+    """
+    demands = ctx.demands
+    if settled or not demands.is_gpu or ctx.model.worker_time_scale != 1.0:
+        return None
+    host_bound = [d.member for d in demands.members if d.host_share >= HOST_BOUND_SHARE]
+    if len(host_bound) < 2:
+        return None
+    return (
+        f"uncalibrated for worker processes: {len(host_bound)} members are host-bound (host share >= "
+        f"{HOST_BOUND_SHARE:.0%}), and for such members the model bounds a process or MPS worker each "
+        "by time slicing; lent GPUs measured those plans at 0.4x (five large members) to 3.4x (eight "
+        "small members) a Python loop, so measure before choosing between stream and worker slots: "
+        "`colocate compare` calibrates, and its calibration.json feeds `colocate plan --calibration`"
+    )
 
 
 def infeasible_message(strategy: str, demands: DemandSet, engine: Engine, smallest: Evaluation | None) -> str:

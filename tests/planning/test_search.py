@@ -15,6 +15,7 @@ from colocate.planning.cost import SlotSpec
 from colocate.planning.search import SIMPLER_WITHIN
 from colocate.planning.strategies import Context, _kind_assignments, set_partitions
 from colocate.planning.synthetic import synthetic_profiles
+from colocate.planning.types import PlanMeasurement
 from colocate.profiling import ProfileSet
 
 from .helpers import EAGER, GIB, GRAPHED, h100, profiles, recorded, t4
@@ -240,3 +241,26 @@ def test_plan_accepts_layout_specs_for_prediction() -> None:
     p = CostModel().predict((SlotSpec("stream", ps.members),), ds)
     seq = plan(ps.members, h100(), ps, batch_size=8, strategy="sequential")
     assert p == seq.prediction
+
+
+def _worker_caveat(notes: tuple[str, ...]) -> list[str]:
+    return [n for n in notes if n.startswith("uncalibrated for worker processes")]
+
+
+def test_an_uncalibrated_gpu_plan_of_host_bound_members_says_to_measure_worker_slots() -> None:
+    eager = recorded()  # H200 eager profiles: resnet, mobilenet and efficientnet host-bound at batch 8
+    (caveat,) = _worker_caveat(plan(eager.members, h100(), eager, batch_size=8).notes)
+    assert caveat.startswith("uncalibrated for worker processes: 3 members are host-bound")
+    assert "colocate plan --calibration" in caveat
+    # CUDA graphs take the host work away: the model's time-slicing bound is not what decides
+    graphed = serde.load(ProfileSet, GRAPHED)
+    assert not _worker_caveat(plan(graphed.members, h100(), graphed, batch_size=8).notes)
+    # calibrated for worker processes (a time scale measured), or settled by measurement: no caveat
+    calibrated = CostModel(worker_time_scale=0.5)
+    assert not _worker_caveat(plan(eager.members, h100(), eager, batch_size=8, model=calibrated).notes)
+    loop = plan(eager.members, h100(), eager, strategy="sequential", batch_size=8)
+    # measured far above any prediction: auto settles on it by measurement
+    ran = PlanMeasurement("sequential", loop.slots, 8, loop.prediction.throughput_sps, (9000.0, 9100.0))
+    settled = plan(eager.members, h100(), eager, batch_size=8, measured_plans=(ran,))
+    assert "measured-best" in settled.explanation[0]
+    assert not _worker_caveat(settled.notes)
