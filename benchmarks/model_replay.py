@@ -76,6 +76,11 @@ SOURCES: tuple[tuple[str, str], ...] = (
         "20261127T0801-nvidia-h100-80gb-hbm3-compare-report.json",
         "20261127T0801-nvidia-h100-80gb-hbm3-profile-default-ensemble.json",
     ),
+    # its default-ensemble cases (batch 1, 8, 64); its mixed-4 members were not kept
+    (
+        "20261127T0801-nvidia-h100-80gb-hbm3-packing.json",
+        "20261127T0801-nvidia-h100-80gb-hbm3-profile-default-ensemble.json",
+    ),
 )
 
 
@@ -213,18 +218,76 @@ def profiles_beside(result: Path, recorded_name: str) -> Path:
     return renamed if renamed.is_file() else result.with_name(recorded_name)
 
 
-def packing_cases(path: Path) -> list[Case]:
-    """The cases of a ``benchmarks/packing.py`` result that names its profiles file."""
+def parse_slots(text: str) -> tuple[Slot, ...]:
+    """Slots from the text a packing result's rows give (``"stream: a, b; mps 14%: c"``); an mps
+    share comes back rounded to a whole percent, as the text has it."""
+    slots = []
+    for i, part in enumerate(text.split("; ")):
+        head, _, members = part.partition(": ")
+        words = head.split(" ")
+        share = next((float(w[:-1]) for w in words[1:] if w.endswith("%")), None)
+        threads = next((int(w[:-1]) for w in words[1:] if w.endswith("t")), None)
+        if words[0] not in ("stream", "process", "mps") or not members:
+            raise InvalidInputError(f"cannot read slots from {text!r}")
+        slots.append(
+            Slot(f"s{i}", words[0], tuple(members.split(", ")), thread_percentage=share, cpu_threads=threads)  # type: ignore[arg-type]
+        )
+    return tuple(slots)
+
+
+def _rows_from_strategies(record: dict[str, Any]) -> list[Row]:
+    """A result written before runs carried their plans: its strategies' rows (slots read from
+    their text, members as given) and its calibration's plans."""
+    rows: list[Row] = []
+    seen: set[str] = set()
+    for row in record.get("strategies", []):
+        measured = row.get("measured_sps")
+        if not measured or row.get("backends") not in (None, "every member as given"):
+            continue
+        if row["ran_as"] in seen:
+            continue  # strategies that gave the same slots share one run
+        seen.add(row["ran_as"])
+        rows.append(
+            (
+                row["ran_as"] or row["strategy"],
+                "comparison",
+                parse_slots(row["slots"]),
+                (),
+                float(measured),
+                row.get("predicted_sps"),
+            )
+        )
+    for plan in (record.get("calibration") or {}).get("plans") or []:
+        measurement = serde.from_dict(PlanMeasurement, plan)
+        if measurement.measured_sps:
+            rows.append(
+                (
+                    measurement.name,
+                    "calibration",
+                    measurement.slots,
+                    (),
+                    measurement.measured_sps,
+                    measurement.predicted_sps,
+                )
+            )
+    return rows
+
+
+def packing_cases(path: Path, profiles_path: Path | None = None) -> list[Case]:
+    """The cases of a ``benchmarks/packing.py`` result, from the profiles file it names, or from
+    ``profiles_path`` (for results written before they named one: the cases whose members those
+    profiles cover)."""
     data = json.loads(path.read_text())
     if data.get("kind") != "packing":
         raise InvalidInputError(f"{path}: not a benchmarks/packing.py result (kind {data.get('kind')!r})")
     name = data.get("profiles_file")
-    if not name:
+    if profiles_path is None and not name:
         raise InvalidInputError(
-            f"{path}: names no profiles file (packing results carry one since 2026-11-28); give a "
-            "compare report and a profiles file as REPORT:PROFILES instead"
+            f"{path}: names no profiles file (packing results carry one since 2026-11-28); give the "
+            "profiles the run planned from as RESULT:PROFILES"
         )
-    profiles_path = profiles_beside(path, name)
+    if profiles_path is None:
+        profiles_path = profiles_beside(path, name)
     profiles = load_profiles(profiles_path)
     device = serde.from_dict(Device, data["device"], where=str(path))
     cases = []
@@ -232,7 +295,7 @@ def packing_cases(path: Path) -> list[Case]:
     if data.get("case_in_progress"):
         records.append(data["case_in_progress"])  # a run cut short: the runs it finished
     for record in records:
-        rows = []
+        rows: list[Row] = []
         for run in record.get("runs", []):
             measured = run.get("measured_sps")
             if "plan_slots" not in run or not measured or run.get("status") == "failed":
@@ -242,6 +305,11 @@ def packing_cases(path: Path) -> list[Case]:
             rows.append(
                 (run["label"], run["phase"], slots, backends, float(measured), run.get("predicted_sps"))
             )
+        if not rows:
+            rows = _rows_from_strategies(record)
+        covered = set(profiles.members)
+        if not all(m in covered for row in rows for slot in row[2] for m in slot.members):
+            continue  # members these profiles do not have (another ensemble of the run)
         calibration = record.get("calibration") or {}
         pairs = calibration.get("pairs") or []
         interference = {
@@ -291,6 +359,8 @@ def discover(include_cpu: bool) -> list[tuple[Path, Path | None]]:
 
 def load_cases(source: Path, profiles: Path | None) -> list[Case]:
     """The cases of one source: a packing result, or a compare report with ``profiles``."""
+    if profiles is not None and json.loads(source.read_text()).get("kind") == "packing":
+        return packing_cases(source, profiles)
     if profiles is not None:
         return report_cases(source, profiles)
     return packing_cases(source)
@@ -326,12 +396,28 @@ def calibrated_model(case: Case, paired: CostModel) -> CostModel | None:
     )
 
 
+def _ranks(values: Sequence[float]) -> list[float]:
+    """Ranks from 1, ties given the average of the ranks they span."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
 def _spearman(predicted: Sequence[float], measured: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (numpy only: scipy is not installed where this runs)."""
     if len(predicted) < 3 or len(set(predicted)) < 2 or len(set(measured)) < 2:
         return None
-    from scipy.stats import spearmanr
+    import numpy as np
 
-    return float(spearmanr(predicted, measured).statistic)
+    return float(np.corrcoef(_ranks(predicted), _ranks(measured))[0, 1])
 
 
 def model_summary(plans: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:

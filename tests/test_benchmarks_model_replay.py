@@ -20,7 +20,9 @@ from colocate.planning.types import PlanMeasurement
 from tests.scripts import BENCHMARKS, load_script
 
 replay = load_script("model_replay", BENCHMARKS)
+REPORTS = replay.SOURCES[:2]  # the H200's and the H100's compare reports
 H100 = replay.SOURCES[1]
+PACKING = replay.SOURCES[2]  # the H100's packing run, before runs carried their plans
 
 
 def _case(source: tuple[str, str]) -> Any:
@@ -29,7 +31,7 @@ def _case(source: tuple[str, str]) -> Any:
     return case
 
 
-@pytest.mark.parametrize("source", replay.SOURCES, ids=lambda s: s[0].split("-compare")[0])
+@pytest.mark.parametrize("source", REPORTS, ids=lambda s: s[0].split("-compare")[0])
 def test_every_recorded_gpu_plan_is_predicted_again(source: tuple[str, str]) -> None:
     case = _case(source)
     assert case.device.kind == "cuda" and case.batch_size == 8
@@ -119,12 +121,21 @@ def test_a_result_renamed_with_its_profiles_finds_them(tmp_path: Path) -> None:
     assert replay.profiles_beside(alone, "p-profiles.json") == tmp_path / "p-profiles.json"
 
 
-@pytest.mark.parametrize("source", replay.SOURCES, ids=lambda s: s[0].split("-compare")[0])
-def test_the_model_ranks_the_slot_kinds_as_the_gpus_measured_them(source: tuple[str, str]) -> None:
+def _all_recorded_cases() -> list[Any]:
+    return [
+        case
+        for report, profiles in replay.SOURCES
+        for case in replay.load_cases(replay.RESULTS / report, replay.RESULTS / profiles)
+    ]
+
+
+@pytest.mark.parametrize("case", _all_recorded_cases(), ids=lambda c: f"{c.source[:13]}-b{c.batch_size}")
+def test_the_model_ranks_the_slot_kinds_as_the_gpus_measured_them(case: Any) -> None:
     # The lent H200 and H100 measured every plan of stream slots above every plan of worker
-    # processes for the default ensemble at batch 8 (225-380 against 154-173 samples/s). A change
-    # to the cost model that predicts otherwise contradicts the only GPU measurements there are.
-    rows = replay.replay_case(_case(source))["plans"]
+    # processes for the default ensemble at batch 1 and 8 (225-424 against 154-173 samples/s at
+    # batch 8, 36-40 against 18 at batch 1). A change to the cost model that predicts otherwise
+    # contradicts the GPU measurements there are.
+    rows = replay.replay_case(case)["plans"]
 
     def kind_of(row: dict[str, Any]) -> str:
         kinds = {text.split(":")[0].split(" ")[0] for text in row["slots"]}
@@ -135,3 +146,35 @@ def test_the_model_ranks_the_slot_kinds_as_the_gpus_measured_them(source: tuple[
     assert len(streams) >= 2 and len(workers) == 2
     assert min(r["measured_sps"] for r in streams) > max(r["measured_sps"] for r in workers)
     assert min(r["model"] for r in streams) > max(r["model"] for r in workers)
+
+
+def test_an_older_packing_result_is_read_from_its_rows_with_the_profiles_given() -> None:
+    cases = replay.load_cases(replay.RESULTS / PACKING[0], replay.RESULTS / PACKING[1])
+    # the default ensemble at batch 1 and 8; the mixed-4 cases' members have no profiles here
+    assert [(c.ensemble, c.batch_size) for c in cases] == [("default-large", 1), ("default-large", 8)]
+    b8 = {p.label: p for p in cases[1].plans}
+    assert b8["processes"].measured_sps == pytest.approx(159.7, abs=0.1)
+    assert [s.thread_percentage for s in b8["mps"].slots] == [11.0, 13.0, 17.0, 52.0, 6.0]
+    # at batch 1 auto chose the loop: the two rows share one run, counted once
+    b1 = {p.label: p for p in cases[0].plans}
+    assert set(b1) == {"sequential", "streams", "processes", "mps"} and b1["sequential"].runs == 1
+
+
+def test_parse_slots_reads_what_packing_writes() -> None:
+    slots = replay.parse_slots("stream: a, b; mps 14%: c; process 2t: d")
+    assert [(s.kind, s.members, s.thread_percentage, s.cpu_threads) for s in slots] == [
+        ("stream", ("a", "b"), None, None),
+        ("mps", ("c",), 14.0, None),
+        ("process", ("d",), None, 2),
+    ]
+    with pytest.raises(InvalidInputError, match="cannot read slots"):
+        replay.parse_slots("thread: a")
+
+
+def test_spearman_takes_ties_at_their_average_rank() -> None:
+    assert replay._ranks([10.0, 30.0, 20.0, 30.0]) == [1.0, 3.5, 2.0, 3.5]
+    assert replay._spearman([1.0, 2.0, 3.0], [10.0, 20.0, 30.0]) == pytest.approx(1.0)
+    assert replay._spearman([1.0, 2.0, 3.0], [30.0, 20.0, 10.0]) == pytest.approx(-1.0)
+    # scipy.stats.spearmanr([1, 2, 2, 4], [1, 3, 2, 4]) is 0.9486832980505138
+    assert replay._spearman([1.0, 2.0, 2.0, 4.0], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(0.9486832980505138)
+    assert replay._spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None
