@@ -25,7 +25,10 @@ planning; the error also holds how much slower or faster the machine ran than wh
 Sources:
 
 - a ``benchmarks/packing.py`` result: its ``profiles_file`` (written beside it since
-  2026-11-28) and the structured slots of every plan run (``runs[].plan_slots``);
+  2026-11-28) and the structured slots of every plan run (``runs[].plan_slots``); an older
+  result takes its profiles file after a colon (``RESULT:PROFILES``), and its strategies' rows
+  (slots read from their text, MPS shares rounded to whole percent) and calibration plans,
+  for the cases whose members those profiles cover;
 - a ``colocate compare`` report (``*-compare-report.json``) with a profiles file given after a
   colon: a ProfileSet / VariantProfiles JSON or a ``benchmarks/profile_default_ensemble.py``
   result (its fp32 profiles). The recorded GPU reports were profiled again by the comparison
