@@ -426,6 +426,10 @@ class Engine:
         self._effs_of_slot: dict[tuple[SlotSpec, int], tuple[_Eff, ...]] = {}
         self._sums_of_slot: dict[tuple[SlotSpec, int], tuple[float, float, float]] = {}
         self._last_bounds: tuple[Layout, tuple[list[float], float, list[tuple[str, float]]]] | None = None
+        self._last_interval: (
+            tuple[Layout, tuple[_Sim, list[float], float, list[tuple[str, float]], list[float], str, float]]
+            | None
+        ) = None
         self._floors: dict[
             tuple[tuple[str, ...], int, tuple[str, ...]], tuple[float, float, float, float]
         ] = {}
@@ -666,11 +670,12 @@ class Engine:
             occp = [1.0] * n_domains
             gil = 0.0
             worker_host = 0.0
-            for k in active:
-                e = effs[k][pos[k]]
+            running = [effs[k][pos[k]] for k in active]  # each active slot's current member
+            for k, e in zip(active, running, strict=True):
                 dm = domain[k]
                 dsum[dm] += e.d
-                occp[dm] *= 1.0 - e.bq
+                if multi:  # occupancy matters only between concurrency domains
+                    occp[dm] *= 1.0 - e.bq
                 if stream[k]:
                     gil += e.h
                 else:
@@ -684,8 +689,7 @@ class Engine:
                 total_occ = sum(occ)
             best = math.inf
             durations: list[float] = []
-            for k in active:
-                e = effs[k][pos[k]]
+            for k, e in zip(active, running, strict=True):
                 dm = domain[k]
                 demand = dsum[dm]
                 others = demand - e.d
@@ -905,16 +909,38 @@ class Engine:
         self._floors[key] = floor
         return floor
 
-    def evaluate(self, layout: Layout) -> Evaluation:
-        """Throughput, latency, memory and bounds of ``layout``."""
-        self.evaluations += 1
+    def _interval(
+        self, layout: Layout
+    ) -> tuple[_Sim, list[float], float, list[tuple[str, float]], list[float], str, float]:
+        """The simulation of ``layout`` and what it makes of the bounds: (simulation, dispatch
+        offsets, combine time, bounds with the simulated critical path, each slot's end, the
+        binding bound's name, the interval). The last layout's is kept, so that
+        :meth:`throughput_and_latency` then :meth:`evaluate` simulate it once."""
+        last = self._last_interval
+        if last is not None and last[0] == layout:
+            return last[1]
         self._check(layout)
-        demands = self.demands
         sim = self._simulate(layout)
         offsets, combine, bounds = self._bounds(layout)
         slot_end = [offsets[i] + sim.finishes[i][-1] for i in range(len(layout))]
         bounds[0] = ("critical path", max(slot_end))
         label, interval = max(bounds, key=lambda b: b[1])
+        found = (sim, offsets, combine, bounds, slot_end, label, interval)
+        self._last_interval = (layout, found)
+        return found
+
+    def throughput_and_latency(self, layout: Layout) -> tuple[float, float]:
+        """What :meth:`evaluate` predicts for ``layout``'s throughput and median latency, without
+        building the rest of its :class:`Evaluation` (a search drops most layouts on these two)."""
+        *_, combine, _, _, _, interval = self._interval(layout)
+        return self.demands.batch_size / interval, interval + combine
+
+    def evaluate(self, layout: Layout) -> Evaluation:
+        """Throughput, latency, memory and bounds of ``layout``."""
+        self.evaluations += 1
+        demands = self.demands
+        sim, offsets, combine, bounds, slot_end, label, interval = self._interval(layout)
+        bounds = list(bounds)  # the Evaluation's own: the kept interval's stays as it is
         latency = interval + combine
         critical_slot = max(range(len(layout)), key=lambda i: slot_end[i])
         critical = layout[critical_slot].members[-1]

@@ -176,9 +176,24 @@ class Pool:
             return None
         if prune and not self.could_win(engine, layout):
             return None
+        if not self.would_keep(
+            self.selector.score(*engine.throughput_and_latency(layout)), candidate.strategy
+        ):
+            self.evaluated += 1  # evaluated, and nothing of it kept: the Evaluation is not built
+            return None
         ev = engine.evaluate(layout)
         self.add(ev, candidate)
         return ev
+
+    def would_keep(self, score: Score, strategy: str) -> bool:
+        """Whether :meth:`add` would keep anything of a candidate of ``score`` from ``strategy``:
+        as its strategy's best, as the best or near it, or among the best few."""
+        known = self.by_strategy.get(strategy)
+        if known is None or Selector.better(score, known[0]):
+            return True
+        if self.best is None or Selector.better(score, self.best) or Selector.close(score, self.best):
+            return True
+        return len(self.top) < LOCAL_SEARCH_STARTS or Selector.better(score, self.top[0][0])
 
     def add(self, ev: Evaluation, candidate: Candidate) -> None:
         self.evaluated += 1

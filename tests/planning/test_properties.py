@@ -16,6 +16,7 @@ from colocate.planning.cost import Engine, as_layout
 from colocate.planning.search import SIMPLER_WITHIN, Pool, Selector
 from colocate.planning.strategies import (
     STRATEGY_FUNCTIONS,
+    Candidate,
     Context,
     _kind_assignments,
     _promising_kind_assignments,
@@ -232,3 +233,76 @@ def test_the_kind_walk_keeps_every_assignment_whose_bound_passes(
         kept = list(_promising_kind_assignments(engine, members, could_win))
         assert kept == [kinds for kinds in every if kinds in set(kept)]  # in the same order
         assert {kinds for kinds in every if own[kinds] >= bar} <= set(kept), (groups, bar)
+
+
+class _Scored:
+    """Just what a Pool reads of an Evaluation."""
+
+    def __init__(self, index: int, throughput: float, latency: float, workers: int) -> None:
+        self.throughput_sps = throughput
+        self.latency_s = latency
+        self.workers = workers
+        self.layout = (index,)
+
+
+@SETTINGS
+@given(
+    objective=st.sampled_from(["throughput", "latency", "throughput_under_latency"]),
+    offers=st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "exhaustive"]),
+            st.floats(10.0, 12.0),  # throughput: many close calls within the tie window
+            st.floats(0.01, 0.012),
+            st.integers(0, 3),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+)
+def test_a_pool_that_builds_only_what_it_keeps_ends_as_one_that_keeps_every_evaluation(
+    objective: str, offers: list[tuple[str, float, float, int]]
+) -> None:
+    # Pool.offer skips building the Evaluation of a candidate add() would keep nothing of
+    # (would_keep): the pool's state must end the same as when every candidate is added
+    selector = Selector(objective, 0.011 if objective == "throughput_under_latency" else None)
+    every, lazy = Pool(selector), Pool(selector)
+    for i, (strategy, throughput, latency, workers) in enumerate(offers):
+        scored = _Scored(i, throughput, latency, workers)
+        candidate = Candidate(scored.layout, strategy, ())  # type: ignore[arg-type]
+        every.add(scored, candidate)  # type: ignore[arg-type]
+        if lazy.would_keep(selector.score(throughput, latency), strategy):
+            lazy.add(scored, candidate)  # type: ignore[arg-type]
+        else:
+            lazy.evaluated += 1
+    assert lazy.evaluated == every.evaluated == len(offers)
+    assert lazy.best == every.best
+    assert [e.layout for e, _ in lazy.near] == [e.layout for e, _ in every.near]
+    assert [e.layout for e, _ in lazy.starts()] == [e.layout for e, _ in every.starts()]
+    assert {k: v[1].layout for k, v in lazy.by_strategy.items()} == {
+        k: v[1].layout for k, v in every.by_strategy.items()
+    }
+    chosen_lazy, chosen_every = lazy.choose(), every.choose()
+    assert chosen_lazy is not None and chosen_every is not None
+    assert chosen_lazy[0].layout == chosen_every[0].layout
+
+
+@SETTINGS
+@given(st.lists(member, min_size=2, max_size=4), devices, scales)
+def test_throughput_and_latency_are_the_evaluations_whatever_came_before(
+    specs: list[dict[str, float]], device_name: str, model: CostModel
+) -> None:
+    # the engine keeps the last layout's simulation for evaluate(): asked in any order, the two
+    # figures must be the Evaluation's, bit for bit (a search compares them with its best)
+    _, _, engine, ctx = _exhaustive_world(specs, device_name, 64.0, model)
+    names = list(ctx.demands.names)
+    layouts = [
+        ctx.layout(groups, kinds) for groups in set_partitions(names) for kinds in ("stream", "process")
+    ]
+    fresh = model.engine(ctx.demands)
+    expected = {layout: fresh.evaluate(layout) for layout in layouts}
+    for first, second in zip(layouts, reversed(layouts), strict=True):
+        sps, latency = engine.throughput_and_latency(first)
+        engine.throughput_and_latency(second)
+        ev = engine.evaluate(first)
+        assert (sps, latency) == (ev.throughput_sps, ev.latency_s)
+        assert ev == expected[first]
