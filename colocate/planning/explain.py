@@ -300,8 +300,9 @@ def _uncalibrated_workers_note(ctx: Context, settled: bool) -> str | None:
 
     On a GPU the model bounds worker processes of host-bound members by time slicing (their
     latencies add up). The lent GPUs measured such plans on both sides of the loop: about 0.4x
-    for the default ensemble's five large members at batch 1 and 8 (H100, H200), 3.4x for eight
-    small members at batch 1 (H100; docs/results.md). Only measuring tells which applies.
+    for the default ensemble's five large members (H100 at batch 1 and 8, H200 at batch 8), 3.4x
+    for eight small members at batch 1 (H100; docs/results.md). Only measuring tells which
+    applies.
     """
     demands = ctx.demands
     if settled or not demands.is_gpu or ctx.model.worker_time_scale != 1.0:
