@@ -21,6 +21,9 @@ planning; the error also holds how much slower or faster the machine ran than wh
 - ``calibrated``: ``+pairs`` with the time scales (``comparison._time_scales``) fitted on the
   plans the run's calibration measured, each predicted again by ``+pairs``, and judged on the
   other plans only (held out; ``n/a`` when the calibration measured every plan or none).
+- ``what-if`` (with ``--what-if NAME=VALUE``, repeatable): ``+pairs`` with those
+  :class:`~colocate.planning.CostModel` fields changed, to try a constant on every recorded
+  run before changing it, e.g. ``--what-if time_slice_overhead=0.5``.
 
 Sources:
 
@@ -48,8 +51,8 @@ import datetime as dt
 import json
 import statistics
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,7 @@ from colocate.report import Report
 KIND = "model-replay"
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("then", "model", "+pairs", "calibrated")
+WHAT_IF = "what-if"  # +pairs with the CostModel fields given by --what-if
 # GPU comparisons recorded before packing results carried their profiles: (report, profiles of
 # the same gpu-check, minutes earlier on the same machine)
 SOURCES: tuple[tuple[str, str], ...] = (
@@ -439,10 +443,41 @@ def model_summary(plans: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
     }
 
 
-def replay_case(case: Case) -> dict[str, Any]:
-    """Every measured plan of ``case`` predicted by each model, and each model's summary."""
+def what_if_model(settings: Sequence[str]) -> dict[str, float | bool]:
+    """``["time_slice_overhead=1.0", "trust_mps_overlap=true"]`` -> CostModel field values, checked."""
+    numeric = {
+        f.name: f.type
+        for f in fields(CostModel)
+        if f.name not in ("interference", "time_scale", "worker_time_scale", "stream_time_scale")
+    }
+    chosen: dict[str, float | bool] = {}
+    for setting in settings:
+        name, _, text = setting.partition("=")
+        name = name.strip()
+        if name not in numeric or not text:
+            raise InvalidInputError(
+                f"--what-if {setting!r}: give NAME=VALUE with NAME one of {', '.join(sorted(numeric))}"
+            )
+        if "bool" in str(numeric[name]):
+            if text.strip().lower() not in ("true", "false"):
+                raise InvalidInputError(f"--what-if {setting!r}: {name} is true or false")
+            chosen[name] = text.strip().lower() == "true"
+        else:
+            try:
+                chosen[name] = float(text)
+            except ValueError:
+                raise InvalidInputError(f"--what-if {setting!r}: {name} takes a number") from None
+    CostModel(**chosen)  # type: ignore[arg-type]  # its own checks (ranges)
+    return chosen
+
+
+def replay_case(case: Case, what_if: Mapping[str, float | bool] | None = None) -> dict[str, Any]:
+    """Every measured plan of ``case`` predicted by each model, and each model's summary;
+    ``what_if``: CostModel fields for one more model, ``what-if`` (``+pairs`` with those)."""
     base = CostModel()
     paired = replace(base, interference=case.interference) if case.interference else None
+    alternative = replace(paired or base, **what_if) if what_if else None  # type: ignore[arg-type]
+    keys = (*MODELS, WHAT_IF) if alternative is not None else MODELS
     calibrated = calibrated_model(case, paired or base)
     calibrated_on = {_layout_key(p.slots, ()) for p in case.calibration_plans}
     rows = []
@@ -466,8 +501,10 @@ def replay_case(case: Case) -> dict[str, Any]:
                 if calibrated is not None and held_out
                 else None
             )
+            if alternative is not None:
+                row[WHAT_IF] = predict(alternative, case, plan.slots, plan.backends)
         except ColocateError as exc:
-            row.update({"model": None, "+pairs": None, "calibrated": None, "error": str(exc)})
+            row.update({key: None for key in keys if key != "then"} | {"error": str(exc)})
         rows.append(row)
     return {
         "source": case.source,
@@ -487,7 +524,8 @@ def replay_case(case: Case) -> dict[str, Any]:
             else None
         ),
         "plans": rows,
-        "models": {key: model_summary(rows, key) for key in MODELS},
+        "what_if": dict(what_if) if what_if else None,
+        "models": {key: model_summary(rows, key) for key in keys},
     }
 
 
@@ -516,11 +554,12 @@ def print_case(console: Any, case: dict[str, Any]) -> None:
             f"{case['calibration_plans']} calibration plan(s))"
         )
     )
-    for column in ("plan", "slots", "runs", "measured", *MODELS):
+    keys = list(case["models"])
+    for column in ("plan", "slots", "runs", "measured", *keys):
         table.add_column(column, justify="left" if column in ("plan", "slots") else "right")
     for row in sorted(case["plans"], key=lambda r: -r["measured_sps"]):
         cells = []
-        for key in MODELS:
+        for key in keys:
             value = row.get(key)
             cells.append("-" if value is None else f"{value:,.1f} ({value / row['measured_sps'] - 1.0:+.0%})")
         table.add_row(
@@ -541,8 +580,7 @@ def summary_rows(cases: Sequence[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for case in cases:
         label = f"{case['device']} {case['ensemble']} b{case['batch_size']}"
-        for key in MODELS:
-            s = case["models"][key]
+        for key, s in case["models"].items():
             if not s["plans"]:
                 continue
             rows.append(
@@ -571,7 +609,8 @@ def plot(cases: Sequence[dict[str, Any]], path: Path) -> Path:
     # on a log axis label the minor ticks at 2 and 5 (x 10^k) only, so the labels do not collide
     minor = FuncFormatter(lambda value, _: f"{value:.0f}" if f"{value:.0f}"[0] in "25" else "")
 
-    shown = [key for key in MODELS if any(r.get(key) for c in cases for r in c["plans"])] or ["model"]
+    every = list(dict.fromkeys(key for case in cases for key in case["models"]))
+    shown = [key for key in every if any(r.get(key) for c in cases for r in c["plans"])] or ["model"]
     fig, axes = plt.subplots(1, len(shown), figsize=(4.4 * len(shown), 4.6), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, key in zip(axes[0], shown, strict=True):
@@ -635,7 +674,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--out", default=None, help="result JSON (default benchmarks/results/<stamp>-model-replay.json)"
     )
+    parser.add_argument(
+        "--what-if",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="one more model: +pairs with this CostModel field changed (repeat for several), e.g. "
+        "time_slice_overhead=0.5 or trust_mps_overlap=true",
+    )
     args = parser.parse_args(argv)
+    try:
+        what_if = what_if_model(args.what_if)
+    except InvalidInputError as exc:
+        parser.error(str(exc))
 
     from rich.console import Console
 
@@ -648,7 +699,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ColocateError, OSError, ValueError, KeyError) as exc:
             raise SystemExit(f"model_replay: cannot read {source}: {exc}") from exc
         for case in cases:
-            record = replay_case(case)
+            record = replay_case(case, what_if)
             print_case(console, record)
             replayed.append(record)
     if not replayed:
@@ -673,7 +724,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         devices.find_device("cpu"),  # the machine that replayed; each case names its own device
         {
             "sources": [[str(s), str(p) if p else None] for s, p in sources],
-            "models": list(MODELS),
+            "models": list(MODELS) + ([WHAT_IF] if what_if else []),
+            "what_if": what_if or None,
             "cases": replayed,
             "summary": {"columns": list(SUMMARY_COLUMNS), "rows": summary_rows(replayed)},
         },

@@ -178,3 +178,27 @@ def test_spearman_takes_ties_at_their_average_rank() -> None:
     # scipy.stats.spearmanr([1, 2, 2, 4], [1, 3, 2, 4]) is 0.9486832980505138
     assert replay._spearman([1.0, 2.0, 2.0, 4.0], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(0.9486832980505138)
     assert replay._spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None
+
+
+def test_a_what_if_model_changes_the_fields_given_and_is_judged_like_the_others() -> None:
+    assert replay.what_if_model(["time_slice_overhead=0.5", "trust_mps_overlap=true"]) == {
+        "time_slice_overhead": 0.5,
+        "trust_mps_overlap": True,
+    }
+    for bad, message in (
+        ("bogus=1", "NAME one of"),
+        ("time_scale=2", "NAME one of"),  # the calibration's, not a what-if
+        ("time_slice_overhead=fast", "takes a number"),
+        ("trust_mps_overlap=1", "true or false"),
+        ("time_slice_overhead=-1", "must be >= 0"),
+    ):
+        with pytest.raises(InvalidInputError, match=message):
+            replay.what_if_model([bad])
+    case = _case(replay.SOURCES[0])  # the H200
+    record = replay.replay_case(case, {"time_slice_overhead": 0.0})
+    rows = {r["label"]: r for r in record["plans"]}
+    # without the time-slicing penalty, worker plans are predicted faster; the loop is unchanged
+    assert rows["processes"]["what-if"] > rows["processes"]["model"]
+    assert rows["sequential"]["what-if"] == pytest.approx(rows["sequential"]["model"])
+    assert record["what_if"] == {"time_slice_overhead": 0.0}
+    assert record["models"]["what-if"]["plans"] == 5
