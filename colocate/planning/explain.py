@@ -314,8 +314,9 @@ def _uncalibrated_workers_note(ctx: Context, settled: bool) -> str | None:
         f"uncalibrated for worker processes: {len(host_bound)} members are host-bound (host share >= "
         f"{HOST_BOUND_SHARE:.0%}), and for such members the model bounds a process or MPS worker each "
         "by time slicing; lent GPUs measured those plans at 0.4x (five large members) to 3.4x (eight "
-        "small members) a Python loop, so measure before choosing between stream and worker slots: "
-        "`colocate compare` calibrates, and its calibration.json feeds `colocate plan --calibration`"
+        "small members) a Python loop, so measure on the GPU before choosing between stream and worker "
+        "slots: `colocate compare` there calibrates, and its calibration.json feeds "
+        "`colocate plan --calibration`"
     )
 
 
