@@ -939,9 +939,8 @@ class Engine:
         """Throughput, latency, memory and bounds of ``layout``."""
         self.evaluations += 1
         demands = self.demands
-        sim, offsets, combine, bounds, slot_end, label, interval = self._interval(layout)
-        bounds = list(bounds)  # the Evaluation's own: the kept interval's stays as it is
-        latency = interval + combine
+        sim, offsets, _, bounds, slot_end, label, _ = self._interval(layout)
+        throughput, latency = self.throughput_and_latency(layout)
         critical_slot = max(range(len(layout)), key=lambda i: slot_end[i])
         critical = layout[critical_slot].members[-1]
         latest = slot_end[critical_slot]
@@ -956,7 +955,7 @@ class Engine:
             spread = max(spread, math.sqrt(squares))
         return Evaluation(
             layout=layout,
-            throughput_sps=demands.batch_size / interval,
+            throughput_sps=throughput,
             latency_s=latency,
             latency_p99_s=latency + spread,
             peak_memory_bytes=self.peak_memory(layout),

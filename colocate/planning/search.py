@@ -17,9 +17,10 @@ them: the measured-best wins (docs/planning.md, "Settling near-ties by measureme
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import itertools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from colocate.devices import Device
 from colocate.ensemble import Ensemble
@@ -176,41 +177,40 @@ class Pool:
             return None
         if prune and not self.could_win(engine, layout):
             return None
-        if not self.would_keep(
-            self.selector.score(*engine.throughput_and_latency(layout)), candidate.strategy
-        ):
-            self.evaluated += 1  # evaluated, and nothing of it kept: the Evaluation is not built
-            return None
-        ev = engine.evaluate(layout)
-        self.add(ev, candidate)
-        return ev
-
-    def would_keep(self, score: Score, strategy: str) -> bool:
-        """Whether :meth:`add` would keep anything of a candidate of ``score`` from ``strategy``:
-        as its strategy's best, as the best or near it, or among the best few."""
-        known = self.by_strategy.get(strategy)
-        if known is None or Selector.better(score, known[0]):
-            return True
-        if self.best is None or Selector.better(score, self.best) or Selector.close(score, self.best):
-            return True
-        return len(self.top) < LOCAL_SEARCH_STARTS or Selector.better(score, self.top[0][0])
+        # most layouts a search offers keep nothing: judge them on the two figures a score reads
+        # and build the rest of their Evaluation only when the pool keeps it
+        score = self.selector.score(*engine.throughput_and_latency(layout))
+        return self._add(score, candidate, functools.cache(lambda: engine.evaluate(layout)))
 
     def add(self, ev: Evaluation, candidate: Candidate) -> None:
+        self._add(self.selector.of(ev), candidate, lambda: ev)
+
+    def _add(
+        self, score: Score, candidate: Candidate, evaluation: Callable[[], Evaluation]
+    ) -> Evaluation | None:
+        """Keep what a candidate of ``score`` earns: its strategy's best, the best or a place
+        near it, a place among the best few. ``evaluation()`` is called only for what is kept;
+        returns the Evaluation when something was, else None."""
         self.evaluated += 1
-        score = self.selector.of(ev)
+        kept: Evaluation | None = None
         known = self.by_strategy.get(candidate.strategy)
         if known is None or Selector.better(score, known[0]):
-            self.by_strategy[candidate.strategy] = (score, ev)
+            kept = evaluation()
+            self.by_strategy[candidate.strategy] = (score, kept)
         if self.best is None or Selector.better(score, self.best):
             self.best = score
             self.near = [x for x in self.near if Selector.close(self.selector.of(x[0]), score)]
         if Selector.close(score, self.best):
-            self.near.append((ev, candidate))
-        entry = (score, next(self._counter), ev, candidate)
-        if len(self.top) < LOCAL_SEARCH_STARTS:
-            heapq.heappush(self.top, entry)
-        elif Selector.better(score, self.top[0][0]):
-            heapq.heapreplace(self.top, entry)
+            kept = evaluation()
+            self.near.append((kept, candidate))
+        if len(self.top) < LOCAL_SEARCH_STARTS or Selector.better(score, self.top[0][0]):
+            kept = evaluation()
+            entry = (score, next(self._counter), kept, candidate)
+            if len(self.top) < LOCAL_SEARCH_STARTS:
+                heapq.heappush(self.top, entry)
+            else:
+                heapq.heapreplace(self.top, entry)
+        return kept
 
     def choose(self) -> tuple[Evaluation, Candidate] | None:
         """The best candidate, the simplest among those tied with it."""
@@ -500,7 +500,7 @@ class _Session:
                 kinds = {s.kind for s in layout}
                 if {"process", "mps"} <= kinds or not self.engine.fits(layout):
                     continue
-                score = self.selector.of(self.engine.evaluate(layout))
+                score = self.selector.score(*self.engine.throughput_and_latency(layout))
                 if bar is None or Selector.better(score, bar):
                     bar = score
         return bar

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -262,18 +263,27 @@ class _Scored:
 def test_a_pool_that_builds_only_what_it_keeps_ends_as_one_that_keeps_every_evaluation(
     objective: str, offers: list[tuple[str, float, float, int]]
 ) -> None:
-    # Pool.offer skips building the Evaluation of a candidate add() would keep nothing of
-    # (would_keep): the pool's state must end the same as when every candidate is added
+    # Pool.offer hands the pool a candidate's score and builds its Evaluation only when the pool
+    # keeps something of it: the pool's state must end the same as when every candidate comes
+    # with its Evaluation built, and nothing dropped may have been built
     selector = Selector(objective, 0.011 if objective == "throughput_under_latency" else None)
     every, lazy = Pool(selector), Pool(selector)
+    built: set[tuple[int, ...]] = set()
+
+    def build(scored: _Scored) -> _Scored:
+        built.add(scored.layout)
+        return scored
+
     for i, (strategy, throughput, latency, workers) in enumerate(offers):
         scored = _Scored(i, throughput, latency, workers)
         candidate = Candidate(scored.layout, strategy, ())  # type: ignore[arg-type]
         every.add(scored, candidate)  # type: ignore[arg-type]
-        if lazy.would_keep(selector.score(throughput, latency), strategy):
-            lazy.add(scored, candidate)  # type: ignore[arg-type]
-        else:
-            lazy.evaluated += 1
+        kept = lazy._add(
+            selector.score(throughput, latency),
+            candidate,
+            functools.cache(lambda scored=scored: build(scored)),  # type: ignore[misc]
+        )
+        assert (kept is not None) == (scored.layout in built)
     assert lazy.evaluated == every.evaluated == len(offers)
     assert lazy.best == every.best
     assert [e.layout for e, _ in lazy.near] == [e.layout for e, _ in every.near]
