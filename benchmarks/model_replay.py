@@ -66,7 +66,7 @@ from colocate.errors import ColocateError, InvalidInputError
 from colocate.planning import CostModel, member_demands
 from colocate.planning.types import MemberBackend, PlanMeasurement, Slot
 from colocate.profiling.types import ProfileSet, VariantProfiles
-from colocate.report import Report
+from colocate.report import Calibration, PairMeasurement, Report
 
 KIND = "model-replay"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -242,7 +242,7 @@ def parse_slots(text: str) -> tuple[Slot, ...]:
     return tuple(slots)
 
 
-def _rows_from_strategies(record: dict[str, Any]) -> list[Row]:
+def _rows_from_strategies(record: dict[str, Any], calibration: Calibration) -> list[Row]:
     """A result written before runs carried their plans: its strategies' rows (slots read from
     their text, members as given) and its calibration's plans."""
     rows: list[Row] = []
@@ -264,8 +264,7 @@ def _rows_from_strategies(record: dict[str, Any]) -> list[Row]:
                 row.get("predicted_sps"),
             )
         )
-    for plan in (record.get("calibration") or {}).get("plans") or []:
-        measurement = serde.from_dict(PlanMeasurement, plan)
+    for measurement in calibration.plans:
         if measurement.measured_sps:
             rows.append(
                 (
@@ -312,38 +311,31 @@ def packing_cases(path: Path, profiles_path: Path | None = None) -> list[Case]:
             rows.append(
                 (run["label"], run["phase"], slots, backends, float(measured), run.get("predicted_sps"))
             )
+        recorded = record.get("calibration") or {}
+        calibration = Calibration(
+            ensemble=record.get("ensemble_name") or record.get("ensemble", "?"),
+            device=device,
+            batch_size=int(record["batch_size"]),
+            pairs=serde.from_dict(tuple[PairMeasurement, ...], recorded.get("pairs") or [], where=str(path)),
+            plans=serde.from_dict(tuple[PlanMeasurement, ...], recorded.get("plans") or [], where=str(path)),
+        )
         if not rows:
-            rows = _rows_from_strategies(record)
+            rows = _rows_from_strategies(record, calibration)
         covered = set(profiles.members)
         if not all(m in covered for row in rows for slot in row[2] for m in slot.members):
             continue  # members these profiles do not have (another ensemble of the run)
-        calibration = record.get("calibration") or {}
-        pairs = calibration.get("pairs") or []
-        interference = {
-            ((p["a"], p["b"]) if p.get("kind", "stream") == "stream" else (p["a"], p["b"], p["kind"])): p[
-                "slowdown"
-            ]
-            for p in pairs
-        }
-        calibration_plans = tuple(
-            m
-            for m in (
-                serde.from_dict(PlanMeasurement, p, where=str(path)) for p in calibration.get("plans") or []
-            )
-            if m.measured_sps is not None
-        )
         if rows:
             cases.append(
                 Case(
                     source=path.name,
                     profiles_source=profiles_path.name,
-                    ensemble=record.get("ensemble_name") or record.get("ensemble", "?"),
+                    ensemble=calibration.ensemble,
                     device=device,
-                    batch_size=int(record["batch_size"]),
+                    batch_size=calibration.batch_size,
                     profiles=profiles,
                     plans=_merge(rows),
-                    interference=interference,
-                    calibration_plans=calibration_plans,
+                    interference=calibration.interference(),
+                    calibration_plans=calibration.measured_plans(),
                 )
             )
     return cases
