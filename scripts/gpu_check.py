@@ -373,6 +373,12 @@ def main(argv: list[str] | None = None) -> int:
         "what is left (env GPU_CHECK_BUDGET_S; default: no limit)",
     )
     parser.add_argument("--only", default="", help="comma list of benchmark names to run (default all)")
+    parser.add_argument(
+        "--no-tests",
+        action="store_true",
+        help="skip the gpu-marked tests (for a second call on a machine that ran them already: "
+        "every second goes to the benchmarks named with --only)",
+    )
     args = parser.parse_args(argv)
     deadline = time.perf_counter() + args.budget_s if args.budget_s else None
     only = {n for n in args.only.split(",") if n}
@@ -396,14 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
 
     junit = work / "junit.xml"
-    checks.append(
-        run_check(
-            "pytest -m gpu",
-            [PY, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={junit}"],
-            180,
-            env,
-        )
-    )
+    if not args.no_tests:
+        pytest_argv = [PY, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider"]
+        checks.append(run_check("pytest -m gpu", [*pytest_argv, f"--junitxml={junit}"], 180, env))
     device = device_info()
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", str(device.get("name", "no-gpu"))).strip("-").lower()
     stamp = started.strftime("%Y%m%dT%H%M")
@@ -423,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": device,
             "versions": found_versions,
             "checks": checks,
+            "gpu_tests_run": not args.no_tests,
             "tests": parse_junit(junit),
             "result_files": benchmarks,
             "budget_s": args.budget_s,

@@ -134,3 +134,40 @@ def test_a_check_that_ends_leaves_nothing_behind(gpu_check: ModuleType, tmp_path
 def test_run_logs_are_kept_with_the_results(gpu_check: ModuleType) -> None:
     # colocate compare --out writes runs.jsonl as it goes: what a cut compare step leaves
     assert {".json", ".jsonl", ".png"} <= set(gpu_check.KEPT_SUFFIXES)
+
+
+@pytest.mark.parametrize("no_tests", [False, True])
+def test_a_second_call_can_give_every_second_to_the_benchmarks(
+    gpu_check: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_tests: bool
+) -> None:
+    import json
+
+    ran: list[str] = []
+
+    def fake_run_check(name: str, argv: list[str], timeout: int, env: dict[str, str]) -> dict[str, object]:
+        ran.append(name)
+        return {
+            "name": name,
+            "command": " ".join(argv),
+            "returncode": 0,
+            "seconds": 0.0,
+            "outcome": "passed",
+            "output_tail": "",
+        }
+
+    monkeypatch.setattr(gpu_check, "run_check", fake_run_check)
+    monkeypatch.setattr(gpu_check, "device_info", lambda: {"name": "Fake GPU"})
+    monkeypatch.setattr(gpu_check, "versions", lambda: {})
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)
+    monkeypatch.setattr(gpu_check, "RESULTS", tmp_path / "results")
+    monkeypatch.delenv("OUT", raising=False)
+    argv = ["--only", "compare", *(["--no-tests"] if no_tests else [])]
+
+    assert gpu_check.main(argv) == 0
+
+    expected = ["install", "compare"] if no_tests else ["install", "pytest -m gpu", "compare"]
+    assert ran == expected
+    (summary,) = (tmp_path / "results").glob("*-fake-gpu-gpu-check.json")
+    result = json.loads(summary.read_text())
+    assert result["gpu_tests_run"] is not no_tests
+    assert [c["name"] for c in result["checks"]] == expected and result["passed"]
