@@ -16,17 +16,22 @@ Backends (``--backends``):
 - ``torch``: eager PyTorch.
 - ``torch-cudagraph``: PyTorch replaying a CUDA graph per batch (member option ``cuda_graph``);
   GPU only.
+- ``torch-compile``: PyTorch through ``torch.compile`` (member option ``compile``; inductor
+  needs a C++ compiler on the CPU, triton on a GPU, else skipped with the reason). Only when
+  named in ``--backends``: every model compiles once per batch size (13-60 s each for the
+  small zoo on a 2-core CPU), which the rows record as ``compile_s`` (the first call at that
+  batch size, compiling included; the warm-up, not the timed runs).
 - ``onnxruntime``: the model exported to ONNX (fp32) and run by ONNX Runtime: its CPU
   provider on the CPU; on a GPU only where onnxruntime has the CUDA provider (otherwise
   skipped with a note, as on a machine with the CPU build only).
 - ``tensorrt``: the ONNX file built into a TensorRT engine; GPU only, and only where
   ``tensorrt`` imports (otherwise skipped with a note).
 
-``torch.compile`` is not a colocate backend option and is not measured. On the CPU the
-intra-op thread count is varied (``--threads``): ONNX Runtime gets it as the member option
-``intra_op_num_threads``, torch through ``torch.set_num_threads`` around the measurement
-(restored afterwards). On a GPU the precision is varied (``--precisions fp32,fp16``; the
-ONNX export is fp32, so ONNX Runtime runs fp32 only).
+On the CPU the intra-op thread count is varied (``--threads``): ONNX Runtime gets it as the
+member option ``intra_op_num_threads``, torch (eager or compiled) through
+``torch.set_num_threads`` around the measurement (restored afterwards). On a GPU the
+precision is varied (``--precisions fp32,fp16``; the ONNX export is fp32, so ONNX Runtime
+runs fp32 only).
 
 It prints one table per model and a winner table (the fastest configuration for each model
 and batch size, with each backend's best beside it), writes JSON with the device, versions,
@@ -51,13 +56,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import ROOT, device_tag, int_list, save_figure, word_list, write_result
-from colocate import devices, serde, zoo
+from colocate import devices, serde, variants, zoo
 from colocate._timing import percentile
 from colocate.devices import Device
 from colocate.ensemble import Member
-from colocate.profiling import ProfileSettings, profile
+from colocate.profiling import ProfileSettings, compile_seconds, profile
 
-BACKENDS: tuple[str, ...] = ("torch", "torch-cudagraph", "onnxruntime", "tensorrt")
+BACKENDS: tuple[str, ...] = ("torch", "torch-cudagraph", "torch-compile", "onnxruntime", "tensorrt")
+DEFAULT_BACKENDS: tuple[str, ...] = tuple(b for b in BACKENDS if b != "torch-compile")
+_TORCH_THREADED = ("torch", "torch-compile")  # torch.set_num_threads sets their intra-op threads
 SMOKE_ARCHS: tuple[str, ...] = ("resnet", "mlp")
 _MIB = float(1 << 20)
 
@@ -112,6 +119,11 @@ def plan_configs(
             if backend == "torch-cudagraph" and not gpu:
                 skip(backend, precision, "CUDA graphs need a GPU")
                 continue
+            if backend == "torch-compile":
+                why = variants.device_problem("torch+compile", device)
+                if why is not None:
+                    skip(backend, precision, why)
+                    continue
             if backend == "onnxruntime":
                 if gpu and not _onnxruntime_cuda():
                     skip(backend, precision, "onnxruntime has no CUDAExecutionProvider here (CPU build only)")
@@ -131,7 +143,7 @@ def plan_configs(
                 if why is not None:
                     skip(backend, precision, f"tensorrt does not import ({why})")
                     continue
-            choices = thread_choices if backend in ("torch", "onnxruntime") else [None]
+            choices = thread_choices if backend in (*_TORCH_THREADED, "onnxruntime") else [None]
             configs.extend(Config(backend, precision, t) for t in choices)
     return configs, skipped
 
@@ -143,6 +155,8 @@ def member_for(arch: str, scale: Any, config: Config, onnx_path: Path | None) ->
         return base
     if config.backend == "torch-cudagraph":
         return dataclasses.replace(base, options={"cuda_graph": True})
+    if config.backend == "torch-compile":
+        return dataclasses.replace(base, options={"compile": True})
     if onnx_path is None:
         raise RuntimeError(f"no ONNX file for {arch}")
     options: dict[str, Any] = {}
@@ -174,6 +188,7 @@ def _row(arch: str, config: Config, batch: int, **fields: Any) -> dict[str, Any]
         "latency_samples": 0,
         "high_variance": None,
         "load_time_s": None,
+        "compile_s": None,
         "weights_bytes": None,
         "peak_activation_bytes": None,
         "memory_total_bytes": None,
@@ -194,7 +209,7 @@ def run_config(
     """Profile one (arch, config) at every batch size: one row per batch size, never raising."""
     torch_threads_before: int | None = None
     try:
-        if config.threads is not None and config.backend == "torch":
+        if config.threads is not None and config.backend in _TORCH_THREADED:
             import torch
 
             torch_threads_before = int(torch.get_num_threads())
@@ -214,7 +229,12 @@ def run_config(
         if p is None:
             rows.append(_row(arch, config, b, status="failed", error="no profile returned"))
             continue
-        fields: dict[str, Any] = {"status": p.status, "error": p.error, "load_time_s": p.load_time_s}
+        fields: dict[str, Any] = {
+            "status": p.status,
+            "error": p.error,
+            "load_time_s": p.load_time_s,
+            "compile_s": compile_seconds(p),
+        }
         if p.memory is not None:
             fields.update(
                 weights_bytes=p.memory.weights_bytes,
@@ -279,13 +299,15 @@ def _mib(value: int | None) -> str:
 def print_tables(rows: list[dict[str, Any]], archs: list[str], table: list[dict[str, Any]]) -> None:
     header = (
         f"{'config':<24} {'batch':>5} {'samples/s':>10} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} "
-        f"{'load s':>7} {'weights MiB':>11} {'peak MiB':>9}  status"
+        f"{'load s':>7} {'weights MiB':>11} {'peak MiB':>9}  status (load +N: N s compiling)"
     )
     for arch in archs:
         print(f"\n== {arch}")
         print(header)
         for r in (r for r in rows if r["arch"] == arch):
             load = "-" if r["load_time_s"] is None else f"{r['load_time_s']:.2f}"
+            if r["compile_s"] is not None:
+                load += f" +{r['compile_s']:.1f}"
             status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r['error'] or '')[:60]}"
             print(
                 f"{r['config']:<24} {r['batch_size']:>5} {r['throughput_sps']:>10.1f} "
@@ -368,7 +390,11 @@ def main() -> int:
         "--threads", default=None, help="CPU only: intra-op thread counts (default 1,2,4.. cores)"
     )
     parser.add_argument("--precisions", default=None, help="default fp32,fp16 on a GPU; fp32 on the CPU")
-    parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {', '.join(BACKENDS)}")
+    parser.add_argument(
+        "--backends",
+        default=",".join(DEFAULT_BACKENDS),
+        help=f"comma list of {', '.join(BACKENDS)} (default: all but torch-compile)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per batch size (default 20)")
     parser.add_argument("--max-time", type=float, default=None, help="most timed seconds per batch size")
     parser.add_argument(

@@ -324,8 +324,9 @@ def _add_backends_arg(p: argparse.ArgumentParser) -> None:
         "--backends",
         type=_backends_arg,
         default=None,
-        help="choose each member's backend variant among these: auto (every usable one) or e.g. "
-        "torch,torch+cudagraph,onnxruntime; profiles each variant (see docs/planning.md)",
+        help="choose each member's backend variant among these: auto (every usable one but "
+        "torch+compile) or e.g. torch,torch+cudagraph,torch+compile,onnxruntime; profiles each "
+        "variant (see docs/planning.md)",
     )
 
 

@@ -11,6 +11,10 @@ label               what runs
 ==================  ========================================================================
 ``torch``           eager PyTorch (torch members)
 ``torch+cudagraph`` PyTorch replaying a CUDA graph per batch shape (torch members, GPU only)
+``torch+compile``   PyTorch through ``torch.compile`` (torch members; inductor needs a C++
+                    compiler on the CPU, triton on a GPU). Only when named: ``"auto"`` leaves
+                    it out, since each member compiles once per batch shape in every process
+                    that runs it (13-60 s a model and shape for the small zoo on a 2-core CPU)
 ``onnxruntime``     ONNX Runtime on the member's ONNX file: its CPU provider on the CPU, the
                     CUDA execution provider on a GPU; a torch member is exported once (fp32,
                     cached on disk under the user's cache directory, ``onnx/variants``)
@@ -29,7 +33,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +53,25 @@ from colocate.errors import (
     UnknownBackendError,
 )
 
-VARIANT_LABELS: tuple[str, ...] = ("torch", "torch+cudagraph", "onnxruntime", "tensorrt", "cupy")
+VARIANT_LABELS: tuple[str, ...] = (
+    "torch",
+    "torch+cudagraph",
+    "torch+compile",
+    "onnxruntime",
+    "tensorrt",
+    "cupy",
+)
 """Every variant label, in the order variants are listed."""
 AUTO = "auto"
-"""``backends="auto"``: every variant usable on the device."""
+"""``backends="auto"``: every variant usable on the device, except those only listed when named."""
+ONLY_WHEN_NAMED: tuple[str, ...] = ("torch+compile",)
+"""Labels ``"auto"`` leaves out: their first run at each batch shape takes seconds to minutes."""
 _ONNX_LABELS = ("onnxruntime", "tensorrt")
-_OPTIONS_OF_LABEL: dict[str, tuple[str, ...]] = {"torch+cudagraph": ("cuda_graph",)}
+_OPTIONS_OF_LABEL: dict[str, tuple[str, ...]] = {
+    "torch+cudagraph": ("cuda_graph",),
+    "torch+compile": ("compile",),
+}
+_TORCH_VARIANT_OPTIONS = ("cuda_graph", "compile")
 
 BackendChoice = str | Sequence[str]
 """``"auto"``, a comma-separated string of labels, or a sequence of labels."""
@@ -67,9 +86,12 @@ class Variant:
 
 
 def variant_label(member: Member) -> str:
-    """The label of ``member`` as given: its backend, ``torch+cudagraph`` for a graphed torch member."""
+    """The label of ``member`` as given: its backend, ``torch+cudagraph`` / ``torch+compile`` for a
+    torch member with the ``cuda_graph`` / ``compile`` option on."""
     if member.backend == "torch" and bool(member.options.get("cuda_graph", False)):
         return "torch+cudagraph"
+    if member.backend == "torch" and member.options.get("compile", False) not in (False, None):
+        return "torch+compile"
     return member.backend
 
 
@@ -161,6 +183,18 @@ def source_problem(member: Member, label: str) -> str | None:
     return None
 
 
+def _compile_problem(device: Device) -> str | None:
+    """What ``torch.compile``'s inductor lacks on ``device``'s machine (None when nothing)."""
+    if device.is_gpu:
+        if importlib.util.find_spec("triton") is None:
+            return "torch.compile needs triton on a GPU (it comes with torch's CUDA wheels)"
+        return None
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None and shutil.which("c++") is None:
+        return f"torch.compile needs a C++ compiler on the CPU ({compiler!r} is not on PATH)"
+    return None
+
+
 def _onnxruntime_has_cuda() -> bool:
     try:
         ort = importlib.import_module("onnxruntime")
@@ -180,6 +214,10 @@ def device_problem(label: str, device: Device) -> str | None:
     backend = label_backend(label)
     if label == "torch+cudagraph" and not device.is_gpu:
         return "CUDA graphs need a GPU"
+    if label == "torch+compile" and device.kind != "simulated":
+        problem = _compile_problem(device)
+        if problem is not None:
+            return problem
     if backend in ("tensorrt", "cupy") and not device.is_gpu:
         return f"{backend} needs a GPU"
     if device.kind == "simulated":
@@ -274,9 +312,9 @@ def variant_member(
             "backends= for it (or use backends='auto', which skips what does not apply)"
         )
     if label.startswith("torch"):
-        options = {k: v for k, v in member.options.items() if k != "cuda_graph"}
-        if label == "torch+cudagraph":
-            options["cuda_graph"] = True
+        options = {k: v for k, v in member.options.items() if k not in _TORCH_VARIANT_OPTIONS}
+        for option in label_options(label):
+            options[option] = True
         return dataclasses.replace(member, options=options)
     path = onnx_file(member, onnx_dir=onnx_dir)
     return Member(
@@ -298,9 +336,9 @@ def backend_variants(
 ) -> tuple[Variant, ...]:
     """The variants of ``member`` that can run on ``device``: the member as given first.
 
-    With ``backends="auto"`` every variant that applies is listed and one that does not (a
-    package missing, a GPU-only variant on the CPU, a model that cannot be exported) is left
-    out. With labels, only those (and the member as given, the fallback) are listed; a label
+    With ``backends="auto"`` every variant that applies (but those in :data:`ONLY_WHEN_NAMED`)
+    is listed and one that does not (a package missing, a GPU-only variant on the CPU, a model
+    that cannot be exported) is left out. With labels, only those (and the member as given, the fallback) are listed; a label
     the device cannot run is left out too, but a member whose model cannot take an asked-for
     form is an error.
 
@@ -336,6 +374,8 @@ def variant_labels(member: Member, device: Device, backends: BackendChoice = AUT
     for label in VARIANT_LABELS:
         if label == own or (wanted is not None and label not in wanted):
             continue
+        if wanted is None and label in ONLY_WHEN_NAMED:
+            continue
         if device_problem(label, device) is not None:
             continue
         problem = source_problem(member, label)
@@ -352,6 +392,7 @@ def variant_labels(member: Member, device: Device, backends: BackendChoice = AUT
 
 __all__ = [
     "AUTO",
+    "ONLY_WHEN_NAMED",
     "VARIANT_LABELS",
     "BackendChoice",
     "Variant",

@@ -81,6 +81,37 @@ def test_framework_study_smoke(tmp_path: Path) -> None:
     assert {w["arch"] for w in data["winners"]} == set(data["archs"])
 
 
+def test_framework_study_compiles_torch_only_when_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    study = load_script("framework_study", BENCHMARKS)
+    from colocate.devices import cpu_device
+    from colocate.profiling import ProfileSettings
+
+    assert "torch-compile" in study.BACKENDS and "torch-compile" not in study.DEFAULT_BACKENDS
+    cpu = cpu_device()
+    configs, _ = study.plan_configs(cpu, ["torch", "torch-compile"], ["fp32"], [1, 2])
+    compiled = [c for c in configs if c.backend == "torch-compile"]
+    if not compiled:
+        pytest.skip("torch.compile cannot run on this machine's CPU")
+    assert [c.threads for c in compiled] == [1, 2]  # torch threads, like eager torch
+    member = study.member_for("mlp", "tiny", compiled[0], None)
+    assert member.options == {"compile": True}
+    quick = ProfileSettings(warmup=1, repeats=3, max_time_s=0.2, kernels=False, thread_scaling=False)
+    rows = study.run_config("mlp", compiled[0], member, cpu, [1, 2], quick)
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    assert all(r["compile_s"] is not None and r["compile_s"] > 0 for r in rows)
+    assert all(r["threads_via"] == "torch.set_num_threads" for r in rows)
+    eager = study.run_config(
+        "mlp", configs[0], study.member_for("mlp", "tiny", configs[0], None), cpu, [1], quick
+    )
+    assert eager[0]["compile_s"] is None
+    # no C++ compiler: skipped with the reason, not failed
+    monkeypatch.setattr("colocate.variants.shutil.which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    configs, skipped = study.plan_configs(cpu, ["torch-compile"], ["fp32"], [1])
+    assert configs == [] and [s["backend"] for s in skipped] == ["torch-compile"]
+    assert "needs a C++ compiler" in skipped[0]["reason"]
+
+
 def test_executor_overhead_smoke(tmp_path: Path) -> None:
     data = _run("executor_overhead.py", tmp_path / "x.json", "--device", "cpu")
     assert data["kind"] == "executor-overhead"

@@ -19,6 +19,7 @@ from colocate.planning.types import MemberBackend, Slot
 from colocate.profiling import ProfileCache, ProfileSettings, VariantProfiles, profile_variants
 from colocate.variants import (
     backend_variants,
+    device_problem,
     parse_backends,
     variant_label,
     variant_member,
@@ -63,6 +64,37 @@ def test_a_gpu_lists_cuda_graphs(cache: Path) -> None:
     assert variant_member(graphed, "torch").options == {}
     with pytest.raises(DeviceError, match="member 'mlp': backend variant 'torch\\+cudagraph' cannot run"):
         variant_member(member, "torch+cudagraph", cpu_device())
+
+
+def test_torch_compile_is_listed_only_when_named(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    member = zoo.member("mlp", scale="tiny")
+    assert "torch+compile" not in [v.label for v in backend_variants(member, find_device("sim:h100"))]
+    labels = [v.label for v in backend_variants(member, find_device("sim:h100"), "torch,torch+compile")]
+    assert labels == ["torch", "torch+compile"]
+    compiled = variant_member(member, "torch+compile")
+    assert compiled.options == {"compile": True} and variant_label(compiled) == "torch+compile"
+    graphed = variant_member(compiled, "torch+cudagraph")
+    assert graphed.options == {"cuda_graph": True}  # one torch variant's option replaces the other's
+    assert variant_member(compiled, "torch").options == {}
+    assert variant_label(dataclasses.replace(member, options={"compile": "max-autotune"})) == "torch+compile"
+    # without a C++ compiler the CPU cannot compile: left out when listed, an error when built
+    monkeypatch.setattr("colocate.variants.shutil.which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    assert device_problem("torch+compile", cpu_device()) == (
+        "torch.compile needs a C++ compiler on the CPU ('g++' is not on PATH)"
+    )
+    assert [v.label for v in backend_variants(member, cpu_device(), "torch,torch+compile")] == ["torch"]
+    with pytest.raises(DeviceError, match="member 'mlp': backend variant 'torch\\+compile' cannot run on"):
+        variant_member(member, "torch+compile", cpu_device())
+    assert device_problem("torch+compile", find_device("sim:h100")) is None  # a plan for another machine
+
+
+def test_a_gpu_without_triton_cannot_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = dataclasses.replace(find_device("sim:h100"), kind="cuda")
+    monkeypatch.setattr("colocate.variants.importlib.util.find_spec", lambda name: None)
+    assert device_problem("torch+compile", gpu) == (
+        "torch.compile needs triton on a GPU (it comes with torch's CUDA wheels)"
+    )
 
 
 def test_bad_backends_name_the_member_value_and_fix() -> None:
@@ -116,8 +148,21 @@ def test_a_plan_variant_the_device_cannot_run_fails_start_naming_the_member() ->
         Executor(graphed, ensemble).start()
 
 
-@pytest.mark.parametrize("kind", ["stream", "process"])
-def test_executor_runs_the_plans_variant_with_the_same_prediction(cache: Path, kind: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "variant"),
+    [
+        ("stream", MemberBackend("mlp", "onnxruntime", "onnxruntime", (), "torch")),
+        ("process", MemberBackend("mlp", "onnxruntime", "onnxruntime", (), "torch")),
+        ("stream", MemberBackend("mlp", "torch+compile", "torch", ("compile",), "torch")),
+        ("process", MemberBackend("mlp", "torch+compile", "torch", ("compile",), "torch")),
+    ],
+    ids=["stream-onnxruntime", "process-onnxruntime", "stream-compile", "process-compile"],
+)
+def test_executor_runs_the_plans_variant_with_the_same_prediction(
+    cache: Path, kind: str, variant: MemberBackend
+) -> None:
+    if variant.label == "torch+compile" and (problem := device_problem("torch+compile", cpu_device())):
+        pytest.skip(problem)
     torch_member = zoo.member("mlp", scale="tiny")
     ensemble = Ensemble((torch_member, zoo.member("resnet", scale="tiny")), name="pair")
     batch = torch_member.input.example(3, seed=1)
@@ -127,13 +172,13 @@ def test_executor_runs_the_plans_variant_with_the_same_prediction(cache: Path, k
     onnx_plan = type(onnx_plan)(
         **{
             **onnx_plan.__dict__,
-            "backends": (MemberBackend("mlp", "onnxruntime", "onnxruntime", (), "torch"),),
+            "backends": (variant,),
         }
     )
     with Executor(as_given, ensemble, warmup=False) as executor:
         expected = executor.submit(batch, return_members=True).result(timeout=120)
     with Executor(onnx_plan, ensemble, warmup=False) as executor:
-        assert executor._variants["mlp"].backend == "onnxruntime"
+        assert variant_label(executor._variants["mlp"]) == variant.label
         got = executor.submit(batch, return_members=True).result(timeout=120)
     assert got.members is not None and expected.members is not None
     np.testing.assert_allclose(got.members["mlp"], expected.members["mlp"], rtol=1e-4, atol=1e-4)

@@ -1,9 +1,16 @@
-"""The torch backend: eager PyTorch on the CPU or a CUDA GPU, optionally CUDA-graph replay.
+"""The torch backend: eager PyTorch on the CPU or a CUDA GPU, optionally CUDA-graph replay or torch.compile.
 
 Member options (``Member.options``):
 
 - ``cuda_graph`` (bool, default False): on a GPU, capture the forward pass once
   per batch size and replay it (one launch per batch instead of one per kernel).
+- ``compile`` (bool or a ``torch.compile`` mode, default False): run the module through
+  ``torch.compile(mode=..., dynamic=False)``; ``True`` means mode ``"default"``. The first
+  call at each batch shape compiles (seconds to a minute per model and shape on a CPU);
+  compilations are serialised process-wide, and :attr:`TorchRunner.compile_seconds` records
+  how long each took. Inductor needs a C++ compiler on the CPU and triton on a GPU; a failed
+  compilation is a :class:`~colocate.errors.ModelLoadError` naming the member. Not together
+  with ``cuda_graph`` (mode ``"reduce-overhead"`` replays CUDA graphs itself).
 - ``channels_last`` (bool, default False): use the channels-last memory format
   for 4-D inputs.
 """
@@ -11,6 +18,8 @@ Member options (``Member.options``):
 from __future__ import annotations
 
 import copy
+import threading
+import time
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +35,36 @@ if TYPE_CHECKING:
     import torch
 
 _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""The ``torch.compile`` modes the ``compile`` option accepts (``True`` is ``"default"``)."""
+# dynamo and inductor keep process-wide state; stream slots load and first run their members
+# from several threads, so one compilation runs at a time
+_COMPILE_LOCK = threading.Lock()
+_KNOWN_OPTIONS = ("cuda_graph", "channels_last", "compile")
+
+
+def compile_mode(member: Any) -> str | None:
+    """The ``torch.compile`` mode ``member``'s ``compile`` option asks for, or None when off.
+
+    Raises:
+        InvalidInputError: a value that is neither a bool nor one of :data:`COMPILE_MODES`, or
+            ``compile`` together with ``cuda_graph``.
+    """
+    value = member.options.get("compile", False)
+    if value is False or value is None:
+        return None
+    mode = "default" if value is True else value
+    if not isinstance(mode, str) or mode not in COMPILE_MODES:
+        raise InvalidInputError(
+            f"member '{member.name}': torch option compile={value!r}; give true, false or a mode "
+            f"({', '.join(COMPILE_MODES)})"
+        )
+    if member.options.get("cuda_graph", False):
+        raise InvalidInputError(
+            f"member '{member.name}': the torch options compile and cuda_graph exclude each other; "
+            "keep one (compile mode 'reduce-overhead' replays CUDA graphs itself)"
+        )
+    return mode
 
 
 def import_torch(purpose: str) -> Any:
@@ -45,14 +84,17 @@ class TorchRunner(MemberRunner):
         self._stream: Any = None  # torch.cuda.Stream the work goes on (GPU only)
         self._dtype: Any = None
         self._graphs: dict[tuple[int, ...], tuple[Any, Any, Any]] = {}  # shape -> (graph, in, out)
-        unknown = set(member.options) - {"cuda_graph", "channels_last"}
+        unknown = set(member.options) - set(_KNOWN_OPTIONS)
         if unknown:
             raise InvalidInputError(
                 f"member '{member.name}': unknown torch option(s) {sorted(unknown)}; "
-                "known: cuda_graph, channels_last"
+                f"known: {', '.join(_KNOWN_OPTIONS)}"
             )
+        self.compile_mode = compile_mode(member)
         self.use_cuda_graph = bool(member.options.get("cuda_graph", False)) and device.kind == "cuda"
         self.channels_last = bool(member.options.get("channels_last", False))
+        self.compile_seconds: dict[tuple[int, ...], float] = {}
+        """Input shape -> seconds its first call took, compiling included (``compile`` only)."""
 
     @property
     def model(self) -> torch.nn.Module:
@@ -123,6 +165,8 @@ class TorchRunner(MemberRunner):
                 f"{self.device.name}; free memory or use a smaller precision",
                 member=self.member.name,
             ) from exc
+        if self.compile_mode is not None:
+            module = torch.compile(module, mode=self.compile_mode, dynamic=False)
         self._model = module
 
     def _stream_context(self) -> Any:
@@ -146,6 +190,8 @@ class TorchRunner(MemberRunner):
             with torch.inference_mode(), self._stream_context():
                 if self.use_cuda_graph:
                     return self._replay(prepared)
+                if self.compile_mode is not None and tuple(prepared.shape) not in self.compile_seconds:
+                    return self._compile_for(prepared)
                 return self.model(prepared)
         except torch.OutOfMemoryError as exc:
             raise MemberOutOfMemoryError(
@@ -154,6 +200,27 @@ class TorchRunner(MemberRunner):
                 member=self.member.name,
                 batch_size=int(prepared.shape[0]),
             ) from exc
+
+    def _compile_for(self, prepared: Any) -> Any:
+        """The first call at ``prepared``'s shape: torch.compile compiles it, one at a time."""
+        torch = self._torch
+        key = tuple(prepared.shape)
+        with _COMPILE_LOCK:
+            start = time.perf_counter()
+            try:
+                output = self.model(prepared)
+                self._synchronize()
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"member '{self.member.name}': torch.compile (mode {self.compile_mode!r}) failed "
+                    f"for input shape {key}: {type(exc).__name__}: {str(exc)[:300]}; drop its compile "
+                    "option (or the 'torch+compile' variant), or install what inductor needs (a C++ "
+                    "compiler on the CPU, triton on a GPU)"
+                ) from exc
+            self.compile_seconds[key] = time.perf_counter() - start
+        return output
 
     def _replay(self, prepared: Any) -> Any:
         torch = self._torch
@@ -185,6 +252,7 @@ class TorchRunner(MemberRunner):
 
     def _deactivate(self) -> None:
         self._graphs.clear()
+        self.compile_seconds.clear()
         self._model = None
         if self.device.kind == "cuda" and self._torch is not None:
             self._synchronize()

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from colocate.profiling.cache import ProfileCache, model_hash
-from colocate.profiling.profiler import ProfileSettings, profile, profile_isolated, profile_variants
+from colocate.profiling.profiler import (
+    ProfileSettings,
+    compile_seconds,
+    profile,
+    profile_isolated,
+    profile_variants,
+)
 from colocate.profiling.types import (
     CpuFootprint,
     EnergyFootprint,
@@ -24,6 +30,7 @@ __all__ = [
     "ProfileSet",
     "ProfileSettings",
     "VariantProfiles",
+    "compile_seconds",
     "model_hash",
     "profile",
     "profile_isolated",

@@ -238,6 +238,18 @@ def _profile_member(
     return results
 
 
+_COMPILE_NOTE = "torch.compile: the first call at batch"
+
+
+def compile_seconds(profile: Profile) -> float | None:
+    """How long the first call of a ``compile`` torch member took at this batch size, compiling
+    included (from the profile's note; None for a member that was not compiled)."""
+    for note in profile.notes:
+        if note.startswith(_COMPILE_NOTE):
+            return float(note.rsplit(" compiled in ", 1)[1].removesuffix(" s"))
+    return None
+
+
 def _first_run(runner: MemberRunner, batch_size: int) -> Any:
     member = runner.member
     batch = member.input.example(batch_size)
@@ -273,6 +285,9 @@ def _profile_batch(
     notes: list[str] = list(probe.notes)
     probe.start_peak()
     prepared = _first_run(runner, batch_size)
+    compiled_s = getattr(runner, "compile_seconds", {}).get(tuple(getattr(prepared, "shape", ())))
+    if compiled_s is not None:
+        notes.append(f"{_COMPILE_NOTE} {batch_size} compiled in {compiled_s:.3f} s")
     mem = probe.footprint(weights_bytes, functools.partial(runner.run, prepared))
 
     launch_s: list[float] = []

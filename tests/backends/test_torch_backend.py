@@ -125,6 +125,77 @@ def test_unknown_option() -> None:
         TorchRunner(member(options={"graphs": True}), Device(kind="cpu", name="cpu"))
 
 
+def test_compiled_member_matches_eager_and_times_each_first_call(cpu: Device) -> None:
+    """The compile option on a real torch.compile (inductor with this machine's C++ compiler)."""
+    from colocate.variants import device_problem
+
+    problem = device_problem("torch+compile", cpu)
+    if problem is not None:
+        pytest.skip(problem)
+    batch = InputSpec((-1, 4)).example(3)
+    with create_runner(member(options={"compile": True}), cpu) as runner:
+        assert isinstance(runner, TorchRunner) and runner.compile_mode == "default"
+        first = runner.infer(batch)
+        again = runner.infer(batch)
+        runner.infer(batch[:2])
+        assert set(runner.compile_seconds) == {(3, 4), (2, 4)}
+        assert all(seconds > 0 for seconds in runner.compile_seconds.values())
+    expected = tiny_net()(torch.from_numpy(batch)).detach().numpy()
+    np.testing.assert_allclose(first, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(again, expected, rtol=1e-5, atol=1e-5)
+    assert runner.compile_seconds == {}  # deactivated: the next activation compiles (and times) again
+
+
+class _FailsToCompile(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("InductorError: CppCompileError: C++ compile error")
+
+
+def test_a_failed_compilation_names_the_member_and_the_way_out(
+    monkeypatch: pytest.MonkeyPatch, cpu: Device
+) -> None:
+    compiled: list[dict[str, object]] = []
+
+    def fake_compile(module: torch.nn.Module, **kwargs: object) -> torch.nn.Module:
+        compiled.append(kwargs)
+        return _FailsToCompile()
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    with create_runner(member(options={"compile": "max-autotune"}), cpu) as runner:
+        with pytest.raises(
+            ModelLoadError,
+            match=r"member 'tiny': torch.compile \(mode 'max-autotune'\) failed "
+            r"for input shape \(2, 4\): RuntimeError: InductorError.*drop its compile option",
+        ):
+            runner.infer(np.zeros((2, 4), np.float32))
+        assert runner.compile_seconds == {}
+    assert compiled == [{"mode": "max-autotune", "dynamic": False}]
+
+
+def test_out_of_memory_while_compiling_stays_a_memory_error(
+    monkeypatch: pytest.MonkeyPatch, cpu: Device
+) -> None:
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: OutOfMemoryNet())
+    with (
+        create_runner(member(options={"compile": True}), cpu) as runner,
+        pytest.raises(MemberOutOfMemoryError, match="out of memory at batch size 4"),
+    ):
+        runner.infer(np.zeros((4, 4), np.float32))
+
+
+@pytest.mark.parametrize(
+    ("options", "pattern"),
+    [
+        ({"compile": "fastest"}, r"compile='fastest'; give true, false or a mode \(default, reduce-overhead"),
+        ({"compile": 1}, r"compile=1; give true, false or a mode"),
+        ({"compile": True, "cuda_graph": True}, r"compile and cuda_graph exclude each other"),
+    ],
+)
+def test_bad_compile_options(options: dict[str, object], pattern: str) -> None:
+    with pytest.raises(InvalidInputError, match=f"member 'tiny': .*{pattern}"):
+        TorchRunner(member(options=options), Device(kind="cpu", name="cpu"))
+
+
 def test_simulated_device_cannot_run() -> None:
     sim = Device(kind="simulated", name="H100 (simulated)", memory_total_bytes=80 << 30)
     with pytest.raises(DeviceError, match="member 'tiny': device 'H100 \\(simulated\\)' is simulated"):
