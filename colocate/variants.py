@@ -338,9 +338,9 @@ def backend_variants(
 
     With ``backends="auto"`` every variant that applies (but those in :data:`ONLY_WHEN_NAMED`)
     is listed and one that does not (a package missing, a GPU-only variant on the CPU, a model
-    that cannot be exported) is left out. With labels, only those (and the member as given, the fallback) are listed; a label
-    the device cannot run is left out too, but a member whose model cannot take an asked-for
-    form is an error.
+    that cannot be exported) is left out. With labels, only those (and the member as given, the
+    fallback) are listed; a label the device cannot run is left out too, but a member whose
+    model cannot take an asked-for form is an error.
 
     Raises:
         UnknownBackendError: an unknown label.

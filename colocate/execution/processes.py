@@ -210,7 +210,8 @@ class ProcessSlot:
         # reading replies: one whole message at a time, by the reader thread or by a foreground
         # reader (see begin_foreground); _lock may be taken while holding it, never the reverse
         self._read_lock = threading.Lock()
-        self._foreground = False  # a thread waiting on a request reads the pipe itself
+        # the thread (ident) that, waiting on a request, reads the pipe itself; None: the reader does
+        self._foreground: int | None = None
         # the reader thread parks on this while it has nothing to read (see _read_until_end)
         self._reader_wanted = threading.Condition(self._read_lock)
         self._reader_woken = False  # the worker exited or the slot stops: look at the pipe
@@ -324,7 +325,7 @@ class ProcessSlot:
                 return future
             conn = self._conn
         with self._read_lock:  # a reply will come: the reader reads it, unless a foreground reader does
-            if not self._foreground:
+            if self._foreground is None:
                 self._reader_wanted.notify_all()  # a no-op unless the reader is parked
         self._send(conn, pickle.dumps(message, _PROTOCOL))
         return future
@@ -382,7 +383,7 @@ class ProcessSlot:
             or another thread reads in the foreground (wait on the future instead).
         """
         with self._read_lock:
-            if self._foreground:
+            if self._foreground is not None:
                 return None
             with self._lock:
                 conn = self._conn if self._state == "running" else None
@@ -392,7 +393,7 @@ class ProcessSlot:
                 fd = conn.fileno()
             except (OSError, ValueError):
                 return None
-            self._foreground = True
+            self._foreground = threading.get_ident()
             return fd
 
     def read_replies(self) -> bool:
@@ -404,17 +405,23 @@ class ProcessSlot:
         own ``poll`` finds any further reply.
 
         Returns:
-            False when the pipe has ended (the worker died or the slot stops): stop reading
-            in the foreground; the reader thread handles the end.
+            False when the pipe has ended (the worker died or the slot stops): this thread
+            no longer reads in the foreground, and the reader thread, woken, handles the end
+            (at once: the caller may wait for other slots a long while before it calls
+            :meth:`end_foreground`).
         """
         with self._read_lock:
             with self._lock:
                 conn = self._conn
-            if conn is None or self._ready_poll is None:
-                return False
-            try:
-                reply = pickle.loads(conn.recv_bytes())
-            except (EOFError, OSError, ValueError, pickle.UnpicklingError):
+            reply = None
+            if conn is not None and self._ready_poll is not None:
+                with contextlib.suppress(EOFError, OSError, ValueError, pickle.UnpicklingError):
+                    reply = pickle.loads(conn.recv_bytes())
+            if reply is None:
+                if self._foreground == threading.get_ident():
+                    self._foreground = None
+                self._reader_woken = True
+                self._reader_wanted.notify_all()
                 return False
         self._on_reply(reply)
         return True
@@ -422,7 +429,9 @@ class ProcessSlot:
     def end_foreground(self) -> None:
         """Hand the pipe back to the reader thread (woken only when a reply is still due)."""
         with self._read_lock:
-            self._foreground = False
+            if self._foreground != threading.get_ident():
+                return  # not (or no longer) this thread's: read_replies handed it back
+            self._foreground = None
             if self._expects_replies():  # else waking it costs a thread wake-up for nothing
                 self._reader_wanted.notify_all()
 
@@ -521,14 +530,16 @@ class ProcessSlot:
                     # park while a foreground reader reads, or while no reply is due: then a
                     # predict() loop never wakes this thread. submit(), end_foreground(), the
                     # watcher (the worker exited) and stop() wake it.
-                    while not self._reader_woken and (self._foreground or not self._expects_replies()):
+                    while not self._reader_woken and (
+                        self._foreground is not None or not self._expects_replies()
+                    ):
                         self._reader_wanted.wait()
                     self._reader_woken = False
                 # a message, the pipe's end, or stop() shutting it wakes this (a plain blocking
                 # read would hold the read lock while it waits, and keep foreground readers out)
                 waiting.poll()
                 with self._read_lock:
-                    if self._foreground:
+                    if self._foreground is not None:
                         continue  # the foreground reader takes it
                     replies, ended = _read_waiting(conn, ready)
                 self._resolve_all(replies)

@@ -148,6 +148,33 @@ def test_a_worker_killed_under_a_foreground_read_fails_the_call_at_once() -> Non
     assert_released(executor, [pid], executor.shared_memory_prefix, no_children=False)
 
 
+def test_a_worker_that_answered_and_died_during_a_foreground_read_is_restarted_at_once() -> None:
+    # its pipe ends while predict() still waits for the other slot: the slot's reader thread
+    # must handle the death then (before, it stayed parked and the next request failed)
+    ensemble = Ensemble((sleeper("fast", delay_s=0.0), sleeper("slow", delay_s=1.0)))
+    plan = make_plan(
+        Slot("p0", "process", ("fast",), cpu_threads=1), Slot("p1", "process", ("slow",), cpu_threads=1)
+    )
+    executor = Executor(plan, ensemble, on_worker_death="restart", reply_wait="block")
+    with executor:
+        executor.predict(batch_with_first(0.0))
+        fast = executor.slots[0]
+        assert isinstance(fast, ProcessSlot)
+        pid = executor.worker_pids()["p0"]
+        killer = threading.Timer(0.3, os.kill, args=(pid, signal.SIGKILL))
+        killer.start()
+        executor.predict(batch_with_first(0.0))  # p0 answered before it was killed
+        killer.join()
+        deadline = time.monotonic() + 30.0
+        while executor.worker_pids().get("p0") in (None, pid) and time.monotonic() < deadline:
+            time.sleep(0.02)  # without a request: the death is seen as it happens
+        assert fast.restarts == 1 and executor.broken_reason is None
+        assert executor.worker_pids()["p0"] != pid
+        expected, _ = sequential(ensemble, batch_with_first(0.25))
+        assert_close(executor.predict(batch_with_first(0.25)), expected)
+    assert_released(executor, [pid], executor.shared_memory_prefix, no_children=False)
+
+
 def test_a_done_callback_may_submit_again_to_the_same_process_slots(
     executor: Executor, ensemble: Ensemble
 ) -> None:
