@@ -35,7 +35,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future, InvalidStateError, as_completed
 from concurrent.futures import ThreadPoolExecutor as _ThreadPool
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
@@ -322,12 +322,23 @@ class Executor:
             )
             if threads and has_torch:
                 resources.torch_threads_before = set_torch_threads(max(threads))
-        with _ThreadPool(max_workers=len(slots), thread_name_prefix="colocate-start") as pool:
+        pool = _ThreadPool(max_workers=len(slots), thread_name_prefix="colocate-start")
+        try:
             starts = [pool.submit(slot.start) for slot in slots]
-            errors = [f.exception() for f in starts]
-        for error in errors:
-            if error is not None:
+            try:
+                failed = next((f for f in as_completed(starts) if f.exception() is not None), None)
+            except BaseException:  # Ctrl-C while the members load: the other slots stop loading
+                with contextlib.suppress(Exception):
+                    resources.release()
+                raise
+            if failed is not None:  # one slot failed: the others stop loading instead of finishing
+                with contextlib.suppress(Exception):
+                    resources.release()
+                error = failed.exception()
+                assert error is not None
                 raise error
+        finally:
+            pool.shutdown(wait=True)
         resources.watchdog = threading.Thread(
             target=_watchdog,
             args=(weakref.ref(self), resources.stop_event),

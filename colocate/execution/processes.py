@@ -218,6 +218,7 @@ class ProcessSlot:
         self._ready_poll: select.poll | None = None  # over the current pipe; used under _read_lock
         self._state: _State = "new"
         self._process: BaseProcess | None = None
+        self._launching: BaseProcess | None = None  # a worker loading its members (start, restart)
         self._conn: Connection | None = None
         self._pending: dict[int, Future[SlotAnswer]] = {}
         self._backlog: list[tuple[Any, ...]] = []  # requests waiting for a restarted worker
@@ -279,8 +280,10 @@ class ProcessSlot:
             conn.close()
             with self._lock:
                 self._state = "stopped"
+                self._launching = None
             raise
         with self._lock:
+            self._launching = None
             if self._state != "new":  # stopped while starting
                 abort = True
             else:
@@ -340,6 +343,7 @@ class ProcessSlot:
                 return
             self._state = "stopping"
             process, conn = self._process, self._conn
+            launching, self._launching = self._launching, None
             pending = list(self._pending.values())
             self._pending.clear()
             self._backlog.clear()
@@ -347,6 +351,8 @@ class ProcessSlot:
         stopped = WorkerFailedError(f"{describe_slot(self.slot)} was stopped before this request finished")
         for future in pending:
             _fail(future, stopped)
+        if launching is not None and launching is not process:
+            self._reap(launching)  # still loading its members: start() (or a restart) then gives up
         if process is not None:
             if conn is not None and process.is_alive():
                 self._send(conn, pickle.dumps(("stop",), _PROTOCOL))
@@ -450,6 +456,8 @@ class ProcessSlot:
         child_conn.close()
         if process.pid is not None:
             self._pids.append(process.pid)
+        with self._lock:
+            self._launching = process
         return process, parent_conn
 
     def _handshake(self, process: BaseProcess, conn: Connection) -> None:
@@ -461,7 +469,7 @@ class ProcessSlot:
                     f"{describe_slot(self.slot)}: the worker (pid {process.pid}) did not load its members "
                     f"within {self.start_timeout_s:g} s"
                 )
-            if self._state == "stopping":
+            if self._state in ("stopping", "stopped"):
                 raise WorkerFailedError(f"{describe_slot(self.slot)} was stopped while starting its worker")
             ready = wait([conn, process.sentinel], timeout=min(remaining, _POLL_S))
             if conn in ready:
@@ -476,6 +484,10 @@ class ProcessSlot:
                     raise rebuild_error(type_name, text, member, self.name, context)
             if conn in ready or process.sentinel in ready or _has_exited(process):
                 process.join(timeout=5.0)
+                if self._state in ("stopping", "stopped"):  # stop() ended it
+                    raise WorkerFailedError(
+                        f"{describe_slot(self.slot)} was stopped while starting its worker"
+                    )
                 raise WorkerFailedError(
                     f"{describe_slot(self.slot)}: the worker (pid {process.pid}) died while loading its "
                     f"members ({describe_exit(process.exitcode)})"
@@ -648,6 +660,7 @@ class ProcessSlot:
             conn.close()
             return self._restart_failed(reason, exc, process)
         with self._lock:
+            self._launching = None
             if self._state != "restarting":  # stopped meanwhile
                 stale = True
             else:
@@ -666,6 +679,7 @@ class ProcessSlot:
 
     def _restart_failed(self, reason: str, exc: Exception, process: BaseProcess | None) -> bool:
         with self._lock:
+            self._launching = None
             if self._state != "restarting":
                 return False
             self._state = "failed"

@@ -128,6 +128,26 @@ class ForkingSleeperFactory:
         return Sleeper(self.delay_s)
 
 
+@dataclass(frozen=True)
+class SlowLoadingFactory:
+    """A :class:`Head` that takes ``load_s`` to load, or fails to (``fail``) once that passed."""
+
+    load_s: float
+    fail: bool = False
+
+    def __call__(self) -> torch.nn.Module:
+        time.sleep(self.load_s)
+        if self.fail:
+            raise RuntimeError("weights missing")
+        return Head()
+
+
+def slow_loading(name: str, load_s: float, *, fail: bool = False) -> Member:
+    return Member(
+        name=name, backend="torch", source=SlowLoadingFactory(load_s, fail), input=InputSpec(TINY_SHAPE)
+    )
+
+
 def forking_sleeper(name: str, delay_s: float, pid_file: str) -> Member:
     return Member(
         name=name,

@@ -6,7 +6,9 @@ import gc
 import multiprocessing
 import os
 import signal
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 
 from colocate import zoo
 from colocate.ensemble import Ensemble
-from colocate.errors import WorkerFailedError
+from colocate.errors import ModelLoadError, WorkerFailedError
 from colocate.execution import EnsembleResult, Executor, run_requests
 from colocate.planning.types import Plan, Slot
 
@@ -26,6 +28,7 @@ from .helpers import (
     pid_exists,
     shm_left,
     sleeper,
+    slow_loading,
 )
 
 TIMEOUT_S = 60.0
@@ -171,3 +174,60 @@ def test_a_closed_worker_process_counts_as_exited() -> None:
     with pytest.raises(ValueError, match="closed"):
         _ = process.pid  # what _has_exited read first
     assert _has_exited(process) is True
+
+
+def test_stop_while_the_worker_loads_ends_start_at_once() -> None:
+    # stop() came and went while start() waited for the worker's "ready": start() waited on
+    # until the members had loaded, and the worker loaded on after stop() returned
+    from colocate.devices import cpu_device
+    from colocate.execution.processes import ProcessSlot
+
+    slot = ProcessSlot(Slot("p0", "process", ("slow",)), (slow_loading("slow", 30.0),), cpu_device())
+    outcome: list[BaseException | None] = []
+    starter = threading.Thread(target=lambda: outcome.append(_error_of(slot.start)))
+    starter.start()
+    deadline = time.monotonic() + 30.0
+    while not slot.pids and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)  # the worker imports and loads
+    slot.stop()
+    starter.join(timeout=10.0)
+    assert not starter.is_alive(), "start() still waits for a stopped slot's worker"
+    assert isinstance(outcome[0], WorkerFailedError) and "stopped while starting" in str(outcome[0])
+    assert not [p for p in slot.pids if pid_exists(p)]
+
+
+def _error_of(call: Callable[[], object]) -> BaseException | None:
+    try:
+        call()
+    except BaseException as exc:
+        return exc
+    return None
+
+
+def test_a_member_failing_to_load_stops_the_other_slots_loading() -> None:
+    ensemble = Ensemble((slow_loading("slow", 60.0), slow_loading("broken", 0.5, fail=True)))
+    plan = make_plan(Slot("p0", "process", ("slow",)), Slot("p1", "process", ("broken",)))
+    executor = Executor(plan, ensemble)
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match=r"member 'broken'.*weights missing"):
+        executor.start()
+    assert time.monotonic() - started < 30.0, "start() waited for the other slot to finish loading"
+    assert_released(executor, [], executor.shared_memory_prefix)
+
+
+def test_ctrl_c_while_the_members_load_stops_the_workers_at_once() -> None:
+    ensemble = Ensemble((slow_loading("slow", 60.0), slow_loading("slower", 60.0)))
+    plan = make_plan(Slot("p0", "process", ("slow",)), Slot("p1", "process", ("slower",)))
+    executor = Executor(plan, ensemble)
+    # a real SIGINT, as Ctrl-C sends (interrupt_main() sets the flag but wakes no blocked wait)
+    interrupt = threading.Timer(3.0, os.kill, args=(os.getpid(), signal.SIGINT))
+    interrupt.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            executor.start()
+    finally:
+        interrupt.cancel()
+    assert time.monotonic() - started < 30.0, "Ctrl-C waited for the members to load"
+    assert_released(executor, [], executor.shared_memory_prefix)
