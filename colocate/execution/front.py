@@ -34,7 +34,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, InvalidStateError, as_completed
 from concurrent.futures import ThreadPoolExecutor as _ThreadPool
 from dataclasses import dataclass, field
@@ -67,6 +67,7 @@ from colocate.planning.cost import cpu_threads_per_slot
 from colocate.planning.types import Plan, Slot
 
 _WATCHDOG_INTERVAL_S = 0.1
+_OWN_THREAD_PREFIX = "colocate-"  # every thread an executor or its slots start is named so
 _LATENCY_WINDOW = 100_000
 _ACCEPTED_LAYOUTS_KEPT = 64  # batch layouts remembered as accepted by every member
 # Polling near the expected reply (reply_wait "auto" with a free core): the recent waits it
@@ -135,15 +136,13 @@ class _Resources:
             except Exception as exc:  # go on releasing the rest
                 errors.append(exc)
 
-        # in parallel: each worker gets its stop message at once, and the grace periods overlap
-        stoppers = [
-            threading.Thread(target=stop, args=(slot,), name=f"colocate-stop-{slot.name}", daemon=True)
-            for slot in self.slots
-        ]
-        for thread in stoppers:
-            thread.start()
-        for thread in stoppers:
-            thread.join()
+        if threading.current_thread().name.startswith(_OWN_THREAD_PREFIX):
+            # called from one of the executor's threads (close() in a done callback): a slot
+            # stopped in another thread would join this one, which waits for that thread
+            for slot in self.slots:
+                stop(slot)
+        else:
+            self._stop_in_parallel(stop)
         if self.watchdog is not None and self.watchdog is not threading.current_thread():
             self.watchdog.join(timeout=2.0)
         if self.pool is not None:
@@ -158,6 +157,22 @@ class _Resources:
                 set_torch_threads(self.torch_threads_before)
         if errors:
             raise errors[0]
+
+    def _stop_in_parallel(self, stop: Callable[[SlotExecutor], None]) -> None:
+        """Each worker gets its stop message at once, and the grace periods overlap."""
+        stoppers = [
+            threading.Thread(target=stop, args=(slot,), name=f"colocate-stop-{slot.name}", daemon=True)
+            for slot in self.slots
+        ]
+        started: list[threading.Thread] = []
+        for thread, slot in zip(stoppers, self.slots, strict=True):
+            try:
+                thread.start()
+                started.append(thread)
+            except RuntimeError:  # at interpreter exit (the finalizer) Python 3.12+ starts no thread
+                stop(slot)
+        for thread in started:
+            thread.join()
 
 
 class Executor:

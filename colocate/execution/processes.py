@@ -520,8 +520,12 @@ class ProcessSlot:
             if process is None or conn is None or state in ("stopping", "stopped"):
                 return
             self._read_until_end(conn)
-            process.join(timeout=1.0)
-            self._reap(process)
+            with self._lock:
+                if self._state in ("stopping", "stopped"):
+                    return  # stop() ends the worker (from this thread too: close() in a done callback)
+            with contextlib.suppress(ValueError):  # a stop() since closed the process object
+                process.join(timeout=1.0)
+                self._reap(process)
             if not self._on_death(process, conn):
                 return
 

@@ -231,3 +231,58 @@ def test_ctrl_c_while_the_members_load_stops_the_workers_at_once() -> None:
         interrupt.cancel()
     assert time.monotonic() - started < 30.0, "Ctrl-C waited for the members to load"
     assert_released(executor, [], executor.shared_memory_prefix)
+
+
+@pytest.mark.parametrize("kind", ["stream", "process"])
+def test_close_in_a_done_callback_returns_at_once_and_leaves_no_thread_failing(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # close() ran in the slot's own thread: each slot was stopped in a new thread, which then
+    # joined the thread running the callback until its timeout (10 s), and a process slot's
+    # reader then died of "process object is closed"
+    thread_errors: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: thread_errors.append(args.exc_value))
+    ensemble = Ensemble((sleeper("a", delay_s=0.0),))
+    executor = Executor(make_plan(Slot("s0", kind, ("a",))), ensemble, reply_wait="block").start()  # type: ignore[arg-type]
+    pids = list(executor.worker_pids().values())
+    closed = threading.Event()
+    took: list[float] = []
+
+    def close_here(_done: Future[EnsembleResult]) -> None:
+        started = time.monotonic()
+        executor.close()
+        took.append(time.monotonic() - started)
+        closed.set()
+
+    executor.submit(batch_with_first(0.25)).add_done_callback(close_here)
+    assert closed.wait(30.0)
+    assert took[0] < 5.0, f"close() in a done callback took {took[0]:.1f} s"
+    time.sleep(1.5)  # what the reader thread does once the callback returned
+    assert thread_errors == []
+    assert_released(executor, pids, executor.shared_memory_prefix)
+
+
+def test_release_at_interpreter_exit_stops_the_slots_without_new_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # an executor never closed is released by its finalizer at exit, where Python 3.12+ refuses
+    # to start threads: release() gave up before stopping any slot, leaving workers and memory
+    from colocate.execution.front import _Resources
+
+    stopped: list[str] = []
+
+    class Slot_:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def stop(self) -> None:
+            stopped.append(self.name)
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    resources = _Resources()
+    resources.slots.extend([Slot_("p0"), Slot_("p1")])  # type: ignore[list-item]
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    resources.release()
+    assert stopped == ["p0", "p1"]
