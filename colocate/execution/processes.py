@@ -103,7 +103,9 @@ class WorkerSpec:
     """Everything a worker needs, sent to it once at spawn."""
 
     slot: str  # slot name
-    members_blob: bytes  # pickle of tuple[Member, ...]: unpickled after the environment is set
+    # pickle of ((name, pickle of the Member), ...): unpickled after the environment is set, one
+    # member at a time, so that one the worker cannot rebuild is named
+    members_blob: bytes
     device: Device
     env: dict[str, str] = field(default_factory=dict)  # set in os.environ before anything else
     cpu_threads: int | None = None  # torch intra-op threads of the worker (None: torch's default)
@@ -128,7 +130,29 @@ def pickle_members(slot: Slot, members: tuple[Member, ...]) -> bytes:
                 "(e.g. colocate.zoo.ModelFactory or a function defined at the top of a module) or a "
                 "model file path as source, or put it in a 'stream' slot"
             ) from exc
-    return pickle.dumps(tuple(members))
+    return pickle.dumps(tuple((member.name, pickle.dumps(member)) for member in members))
+
+
+def unpickle_members(blob: bytes) -> tuple[Member, ...]:
+    """The members :func:`pickle_members` packed (in a worker process).
+
+    Raises:
+        MemberCallError: a member the worker cannot rebuild (e.g. a factory defined in the
+            ``__main__`` of ``python -c`` or a notebook, which a spawned process cannot import).
+    """
+    members = []
+    for name, member_blob in pickle.loads(blob):
+        try:
+            members.append(pickle.loads(member_blob))
+        except Exception as exc:
+            error = WorkerFailedError(
+                f"member '{name}': the worker process could not rebuild it ({type(exc).__name__}: "
+                f"{exc}); define its factory or class in a module the worker can import (not in "
+                "the __main__ of `python -c`, a notebook or an interactive session), or put it in a "
+                "'stream' slot"
+            )
+            raise MemberCallError(name, error, " while unpickling it in the worker") from exc
+    return tuple(members)
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -764,7 +788,7 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     blocks = BlockCache()
     try:
         try:
-            members: tuple[Member, ...] = pickle.loads(spec.members_blob)
+            members = unpickle_members(spec.members_blob)
             if spec.cpu_threads is not None and any(m.backend == "torch" for m in members):
                 set_torch_threads(spec.cpu_threads)
             stream = make_slot_stream(spec.device)

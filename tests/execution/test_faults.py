@@ -286,3 +286,43 @@ def test_release_at_interpreter_exit_stops_the_slots_without_new_threads(
     monkeypatch.setattr(threading.Thread, "start", refuse)
     resources.release()
     assert stopped == ["p0", "p1"]
+
+
+_UNIMPORTABLE_FACTORY = """
+import sys
+from dataclasses import dataclass
+from colocate.ensemble import Ensemble, InputSpec, Member
+from colocate.errors import ColocateError
+from colocate.execution import Executor
+from tests.execution.helpers import TINY_SHAPE, Head, make_plan, sleeper
+from colocate.planning.types import Slot
+
+@dataclass(frozen=True)
+class LocalFactory:  # in the __main__ of `python -c`: it pickles here, a spawned worker cannot import it
+    def __call__(self):
+        return Head()
+
+bad = Member(name="local_head", backend="torch", source=LocalFactory(), input=InputSpec(TINY_SHAPE))
+ensemble = Ensemble((sleeper("good", 0.0), bad))
+try:
+    Executor(make_plan(Slot("p0", "process", ("good", "local_head"))), ensemble).start()
+except ColocateError as exc:
+    print(type(exc).__name__, exc)
+    sys.exit(3)
+"""
+
+
+def test_a_member_the_worker_cannot_rebuild_is_named_with_the_fix() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", _UNIMPORTABLE_FACTORY], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout.startswith(
+        "WorkerFailedError member 'local_head': the worker process could not rebuild"
+    )
+    assert "Can't get attribute 'LocalFactory'" in proc.stdout
+    assert "define its factory or class in a module the worker can import" in proc.stdout
