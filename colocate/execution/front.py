@@ -842,6 +842,12 @@ class Executor:
                 return
             self._pending.pop(request.request_id, None)
         if request.block is not None and self._resources.pool is not None:
+            # a stream slot's member may return its input or a view of it (torch hands back CPU
+            # tensors without a copy): keep such an output, since the block serves the next request
+            whole = request.block.view((request.block.capacity,), np.dtype(np.uint8))
+            for name, output in request.outputs.items():
+                if np.may_share_memory(output, whole):
+                    request.outputs[name] = output.copy()
             self._resources.pool.release(request.block)
         self._finish(request)
 

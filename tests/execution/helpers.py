@@ -148,6 +148,17 @@ def slow_loading(name: str, load_s: float, *, fail: bool = False) -> Member:
     )
 
 
+class _FirstFeatures(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, :10]  # a view of the input: no copy
+
+
+def flatten_identity() -> torch.nn.Module:
+    """A model whose 10 outputs are its input's first 10 values: a view of the input, as torch
+    returns it on the CPU."""
+    return _FirstFeatures()
+
+
 def forking_sleeper(name: str, delay_s: float, pid_file: str) -> Member:
     return Member(
         name=name,

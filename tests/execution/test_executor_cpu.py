@@ -20,12 +20,15 @@ from colocate.execution.mps import MpsSlot, usable_cores
 from colocate.planning.types import Slot
 
 from .helpers import (
+    TINY_SHAPE,
     assert_close,
     assert_released,
     batch_with_first,
     bomb,
+    flatten_identity,
     make_plan,
     sequential,
+    sleeper,
 )
 
 TIMEOUT_S = 60.0
@@ -293,3 +296,19 @@ def test_mps_partitions_that_oversubscribe_the_cores_are_not_pinned() -> None:
         assert all(s.cpu_cores is None for s in slots)  # the OS balances them
         assert all(s.spec.cpu_threads == 1 for s in slots)
         assert executor.predict(sub.members[0].input.example(4)).shape == (4, 10)
+
+
+def test_an_output_that_is_a_view_of_the_shared_batch_outlives_the_next_request() -> None:
+    # beside a worker slot the batch goes through shared memory, and a stream slot's member reads
+    # that view: a member returning (a view of) its input handed back memory the next request
+    # overwrote once the block was reused
+    echo = Member(name="echo", backend="torch", source=flatten_identity, input=InputSpec(TINY_SHAPE))
+    ensemble = Ensemble((echo, sleeper("worker", delay_s=0.0)))
+    plan = make_plan(Slot("s0", "stream", ("echo",)), Slot("p0", "process", ("worker",), cpu_threads=1))
+    with Executor(plan, ensemble) as executor:
+        first = executor.submit(batch_with_first(0.25), return_members=True).result(timeout=60)
+        assert first.members is not None
+        kept = first.members["echo"].copy()
+        executor.submit(np.full_like(batch_with_first(0.0), 9.0)).result(timeout=60)
+        np.testing.assert_array_equal(first.members["echo"], kept)
+        assert first.members["echo"].flat[0] == np.float32(0.25)
