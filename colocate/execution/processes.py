@@ -379,7 +379,7 @@ class ProcessSlot:
             self._reap(launching)  # still loading its members: start() (or a restart) then gives up
         if process is not None:
             if conn is not None and process.is_alive():
-                self._send(conn, pickle.dumps(("stop",), _PROTOCOL))
+                self._send_stop(conn)
             process.join(self.stop_grace_s)
             self._reap(process)
         if conn is not None:
@@ -532,6 +532,24 @@ class ProcessSlot:
         # a dead worker: the reader sees the pipe's end and fails the request
         with self._send_lock, contextlib.suppress(OSError, ValueError):
             conn.send_bytes(payload)
+
+    def _send_stop(self, conn: Connection) -> None:
+        """Send the stop message, unless the pipe stays full for the grace period.
+
+        A worker busy with one long request reads nothing meanwhile: once the requests queued
+        behind it fill the pipe, a sender blocks (holding the send lock) until it reads again,
+        which for a stuck member is never. Then stop() goes on to terminate it instead.
+        """
+        if not self._send_lock.acquire(timeout=self.stop_grace_s):
+            return
+        try:
+            _, writable, _ = select.select([], [conn], [], self.stop_grace_s)
+            if writable:  # room for a few bytes: the short message does not block
+                conn.send_bytes(pickle.dumps(("stop",), _PROTOCOL))
+        except (OSError, ValueError):
+            pass  # the worker is gone: nothing to tell it
+        finally:
+            self._send_lock.release()
 
     # -- internals: the reader and watcher threads
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -16,7 +17,7 @@ import pytest
 
 from colocate import zoo
 from colocate.ensemble import Ensemble
-from colocate.errors import ModelLoadError, WorkerFailedError
+from colocate.errors import ColocateError, ModelLoadError, WorkerFailedError
 from colocate.execution import EnsembleResult, Executor, run_requests
 from colocate.planning.types import Plan, Slot
 
@@ -326,3 +327,38 @@ def test_a_member_the_worker_cannot_rebuild_is_named_with_the_fix() -> None:
     )
     assert "Can't get attribute 'LocalFactory'" in proc.stdout
     assert "define its factory or class in a module the worker can import" in proc.stdout
+
+
+def test_close_does_not_hang_on_a_pipe_filled_behind_a_stuck_worker() -> None:
+    # the worker reads nothing while one request runs: requests queued behind it fill the pipe,
+    # a sender then blocks holding the send lock, and stop() waited for that lock forever
+    ensemble = Ensemble((sleeper("stuck", delay_s=120.0),))
+    plan = make_plan(Slot("p0", "process", ("stuck",), cpu_threads=1))
+    executor = Executor(plan, ensemble, warmup=False, request_timeout_s=1.0, stop_grace_s=1.0).start()
+    pids = list(executor.worker_pids().values())
+    sent = [0]
+
+    def flood() -> None:
+        with contextlib.suppress(ColocateError):  # the executor closes under it
+            for _ in range(100_000):
+                executor.submit(batch_with_first(0.5))
+                sent[0] += 1
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:  # until the sender blocks on the full pipe
+        before = sent[0]
+        time.sleep(0.5)
+        if sent[0] == before:
+            break
+    assert sent[0] < 100_000, "the pipe never filled"
+    closer = threading.Thread(target=executor.close, daemon=True)
+    started = time.monotonic()
+    closer.start()
+    closer.join(timeout=30.0)
+    assert not closer.is_alive(), "close() hangs"
+    assert time.monotonic() - started < 15.0
+    flooder.join(timeout=10.0)
+    assert not flooder.is_alive(), "a sender stays blocked after close()"
+    assert_released(executor, pids, executor.shared_memory_prefix)
