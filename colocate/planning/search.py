@@ -734,7 +734,7 @@ def plan(
     _check_options(strategy, objective, latency_bound_s)
     chosen_model = _model_for(model, interference)
     if backends is not None:
-        return _plan_with_backends(
+        chosen = _plan_with_backends(
             ensemble,
             device,
             profiles,
@@ -745,17 +745,28 @@ def plan(
             latency_bound_s,
             chosen_model,
         )
-    session = _Session(
-        ensemble,
-        device,
-        _single_set(profiles),
-        batch_size,
-        objective,
-        latency_bound_s,
-        chosen_model,
-        measured_plans,
-    )
-    return session.run(strategy)
+    else:
+        session = _Session(
+            ensemble,
+            device,
+            _single_set(profiles),
+            batch_size,
+            objective,
+            latency_bound_s,
+            chosen_model,
+            measured_plans,
+        )
+        chosen = session.run(strategy)
+    return _with_model_hashes(chosen, _single_set(profiles))
+
+
+def _with_model_hashes(chosen: Plan, profiles: ProfileSet | Sequence[Profile]) -> Plan:
+    """``chosen`` recording the model hash of each member's profiles (the member as given)."""
+    hashes: dict[str, str] = {}
+    for profile in profiles.profiles if isinstance(profiles, ProfileSet) else profiles:
+        if profile.member in chosen.members and profile.model_hash:
+            hashes.setdefault(profile.member, profile.model_hash)
+    return dataclasses.replace(chosen, model_hashes=tuple(sorted(hashes.items())))
 
 
 def _measured_candidate(measured: PlanMeasurement, ev: Evaluation, pick: Candidate) -> Candidate:
@@ -841,24 +852,23 @@ def plan_all(
     result = PlanList()
     for name in wanted:
         try:
-            result.append(session.run(name))
+            result.append(_with_model_hashes(session.run(name), _single_set(profiles)))
         except (PlanInfeasibleError, InvalidInputError) as exc:
             result.skipped[name] = str(exc)
     if backends is not None and "auto" in wanted:
         try:
-            result.append(
-                _plan_with_backends(
-                    ensemble,
-                    device,
-                    profiles,
-                    backends,
-                    "auto",
-                    batch_size,
-                    objective,
-                    latency_bound_s,
-                    chosen_model,
-                )
+            with_backends = _plan_with_backends(
+                ensemble,
+                device,
+                profiles,
+                backends,
+                "auto",
+                batch_size,
+                objective,
+                latency_bound_s,
+                chosen_model,
             )
+            result.append(_with_model_hashes(with_backends, _single_set(profiles)))
         except (PlanInfeasibleError, InvalidInputError) as exc:
             result.skipped["auto+backends"] = str(exc)
     return result

@@ -109,6 +109,9 @@ class Plan:
     explanation: tuple[str, ...] = ()  # readable reasons, one per line
     notes: tuple[str, ...] = field(default_factory=tuple)  # caveats: estimated figures, margins
     backends: tuple[MemberBackend, ...] = ()  # each member's backend variant; () = each as given
+    # (member, model hash of the profiles it was planned from, as given): checked against the
+    # ensemble a plan file is run with; () = not recorded (plans made before they were)
+    model_hashes: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -149,6 +152,10 @@ class Plan:
             if choice.member == member:
                 return choice
         return None
+
+    def model_hash_of(self, member: str) -> str | None:
+        """The model hash of the profiles ``member`` was planned from (None: not recorded)."""
+        return dict(self.model_hashes).get(member)
 
     def slot_of(self, member: str) -> Slot:
         """The slot that runs ``member``."""

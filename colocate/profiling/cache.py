@@ -12,6 +12,7 @@ import hashlib
 import importlib.metadata
 import inspect
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,29 @@ def model_hash(member: Member) -> str:
         except (OSError, TypeError):
             digest.update(repr(source).encode())
     return digest.hexdigest()[:20]
+
+
+def quick_model_hash(member: Member) -> str | None:
+    """:func:`model_hash` where it needs no model built (a model file, or a source with a
+    ``cache_key()`` such as the zoo's factories); None otherwise."""
+    if member.source_path is None and not callable(getattr(member.source, "cache_key", None)):
+        return None
+    return model_hash(member)
+
+
+def model_mismatches(members: Iterable[Member], recorded: Mapping[str, str]) -> list[str]:
+    """The members whose model differs from the one ``recorded`` (member -> model hash) names:
+    one line each, ``"'name' (measured abc..., this one def...)"``. Members without a record,
+    and those :func:`quick_model_hash` cannot hash cheaply, are not checked."""
+    lines = []
+    for member in members:
+        then = recorded.get(member.name)
+        if not then:
+            continue
+        now = quick_model_hash(member)
+        if now is not None and now != then:
+            lines.append(f"'{member.name}' (planned or profiled for model {then[:8]}, this one is {now[:8]})")
+    return lines
 
 
 def cache_key(member: Member, device: Device, batch_size: int, digest: str) -> str:

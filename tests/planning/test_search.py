@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 
@@ -184,6 +185,21 @@ def test_plans_round_trip_through_json() -> None:
         p = plan(ps.members, h100(), ps, batch_size=8, strategy=strategy)
         again = serde.loads(Plan, serde.dumps(p))
         assert again == p
+
+
+def test_plans_record_the_model_of_each_members_profiles() -> None:
+    ps = recorded()
+    measured = {p.member: p.model_hash for p in ps.profiles}
+    chosen = plan(ps.members, h100(), ps, batch_size=8)
+    assert dict(chosen.model_hashes) == {m: measured[m] for m in chosen.members}
+    assert chosen.model_hash_of(chosen.members[0]) == measured[chosen.members[0]]
+    assert chosen.model_hash_of("not-a-member") is None
+    for each in plan_all(ps.members, h100(), ps, batch_size=8, strategies=["sequential", "streams"]):
+        assert dict(each.model_hashes) == dict(chosen.model_hashes)
+    document = json.loads(serde.dumps(chosen))
+    del document["data"]["model_hashes"]
+    older = serde.loads(Plan, json.dumps(document))
+    assert older.model_hashes == ()  # a plan file from before they were recorded still loads
 
 
 def test_exhaustive_is_skipped_for_large_ensembles() -> None:

@@ -103,6 +103,22 @@ def test_cache_hits_and_misses_by_key(cpu: Device, tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("*.json"))) == 6
 
 
+def test_a_model_other_than_the_recorded_one_is_named() -> None:
+    from colocate import zoo
+    from colocate.ensemble import InputSpec, Member
+    from colocate.profiling.cache import model_hash, model_mismatches, quick_model_hash
+
+    tiny, small = zoo.member("mlp", scale="tiny"), zoo.member("mlp", scale="small")
+    assert quick_model_hash(tiny) == model_hash(tiny)  # from the factory's key: nothing is built
+    assert model_mismatches([tiny], {"mlp": model_hash(tiny)}) == []
+    (line,) = model_mismatches([tiny], {"mlp": model_hash(small)})
+    assert line.startswith("'mlp' (planned or profiled for model ") and model_hash(tiny)[:8] in line
+    assert model_mismatches([tiny], {}) == []  # nothing recorded: nothing to check
+    module = Member("plain", "torch", source=torch.nn.Linear(4, 2), input=InputSpec((-1, 4)))
+    assert quick_model_hash(module) is None  # would need its weights hashed: not checked
+    assert model_mismatches([module], {"plain": "0" * 20}) == []
+
+
 def test_profiles_round_trip_through_json(cpu: Device, tmp_path: Path) -> None:
     result = profile(zoo.member("vit", scale="tiny"), cpu, (1, 2), settings=FAST, cache=False)
     path = serde.save(result, tmp_path / "profiles.json")
