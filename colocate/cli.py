@@ -11,8 +11,11 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import math
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +23,14 @@ from colocate import serde
 from colocate.errors import ColocateError, InvalidInputError
 
 
-def _console() -> Any:
+def _console(*, stderr: bool = False) -> Any:
+    """A rich console on stdout, or on stderr (``stderr=True``: with ``--json``, where stdout
+    carries only the JSON and progress lines go to stderr)."""
     from rich.console import Console
 
+    stream = sys.stderr if stderr else sys.stdout
     # Piped output (logs, CI) gets a wide table instead of rich's 80-column default.
-    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+    return Console(soft_wrap=True, width=None if stream.isatty() else 160, stderr=stderr)
 
 
 def _progress_bar(console: Any, label: str, *, disable: bool) -> Any:
@@ -53,6 +59,137 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) ->
     return table
 
 
+# --- argument checks: made before anything is measured, and named by their flags -------------
+
+
+def _whole(minimum: int, what: str) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number >= ``minimum`` (``what`` names its unit)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes a whole number of {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _positive(what: str) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number > 0 (``what`` names its unit)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes a number of {what}, got {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be a positive number of {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    """``--rates``: offered loads in requests/s, positive numbers separated by commas."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        rates = tuple(float(part) for part in parts)
+    except ValueError:
+        rates = ()
+    if not rates or not all(math.isfinite(r) and r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(
+            f"takes offered loads in requests/s, positive numbers separated by commas like 5,20,50; "
+            f"got {text!r}"
+        )
+    return rates
+
+
+def _strategies(text: str) -> list[str]:
+    """``--strategies``: planner strategy names separated by commas, checked now."""
+    from colocate.planning import STRATEGIES
+    from colocate.planning.variants import SUFFIX
+
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if (n[: -len(SUFFIX)] if n.endswith(SUFFIX) else n) not in STRATEGIES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown strategy name(s) {', '.join(map(repr, unknown)) or repr(text)}: give names "
+            f"separated by commas among {', '.join(STRATEGIES)} (any may end in {SUFFIX!r} to also "
+            "choose each member's backend variant)"
+        )
+    return names
+
+
+def _device_to_run(spec: str) -> Any:
+    """The device ``--device spec`` names, refused now if it cannot run models (a simulated GPU)."""
+    from colocate import devices
+    from colocate.errors import DeviceError
+
+    device = devices.find_device(spec)
+    if not device.can_execute:
+        raise DeviceError(
+            f"--device {spec}: '{device.name}' is a simulated GPU, which colocate can plan for but not "
+            f"run on; give --device best, cpu, cuda or cuda:N here (to plan for it: colocate plan "
+            f"--device {spec} --profiles FILE)"
+        )
+    return device
+
+
+def _os_reason(exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    return f"{reason}: {exc.filename}" if exc.filename else reason
+
+
+def _writable_folder(path: str | Path, what: str, fix: str = "give a folder you can write to") -> Path:
+    """Make the folder ``path`` (parents too) now and check that a file can be written in it, so
+    that a command fails before its measuring, not after. ``what`` names the path's origin (the
+    flag) in the error, ``fix`` what to do."""
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise InvalidInputError(
+            f"{what} {path}: is a file, not a folder; {fix} (a folder is made when missing), or move "
+            "the file away"
+        )
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as exc:
+        raise InvalidInputError(f"{what} {path}: cannot write there ({_os_reason(exc)}); {fix}") from exc
+    return target
+
+
+def _writable_file(path: str | None, what: str = "--out") -> None:
+    """Check now that the file ``path`` can be written (its folder is made): a folder of that name
+    or a file where a folder is needed fails here, before any measuring. None: nothing to check."""
+    if not path:
+        return
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise InvalidInputError(
+            f"{what} {path}: is a folder; give a file path such as {Path(path) / 'result.json'}"
+        )
+    _writable_folder(target.parent, f"{what} {path}: its folder", "give a file path you can write to")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise InvalidInputError(f"{what} {path}: the file is not writable; give another path")
+
+
+def _check_cache_folder(root: str | None = None) -> None:
+    """Check now that the profile cache can be written: ``--cache-dir`` when given, else the
+    default one (``$COLOCATE_CACHE_DIR`` or ``~/.cache/colocate``)."""
+    if root is not None:
+        _writable_folder(root, "--cache-dir")
+        return
+    from colocate.config import cache_dir
+
+    _writable_folder(
+        cache_dir("profiles"), "the profile cache", "set COLOCATE_CACHE_DIR to a folder you can write to"
+    )
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     from colocate import devices
 
@@ -69,13 +206,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from colocate import demo, devices
+    from colocate import demo
 
     if not args.quick:
         return _full_demo(args)
-    device = devices.find_device(args.device)
+    device = _device_to_run(args.device)
     ensemble = demo.default_ensemble_for(device, args.scale, args.backend)
-    console = _console()
+    console = _console(stderr=args.json)
     with console.status(f"loading {ensemble.name} on {device.name}...") as status:
         result = demo.run_demo(
             ensemble,
@@ -117,13 +254,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _full_demo(args: argparse.Namespace) -> int:
     """Profile the default ensemble, plan it with every strategy, run and compare the plans."""
-    from colocate import demo, devices
+    from colocate import demo
     from colocate.comparison import RunSettings, compare, dedupe_plans, save_report
     from colocate.planning import plan_all
     from colocate.profiling import profile_isolated
     from colocate.report import render_table
 
-    device = devices.find_device(args.device)
+    device = _device_to_run(args.device)
+    _writable_folder(args.out, "--out")
+    _check_cache_folder()
     ensemble = demo.default_ensemble_for(device, args.scale, args.backend)
     console = _console()
     say = (lambda line: None) if args.json else (lambda line: console.print(f"[dim]{line}[/dim]"))
@@ -143,9 +282,10 @@ def _full_demo(args: argparse.Namespace) -> int:
         progress=say,
     )
     written = save_report(report, args.out)
+    code = _all_failed_code([report])
     if args.json:
         print(serde.dumps(report))
-        return 0
+        return code
     console.print(render_table(report))
     best = report.best
     if best is not None and best.speedup is not None:
@@ -153,7 +293,23 @@ def _full_demo(args: argparse.Namespace) -> int:
     console.print(
         f"report: {written['txt']}  plot: {written['png']}  data: {written['json']}, {written['csv']}"
     )
-    return 0
+    _say_all_failed([report])
+    return code
+
+
+def _all_failed_code(reports: Sequence[Any]) -> int:
+    """1 when not one plan of the reports ran (each failed or was rejected), else 0."""
+    ran = any(r.status in ("ok", "errors") for report in reports for r in report.results)
+    return 0 if ran else 1
+
+
+def _say_all_failed(reports: Sequence[Any]) -> None:
+    """On stderr, when no plan ran: say so, with the first reason."""
+    if _all_failed_code(reports) == 0:
+        return
+    reasons = [r.reason for report in reports for r in report.results if r.reason]
+    first = f": first reason: {reasons[0]}" if reasons else ""
+    print(f"colocate: error: every plan failed or was rejected{first}", file=sys.stderr)
 
 
 def _load_ensemble(args: argparse.Namespace, device: Any) -> Any:
@@ -234,6 +390,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from colocate.profiling import ProfileCache, ProfileSettings, profile, profile_variants
 
     device = devices.find_device(args.device)
+    _writable_file(args.out)
+    if not args.no_cache:
+        _check_cache_folder(args.cache_dir)
     ensemble = _load_ensemble(args, device)
     settings = ProfileSettings(
         warmup=args.warmup,
@@ -242,7 +401,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         thread_scaling=not args.no_thread_scaling,
     )
     cache: ProfileCache | bool = False if args.no_cache else ProfileCache(args.cache_dir)
-    console = _console()
+    console = _console(stderr=args.json)
     with _progress_bar(console, "profiling", disable=args.json) as bar:
         task = bar.add_task(ensemble.name, total=len(ensemble.members) * len(args.batch_sizes))
 
@@ -369,6 +528,7 @@ def _profiles_for(args: argparse.Namespace, ensemble: Any, device: Any, batch_si
         for found in files:
             loaded.extend(found.profiles)
         return ProfileSet(tuple(loaded))
+    _check_cache_folder()  # the profiles land in the user cache: fail now, not after measuring
     where = device if device.can_execute else devices.cpu_device()
     if not device.can_execute:
         print(
@@ -386,11 +546,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from colocate import devices
     from colocate.planning import PLAN_COLUMNS, plan, plan_all, plan_rows, render_plan
 
+    if args.objective == "throughput_under_latency" and args.latency_bound_ms is None:
+        raise InvalidInputError(
+            "--objective throughput_under_latency needs --latency-bound-ms (the most median latency "
+            "a plan may have, in milliseconds), e.g. --latency-bound-ms 50"
+        )
     device = devices.find_device(args.device)
+    _writable_file(args.out)
     ensemble = _load_ensemble(args, device)
     sizes = [args.batch_size] if args.batch_size else [1, 8, 32]
     profiles = _profiles_for(args, ensemble, device, sizes)
-    bound = args.latency_bound_ms / 1e3 if args.latency_bound_ms else None
+    bound = args.latency_bound_ms / 1e3 if args.latency_bound_ms is not None else None
     common: dict[str, Any] = {
         "batch_size": args.batch_size,
         "objective": args.objective,
@@ -442,19 +608,19 @@ def _run_settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from colocate import devices
     from colocate.comparison import execute
     from colocate.planning import plan
     from colocate.planning.types import Plan
 
+    _writable_file(args.out)
     if args.plan:
         chosen = serde.load(Plan, args.plan)
         device = chosen.device
         if not device.can_execute:
-            device = devices.find_device(args.device)
+            device = _device_to_run(args.device)
             chosen = dataclasses.replace(chosen, device=device)
     else:
-        device = devices.find_device(args.device)
+        device = _device_to_run(args.device)
         ensemble_for_plan = _load_ensemble(args, device)
         profiles = _profiles_for(args, ensemble_for_plan, device, [args.batch_size])
         chosen = plan(
@@ -467,7 +633,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     ensemble = _load_ensemble(args, device)
     settings = _run_settings(args)
-    console = _console()
+    console = _console(stderr=args.json)  # with --json, stdout carries only the JSON
     from colocate.planning.render import backend_text
 
     def shown(member: str) -> str:
@@ -518,15 +684,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from colocate import devices
     from colocate.comparison import observing_runs, run_record
 
-    device = devices.find_device(args.device)
+    device = _device_to_run(args.device)
+    if args.out:
+        _writable_folder(args.out, "--out")
+    settings = _run_settings(args)
     ensemble = _load_ensemble(args, device)
     console = _console()
     say = (lambda line: None) if args.json else (lambda line: console.print(f"[dim]{line}[/dim]"))
     profiles = _profiles_for(args, ensemble, device, args.batch_sizes)
-    settings = _run_settings(args)
     with contextlib.ExitStack() as stack:
         if args.out:
             # every plan run (calibration's too) as it ends: a comparison stopped early keeps them
@@ -597,9 +764,10 @@ def _compare_batches(
             if after is not None:
                 line = f"cost model median throughput error: {after:.0%}"
                 console.print(line + (f" (before calibration {before:.0%})" if before is not None else ""))
+    code = _all_failed_code(reports)
     if args.json:
         print(json.dumps([serde.to_dict(r) for r in reports], indent=2))
-        return 0
+        return code
     if len(reports) > 1:
         console.print(
             _table(
@@ -608,7 +776,8 @@ def _compare_batches(
                 regime_rows(reports),
             )
         )
-    return 0
+    _say_all_failed(reports)
+    return code
 
 
 def _add_ensemble_args(
@@ -618,6 +787,8 @@ def _add_ensemble_args(
     where = "best (default), cpu, cuda, cuda:N"
     if simulated:
         where += ", or a simulated GPU: sim:h100, h100, spec.json"
+    else:
+        where += " (a device that runs models; a simulated GPU can only be planned for: colocate plan)"
     p.add_argument("--device", default="best", help=where)
     if ensemble:
         p.add_argument(
@@ -656,29 +827,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="profile, plan, run and compare the default ensemble")
     _add_ensemble_args(p, simulated=False, ensemble=False, profiles=False)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=10, help="timed runs per member (--quick)")
+    p.add_argument("--batch-size", type=_whole(1, "samples"), default=8)
+    p.add_argument("--repeats", type=_whole(1, "runs"), default=10, help="timed runs per member (--quick)")
     p.add_argument(
         "--quick",
         action="store_true",
         help="only load each member and time it once, no planning or comparison",
     )
-    p.add_argument("--seconds", type=float, default=2.0, help="seconds each plan runs")
+    p.add_argument("--seconds", type=_positive("seconds"), default=2.0, help="seconds each plan runs")
     p.add_argument(
         "--rounds",
-        type=int,
+        type=_whole(1, "rounds"),
         default=2,
         help="rounds of every plan, interleaved; the report gives medians and ranges (as compare --repeats)",
     )
     p.add_argument("--out", default="colocate-report", help="folder for the report and plot")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON: the DemoResult (--quick) or the Report, wrapped as colocate.serde.dumps "
+        "writes it (load it back with colocate.serde.loads)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("profile", help="profile each member per batch size (memory, latency, kernels)")
     _add_ensemble_args(p, simulated=False, profiles=False)
     p.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 8, 32], help="e.g. 1,8,32")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=_whole(0, "runs"), default=3, help="untimed runs before timing")
+    p.add_argument("--repeats", type=_whole(1, "runs"), default=20, help="timed runs per member and batch")
     p.add_argument("--no-trace", action="store_true", help="skip the kernel / operator trace")
     p.add_argument("--no-thread-scaling", action="store_true", help="skip the CPU thread sweep")
     p.add_argument("--no-cache", action="store_true", help="measure again, do not use the cache")
@@ -695,10 +871,15 @@ def build_parser() -> argparse.ArgumentParser:
     def add_run_args(p: argparse.ArgumentParser, seconds: float) -> None:
         from colocate.execution.front import REPLY_WAITS
 
-        p.add_argument("--requests", type=int, default=None, help="requests per run (default: by time)")
-        p.add_argument("--seconds", type=float, default=seconds, help="seconds per run")
         p.add_argument(
-            "--concurrency", type=int, default=None, help="requests in flight (default 2 per slot)"
+            "--requests", type=_whole(1, "requests"), default=None, help="requests per run (default: by time)"
+        )
+        p.add_argument("--seconds", type=_positive("seconds"), default=seconds, help="seconds per run")
+        p.add_argument(
+            "--concurrency",
+            type=_whole(1, "requests"),
+            default=None,
+            help="requests in flight (default 2 per slot)",
         )
         p.add_argument(
             "--allow-mps-start",
@@ -720,9 +901,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ensemble_args(p)
     p.add_argument("--strategy", choices=STRATEGIES, default="auto")
     p.add_argument("--all", action="store_true", help="one plan per strategy, side by side")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=_whole(1, "samples"), default=None)
     p.add_argument("--objective", choices=OBJECTIVES, default="throughput")
-    p.add_argument("--latency-bound-ms", type=float, default=None, help="for throughput_under_latency")
+    p.add_argument(
+        "--latency-bound-ms",
+        type=_positive("milliseconds"),
+        default=None,
+        help="the most median latency a plan may have (needed by --objective throughput_under_latency)",
+    )
     _add_backends_arg(p)
     p.add_argument(
         "--calibration",
@@ -731,26 +917,37 @@ def build_parser() -> argparse.ArgumentParser:
         "pair slowdowns, and let 'auto' settle a close call by its measured plans",
     )
     p.add_argument("--out", default=None, help="write the plan as JSON (for colocate run --plan)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the Plan as JSON (as colocate.serde.dumps writes it); with --all, a JSON list of "
+        "plans, each as colocate.serde.to_dict gives it",
+    )
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="run a plan for real and measure it")
-    _add_ensemble_args(p)
+    _add_ensemble_args(p, simulated=False)
     p.add_argument("--plan", default=None, help="a plan JSON file from colocate plan --out")
     p.add_argument("--strategy", choices=STRATEGIES, default="auto", help="plan with this if no --plan")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_whole(1, "samples"), default=8)
     add_run_args(p, seconds=5.0)
     _add_backends_arg(p)
     p.add_argument("--out", default=None, help="write the RunResult as JSON")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the RunResult as JSON (as colocate.serde.dumps writes it) and only that on stdout",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="run several plans the same way and compare them")
-    _add_ensemble_args(p)
+    _add_ensemble_args(p, simulated=False)
     p.add_argument(
         "--strategies",
-        type=lambda t: [x for x in t.split(",") if x],
+        type=_strategies,
         default=["sequential", "streams", "processes", "auto"],
+        help=f"planner strategies separated by commas, among {', '.join(STRATEGIES)} (a name may end "
+        "in +backends); default sequential,streams,processes,auto",
     )
     p.add_argument("--batch-sizes", type=_batch_sizes, default=[8], help="e.g. 1,8,64 for a regime map")
     add_run_args(p, seconds=3.0)
@@ -758,7 +955,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats",
         "--rounds",
         dest="repeats",
-        type=int,
+        type=_whole(1, "rounds"),
         default=1,
         help="run the plans in this many rounds, every plan once per round in a rotated order; the "
         "report gives each plan's median samples/s and its range (412 ±6%%) and marks plans tied with "
@@ -766,7 +963,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--rates",
-        type=lambda t: tuple(float(x) for x in t.split(",") if x),
+        type=_rates,
         default=(),
         help="offered loads in requests/s for a latency sweep after each run, e.g. 5,20,50",
     )
@@ -781,7 +978,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default=None, help="reuse a saved calibration JSON")
     _add_backends_arg(p)
     p.add_argument("--out", default=None, help="folder for report.json/.csv/.txt/.png")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON list, one Report per --batch-sizes entry, each as colocate.serde.to_dict "
+        "gives it (no schema_version/type wrapper: load an item with "
+        "colocate.serde.from_dict(colocate.report.Report, item)); --out also writes each report as "
+        "a wrapped report.json",
+    )
     p.set_defaults(func=cmd_compare)
     return parser
 

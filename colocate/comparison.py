@@ -352,6 +352,7 @@ class RoundsSummary:
     round_sps: tuple[float, ...]  # samples/s of each round that completed requests
     round_p99_s: tuple[float, ...]  # p99 latency of each such round
     rates: tuple[RatePoint, ...]  # the first round's rate sweep
+    round_p50_s: tuple[float, ...] = ()  # median latency of each such round
 
 
 def summarize_rounds(attempts: Sequence[Attempt]) -> RoundsSummary:
@@ -388,6 +389,7 @@ def summarize_rounds(attempts: Sequence[Attempt]) -> RoundsSummary:
         round_sps=tuple(r.throughput_sps for r in runs),
         round_p99_s=tuple(r.latency.p99_s for r in runs if r.latency is not None),
         rates=rates,
+        round_p50_s=tuple(r.latency.median_s for r in runs if r.latency is not None),
     )
 
 
@@ -543,6 +545,7 @@ def compare(
                 summary.rates,
                 round_sps=summary.round_sps,
                 round_p99_s=summary.round_p99_s,
+                round_p50_s=summary.round_p50_s,
             )
         )
     from colocate.profiling.profiler import versions_for
@@ -599,21 +602,34 @@ def _uncalibrated_sps(plan: Plan, ensemble: Ensemble, profiles: ProfileSet | Var
 
 
 def save_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``report.json``, ``report.csv``, ``report.txt`` (the table) and ``report.png``."""
+    """Write ``report.json``, ``report.csv``, ``report.txt`` (the table) and ``report.png``.
+
+    Raises:
+        InvalidInputError: ``out_dir`` cannot be written (a file of that name, no permission);
+            the message names the path.
+    """
     from rich.console import Console
 
     target = Path(out_dir)
-    target.mkdir(parents=True, exist_ok=True)
-    written = {"json": serde.save(report, target / "report.json")}
-    (target / "report.csv").write_text(to_csv(report), encoding="utf-8")
-    written["csv"] = target / "report.csv"
-    console = Console(record=True, width=200, file=open(target / "report.txt", "w", encoding="utf-8"))  # noqa: SIM115
     try:
-        console.print(render_table(report))
-    finally:
-        console.file.close()
-    written["txt"] = target / "report.txt"
-    written["png"] = plot(report, target / "report.png")
+        target.mkdir(parents=True, exist_ok=True)
+        written = {"json": serde.save(report, target / "report.json")}
+        (target / "report.csv").write_text(to_csv(report), encoding="utf-8")
+        written["csv"] = target / "report.csv"
+        console = Console(record=True, width=200, file=open(target / "report.txt", "w", encoding="utf-8"))  # noqa: SIM115
+        try:
+            console.print(render_table(report))
+        finally:
+            console.file.close()
+        written["txt"] = target / "report.txt"
+        written["png"] = plot(report, target / "report.png")
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise InvalidInputError(
+            f"cannot write the report to {target}: {reason}"
+            + (f": {exc.filename}" if exc.filename else "")
+            + "; give a folder you can write to (it is made when missing)"
+        ) from exc
     return written
 
 

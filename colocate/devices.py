@@ -903,8 +903,8 @@ def find_device(spec: str) -> Device:
         return get_preset(text).to_device()
     except InvalidInputError:
         raise InvalidInputError(
-            f"unknown device {spec!r}: use 'cpu', 'cuda', 'cuda:N', 'best', a GPU preset name or the "
-            f"path of a JSON spec file; {_preset_listing()}"
+            f"unknown device {spec!r}: use 'cpu', 'cuda', 'cuda:N', 'best' or a GPU preset name; "
+            f"{_preset_listing()}"
         ) from None
 
 

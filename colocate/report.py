@@ -140,6 +140,8 @@ class PlanResult:
     round_p99_s: tuple[float, ...] = ()  # p99 request latency of each round that ran
     # `run` is the round with the median throughput; reports written before rounds existed have
     # one run and no round figures
+    round_p50_s: tuple[float, ...] = ()  # median request latency of each round that ran (reports
+    # written before it existed load with none: their p50 is then the one `run`'s)
 
     @property
     def measured_sps(self) -> float | None:
@@ -164,6 +166,17 @@ class PlanResult:
         if len(self.round_sps) < 2 or not measured:
             return None
         return (max(self.round_sps) - min(self.round_sps)) / (2.0 * measured)
+
+    @property
+    def latency_p50_s(self) -> float | None:
+        """Median request latency: the median over the rounds of each round's p50, or the one
+        run's (the same basis as :attr:`latency_p99_s`, so the two columns compare)."""
+        if self.round_p50_s:
+            return float(statistics.median(self.round_p50_s))
+        if len(self.round_p99_s) > 1:
+            return None  # a report from before round p50s: none on the basis of its p99
+        latency = self.run.latency if self.run is not None else None
+        return latency.median_s if latency is not None else None
 
     @property
     def latency_p99_s(self) -> float | None:
@@ -314,7 +327,7 @@ def table_rows(report: Report) -> list[list[str]]:
                 _fmt(r.predicted_sps),
                 measured_text(r),
                 "-" if err is None else f"{err:+.0%}",
-                "-" if latency is None else f"{latency.median_s * 1e3:.2f}",
+                "-" if r.latency_p50_s is None else f"{r.latency_p50_s * 1e3:.2f}",
                 _p99(r, latency),
                 "-" if peak is None else f"{peak / 2**20:,.0f}",
                 "-" if run is None or run.utilization_pct is None else f"{run.utilization_pct:.0f}%",
@@ -397,7 +410,6 @@ def to_csv(report: Report) -> str:
     tied = set(report.tied_with_best())
     for r in report.results:
         run = r.run
-        latency = run.latency if run is not None else None
         span = r.measured_range_sps
         rounds = len(r.round_sps) or (1 if r.measured_sps is not None else 0)
         writer.writerow(
@@ -409,7 +421,7 @@ def to_csv(report: Report) -> str:
                 r.predicted_sps or "",
                 r.measured_sps or "",
                 "" if r.prediction_error is None else r.prediction_error,
-                latency.median_s if latency else "",
+                r.latency_p50_s or "",
                 r.latency_p99_s or "",
                 (run.peak_memory_bytes if run else None) or "",
                 (run.utilization_pct if run else None) or "",

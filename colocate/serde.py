@@ -155,10 +155,24 @@ def loads(cls: type[T], text: str, *, source: str = "<string>") -> T:
 
 
 def save(obj: Any, path: str | Path) -> Path:
-    """Write :func:`dumps` of ``obj`` to ``path`` (parents created) and return the path."""
+    """Write :func:`dumps` of ``obj`` to ``path`` (parents created) and return the path.
+
+    Raises:
+        InvalidInputError: the file cannot be written (``path`` is a folder, a file stands where a
+            folder is needed, no permission); the message names the path.
+    """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(dumps(obj) + "\n", encoding="utf-8")
+    text = dumps(obj) + "\n"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.filename and str(exc.filename) != str(target):
+            reason += f": {exc.filename}"
+        raise InvalidInputError(
+            f"cannot write {target}: {reason}; give a file path you can write to (not a folder's)"
+        ) from exc
     return target
 
 

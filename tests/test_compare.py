@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+import colocate.comparison as compare_module
 from colocate import Device, Ensemble, Member, serde, zoo
+from colocate._timing import LatencyStats
 from colocate.comparison import (
     Calibration,
     PairMeasurement,
@@ -18,8 +21,9 @@ from colocate.comparison import (
     load_calibration,
     save_report,
 )
+from colocate.execution.types import RunResult
 from colocate.planning.types import Plan, Prediction, Slot
-from colocate.report import Report, table_rows, to_csv
+from colocate.report import PlanRun, Report, table_rows, to_csv
 
 FAST = RunSettings(requests=6, seconds=None, concurrency=2, warmup=1)
 
@@ -115,3 +119,67 @@ def test_calibration_round_trips_and_feeds_the_planner(cpu: Device, tmp_path: Pa
     assert calibration.interference() == {("mlp", "mobilenet"): 1.5}
     assert json.loads(path.read_text())["type"] == "Calibration"
     assert np.isfinite(calibration.pairs[0].slowdown)
+
+
+def _scripted_run(plan: Plan, sps: float, p50_s: float) -> PlanRun:
+    """A measured run of ``plan``: ``sps`` samples/s, median latency ``p50_s``, p99 about 1.2x."""
+    return PlanRun(
+        RunResult(
+            strategy=plan.strategy,
+            device=plan.device,
+            batch_size=plan.batch_size,
+            slots=tuple(f"{s.name} {s.kind}: {', '.join(s.members)}" for s in plan.slots),
+            concurrency=2,
+            warmup_requests=0,
+            requests_completed=10,
+            requests_failed=0,
+            wall_s=1.0,
+            throughput_sps=sps,
+            latency=LatencyStats.from_samples([p50_s, p50_s, p50_s * 1.2]),
+            memory=(),
+            utilization_pct_samples=(),
+            utilization_pct=None,
+            mean_power_w=None,
+            status="ok",
+            errors=(),
+            worker_restarts=0,
+            interrupted=False,
+            prediction=plan.prediction,
+        )
+    )
+
+
+def test_p50_and_p99_columns_share_the_basis_of_the_rounds(
+    cpu: Device, ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the round with the median throughput (100 samples/s) had a slow median latency (50 ms);
+    # the other two rounds 5 ms: the p99 over the rounds is 6 ms, so a p50 from that one round
+    # (50 ms) would read above the p99
+    script = iter([(100.0, 0.050), (90.0, 0.005), (110.0, 0.005)])
+
+    def runner(plan: Plan, *_args: object, **_kwargs: object) -> tuple[PlanRun, None]:
+        sps, p50 = next(script)
+        return _scripted_run(plan, sps, p50), None
+
+    monkeypatch.setattr(compare_module, "run_plan", runner)
+    settings = RunSettings(requests=4, seconds=None, repeats=3)
+    report = compare(ensemble, cpu, [hand_plan(cpu, "sequential", [["mlp", "mobilenet"]])], settings=settings)
+    (result,) = report.results
+    assert result.run is not None and result.run.latency is not None
+    assert result.run.latency.median_s == pytest.approx(0.050)  # the median-throughput round
+    assert result.round_p50_s == pytest.approx((0.050, 0.005, 0.005))
+    assert result.latency_p50_s == pytest.approx(0.005)
+    assert result.latency_p99_s == pytest.approx(0.006, rel=0.01)
+    p50, p99 = table_rows(report)[0][6:8]
+    assert p50 == "5.00" and float(p99.split()[0]) == pytest.approx(6.0, rel=0.01)
+    (row,) = csv.DictReader(io.StringIO(to_csv(report)))
+    assert float(row["latency_p50_s"]) == pytest.approx(0.005)
+    assert float(row["latency_p50_s"]) <= float(row["latency_p99_s"])
+    # the JSON round trip keeps the rounds' p50s; a report written before they existed still loads
+    assert serde.loads(Report, serde.dumps(report)) == report
+    data = json.loads(serde.dumps(report))
+    del data["data"]["results"][0]["round_p50_s"]
+    old = serde.loads(Report, json.dumps(data))
+    assert old.results[0].round_p50_s == () and old.results[0].latency_p50_s is None  # no mixed basis
+    one_round = dataclasses.replace(old.results[0], round_sps=(100.0,), round_p99_s=(0.06,))
+    assert one_round.latency_p50_s == pytest.approx(0.050)  # one round: its run is that round
