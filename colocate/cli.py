@@ -518,6 +518,7 @@ def _profiles_for(args: argparse.Namespace, ensemble: Any, device: Any, batch_si
                     "--profiles: give one file of variant profiles (from colocate profile --backends ... "
                     "--out FILE), not several"
                 )
+            _check_profiles_match(ensemble, files[0].default_set.profiles, args.profiles)
             return files[0] if backends else files[0].default_set
         if backends:
             raise InvalidInputError(
@@ -527,6 +528,7 @@ def _profiles_for(args: argparse.Namespace, ensemble: Any, device: Any, batch_si
         loaded: list[Any] = []
         for found in files:
             loaded.extend(found.profiles)
+        _check_profiles_match(ensemble, loaded, args.profiles)
         return ProfileSet(tuple(loaded))
     _check_cache_folder()  # the profiles land in the user cache: fail now, not after measuring
     where = device if device.can_execute else devices.cpu_device()
@@ -540,6 +542,12 @@ def _profiles_for(args: argparse.Namespace, ensemble: Any, device: Any, batch_si
     if backends:
         return profile_variants(ensemble, where, batch_sizes, backends=backends)
     return profile_isolated(ensemble, where, batch_sizes)
+
+
+def _check_profiles_match(ensemble: Any, profiles: Sequence[Any], paths: Sequence[str]) -> None:
+    recorded = {p.member: p.model_hash for p in profiles if p.model_hash}
+    files = ", ".join(paths)
+    _check_models_match(ensemble, recorded, f"--profiles {files}", "profiles (colocate profile --out FILE)")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -615,12 +623,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     _writable_file(args.out)
     if args.plan:
         chosen = serde.load(Plan, args.plan)
+        if args.batch_size is not None and args.batch_size != chosen.batch_size:
+            raise InvalidInputError(
+                f"--batch-size {args.batch_size}: the plan {args.plan} is for batch size "
+                f"{chosen.batch_size}, which its slots and predictions were made for; leave out "
+                f"--batch-size, or make a plan for {args.batch_size} (colocate plan --batch-size "
+                f"{args.batch_size} --out FILE)"
+            )
         device = chosen.device
         if not device.can_execute:
             device = _device_to_run(args.device)
+            _check_simulated_plan_runs_on(chosen, device, args.plan)
             chosen = dataclasses.replace(chosen, device=device)
     else:
         device = _device_to_run(args.device)
+        args.batch_size = args.batch_size or 8
         ensemble_for_plan = _load_ensemble(args, device)
         profiles = _profiles_for(args, ensemble_for_plan, device, [args.batch_size])
         chosen = plan(
@@ -632,6 +649,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             backends=args.backends,
         )
     ensemble = _load_ensemble(args, device)
+    if args.plan:
+        _check_models_match(ensemble, dict(chosen.model_hashes), f"the plan {args.plan}", "a plan")
     settings = _run_settings(args)
     console = _console(stderr=args.json)  # with --json, stdout carries only the JSON
     from colocate.planning.render import backend_text
@@ -681,6 +700,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     for error in result.errors:
         console.print(f"error: {error}")
     return 0 if result.status == "ok" else 1
+
+
+def _check_simulated_plan_runs_on(chosen: Any, device: Any, path: str) -> None:
+    """A plan made for a simulated GPU runs on a real GPU (its predictions are for the simulated
+    one: said on stderr), never on the CPU, whose slots and memory it was not made for."""
+    if device.kind != "cuda":
+        raise InvalidInputError(
+            f"--plan {path}: the plan is for '{chosen.device.name}', a simulated GPU, and this would "
+            f"run it on {device.name} ({device.kind}), which it was not made for; make a plan for "
+            f"this device (colocate plan --device {device.kind} --out FILE), or run it on a GPU"
+        )
+    print(
+        f"colocate: the plan {path} was made for '{chosen.device.name}' (simulated): running it on "
+        f"{device.name}; its predictions are the simulated GPU's",
+        file=sys.stderr,
+    )
+
+
+def _check_models_match(ensemble: Any, recorded: dict[str, str], what: str, made: str) -> None:
+    """Refuse ``what`` (profiles or a plan) when it was made for other models than the ensemble's
+    (members whose model can be hashed without building it: the zoo's, model files)."""
+    from colocate.profiling.cache import model_mismatches
+
+    wrong = model_mismatches(ensemble.members, recorded)
+    if wrong:
+        raise InvalidInputError(
+            f"{what} was made for other models than ensemble '{ensemble.name}': {'; '.join(wrong)}; "
+            f"give the same --scale/--ensemble as when it was made, or make {made} for this ensemble"
+        )
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -929,7 +977,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ensemble_args(p, simulated=False)
     p.add_argument("--plan", default=None, help="a plan JSON file from colocate plan --out")
     p.add_argument("--strategy", choices=STRATEGIES, default="auto", help="plan with this if no --plan")
-    p.add_argument("--batch-size", type=_whole(1, "samples"), default=8)
+    p.add_argument(
+        "--batch-size",
+        type=_whole(1, "samples"),
+        default=None,
+        help="the request batch size (default 8; with --plan, the plan's, which a different value refuses)",
+    )
     add_run_args(p, seconds=5.0)
     _add_backends_arg(p)
     p.add_argument("--out", default=None, help="write the RunResult as JSON")

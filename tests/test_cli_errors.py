@@ -305,3 +305,64 @@ def test_compare_json_help_says_it_prints_a_list_of_reports() -> None:
     text = " ".join(subcommand_help("compare").split())
     assert "print a JSON list, one Report per --batch-sizes entry" in text
     assert "colocate.serde.from_dict(colocate.report.Report, item)" in text
+
+
+# --- profiles and plan files made for another model, device or batch size ---------------------
+
+
+def test_profiles_of_another_model_are_refused(
+    tiny_profiles: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the tiny ensemble's profiles, planned for the small one (no --scale): the figures were
+    # another model's, and the plan was printed as if they were this one's
+    assert main(["plan", "--device", "cpu", "--profiles", str(tiny_profiles), "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--profiles {tiny_profiles} was made for other models than ensemble" in err
+    assert "'resnet' (planned or profiled for model" in err and "--scale/--ensemble" in err
+    assert main(["plan", *TINY, "--profiles", str(tiny_profiles), "--batch-size", "1"]) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(tiny_profiles: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("plan") / "plan.json"
+    args = ["plan", *TINY, "--profiles", str(tiny_profiles), "--batch-size", "1", "--strategy", "sequential"]
+    assert main([*args, "--out", str(out)]) == 0
+    return out
+
+
+def test_a_plan_file_runs_only_with_its_models_and_batch_size(
+    tiny_plan: Path, capsys: pytest.CaptureFixture[str], no_work: None
+) -> None:
+    from colocate.planning.types import Plan
+
+    assert dict(serde.load(Plan, tiny_plan).model_hashes).keys() == set(zoo.ARCHITECTURES)
+    capsys.readouterr()
+    assert main(["run", "--plan", str(tiny_plan), "--batch-size", "8", "--requests", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 8: the plan" in err and "is for batch size 1" in err
+
+
+def test_a_plan_file_for_other_models_is_refused_before_running(
+    tiny_plan: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def reached(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("the plan ran")
+
+    monkeypatch.setattr("colocate.comparison.execute", reached)
+    capsys.readouterr()
+    assert main(["run", "--device", "cpu", "--plan", str(tiny_plan), "--requests", "1"]) == 2  # small
+    err = capsys.readouterr().err
+    assert f"the plan {tiny_plan} was made for other models than ensemble" in err
+
+
+def test_a_plan_for_a_simulated_gpu_does_not_run_on_the_cpu(
+    tiny_profiles: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "sim.json"
+    args = ["plan", "--device", "sim:h100", "--scale", "tiny", "--profiles", str(tiny_profiles)]
+    assert main([*args, "--batch-size", "1", "--out", str(out)]) == 0
+    monkeypatch.setattr("colocate.comparison.execute", lambda *a, **k: pytest.fail("the plan ran"))
+    capsys.readouterr()
+    assert main(["run", "--plan", str(out), "--device", "cpu", "--scale", "tiny", "--requests", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "a simulated GPU, and this would run it on" in err and "colocate plan --device cpu" in err

@@ -52,6 +52,9 @@ def _sha256_file(path: Path, digest: Any) -> None:
             digest.update(chunk)
 
 
+_HASH_CHARS = 20
+
+
 def model_hash(member: Member) -> str:
     """A stable hash of the member's model: its weights, its file, or its recipe.
 
@@ -85,7 +88,7 @@ def model_hash(member: Member) -> str:
             digest.update(inspect.getsource(source).encode())
         except (OSError, TypeError):
             digest.update(repr(source).encode())
-    return digest.hexdigest()[:20]
+    return digest.hexdigest()[:_HASH_CHARS]
 
 
 def quick_model_hash(member: Member) -> str | None:
@@ -99,11 +102,12 @@ def quick_model_hash(member: Member) -> str | None:
 def model_mismatches(members: Iterable[Member], recorded: Mapping[str, str]) -> list[str]:
     """The members whose model differs from the one ``recorded`` (member -> model hash) names:
     one line each, ``"'name' (measured abc..., this one def...)"``. Members without a record,
-    and those :func:`quick_model_hash` cannot hash cheaply, are not checked."""
+    records that are not :func:`model_hash`'s (synthetic profiles name theirs), and members
+    :func:`quick_model_hash` cannot hash cheaply are not checked."""
     lines = []
     for member in members:
         then = recorded.get(member.name)
-        if not then:
+        if not then or len(then) != _HASH_CHARS or any(c not in "0123456789abcdef" for c in then):
             continue
         now = quick_model_hash(member)
         if now is not None and now != then:

@@ -114,6 +114,7 @@ def test_a_model_other_than_the_recorded_one_is_named() -> None:
     (line,) = model_mismatches([tiny], {"mlp": model_hash(small)})
     assert line.startswith("'mlp' (planned or profiled for model ") and model_hash(tiny)[:8] in line
     assert model_mismatches([tiny], {}) == []  # nothing recorded: nothing to check
+    assert model_mismatches([tiny], {"mlp": "synthetic-mlp"}) == []  # made-up profiles: not checked
     module = Member("plain", "torch", source=torch.nn.Linear(4, 2), input=InputSpec((-1, 4)))
     assert quick_model_hash(module) is None  # would need its weights hashed: not checked
     assert model_mismatches([module], {"plain": "0" * 20}) == []
