@@ -313,7 +313,8 @@ def _say_all_failed(reports: Sequence[Any]) -> None:
 
 
 def _load_ensemble(args: argparse.Namespace, device: Any) -> Any:
-    """The ensemble named by --ensemble (``module:function``) or the default one."""
+    """The ensemble named by --ensemble (``module:function``, the module importable from the
+    current folder or the PYTHONPATH) or the default one."""
     import importlib
 
     from colocate import demo
@@ -327,10 +328,17 @@ def _load_ensemble(args: argparse.Namespace, device: Any) -> Any:
         raise InvalidInputError(
             f"--ensemble {args.ensemble!r}: give module:function, e.g. mypkg.models:build_ensemble"
         )
+    here = os.getcwd()
+    if "" not in sys.path and here not in sys.path:
+        # as `python -m` does: a module beside the user is found (worker processes inherit the path)
+        sys.path.insert(0, here)
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise InvalidInputError(f"--ensemble {args.ensemble!r}: cannot load it ({exc})") from exc
+        raise InvalidInputError(
+            f"--ensemble {args.ensemble!r}: cannot load it ({exc}); the module must be importable "
+            f"from the current folder ({here}) or the PYTHONPATH"
+        ) from exc
     try:
         ensemble = factory() if callable(factory) else factory
     except Exception as exc:
@@ -842,7 +850,8 @@ def _add_ensemble_args(
         p.add_argument(
             "--ensemble",
             default=None,
-            help="module:function returning a colocate.Ensemble (default: the embedded default ensemble)",
+            help="module:function returning a colocate.Ensemble, the module importable from the current "
+            "folder or the PYTHONPATH (default: the embedded default ensemble)",
         )
     p.add_argument(
         "--scale",

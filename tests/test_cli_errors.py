@@ -366,3 +366,19 @@ def test_a_plan_for_a_simulated_gpu_does_not_run_on_the_cpu(
     assert main(["run", "--plan", str(out), "--device", "cpu", "--scale", "tiny", "--requests", "1"]) == 2
     err = capsys.readouterr().err
     assert "a simulated GPU, and this would run it on" in err and "colocate plan --device cpu" in err
+
+
+def test_an_ensemble_module_in_the_current_folder_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    (tmp_path / "my_committee.py").write_text(
+        "from colocate import zoo\n\ndef build():\n    return zoo.default_ensemble(scale='tiny')\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    args = argparse.Namespace(ensemble="my_committee:build", scale=None, backend="torch")
+    assert cli._load_ensemble(args, cpu_device()).name == zoo.default_ensemble(scale="tiny").name
+    with pytest.raises(InvalidInputError, match="importable from the current folder"):
+        cli._load_ensemble(argparse.Namespace(ensemble="no_such_module_here:build"), cpu_device())
