@@ -10,7 +10,9 @@ Member options (``Member.options``):
   compilations are serialised process-wide, and :attr:`TorchRunner.compile_seconds` records
   how long each took. Inductor needs a C++ compiler on the CPU and triton on a GPU; a failed
   compilation is a :class:`~colocate.errors.ModelLoadError` naming the member. Not together
-  with ``cuda_graph`` (mode ``"reduce-overhead"`` replays CUDA graphs itself).
+  with ``cuda_graph`` (mode ``"reduce-overhead"`` replays CUDA graphs itself). Such a member
+  raises dynamo's per-process recompile limit to :data:`RECOMPILE_LIMIT` (from 8: past it,
+  dynamo runs the model eagerly without a word).
 - ``channels_last`` (bool, default False): use the channels-last memory format
   for 4-D inputs.
 """
@@ -41,6 +43,20 @@ COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", 
 # from several threads, so one compilation runs at a time
 _COMPILE_LOCK = threading.Lock()
 _KNOWN_OPTIONS = ("cuda_graph", "channels_last", "compile")
+
+
+#: dynamo compiles one ``forward`` (shared by every instance of a model class) for at most 8
+#: guard sets per process by default, then runs it eagerly without an error: the framework
+#: study's six batch sizes at two thread counts, or a few members of one class in a slot, pass
+#: that. Members with the ``compile`` option raise the process's limit to this.
+RECOMPILE_LIMIT = 64
+
+
+def _raise_recompile_limit(torch: Any) -> None:
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    if getattr(config, name, RECOMPILE_LIMIT) < RECOMPILE_LIMIT:
+        setattr(config, name, RECOMPILE_LIMIT)
 
 
 def compile_mode(member: Any) -> str | None:
@@ -166,6 +182,7 @@ class TorchRunner(MemberRunner):
                 member=self.member.name,
             ) from exc
         if self.compile_mode is not None:
+            _raise_recompile_limit(torch)
             module = torch.compile(module, mode=self.compile_mode, dynamic=False)
         self._model = module
 

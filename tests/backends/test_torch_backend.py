@@ -151,6 +151,8 @@ def test_compiled_member_matches_eager_and_times_each_first_call(cpu: Device) ->
     batch = InputSpec((-1, 4)).example(3)
     with create_runner(member(options={"compile": True}), cpu) as runner:
         assert isinstance(runner, TorchRunner) and runner.compile_mode == "default"
+        # dynamo's default of 8 compiled shapes per forward would run the rest eagerly, silently
+        assert torch._dynamo.config.recompile_limit >= 64
         first = runner.infer(batch)
         again = runner.infer(batch)
         runner.infer(batch[:2])
