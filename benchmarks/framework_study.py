@@ -18,7 +18,7 @@ Backends (``--backends``):
   GPU only.
 - ``torch-compile``: PyTorch through ``torch.compile`` (member option ``compile``; inductor
   needs a C++ compiler on the CPU, triton on a GPU, else skipped with the reason). Only when
-  named in ``--backends``: every model compiles once per batch size (13-60 s each for the
+  named in ``--backends``: every model compiles once per batch size (8-29 s each for the
   small zoo on a 2-core CPU), which the rows record as ``compile_s`` (the first call at that
   batch size, compiling included; the warm-up, not the timed runs).
 - ``onnxruntime``: the model exported to ONNX (fp32) and run by ONNX Runtime: its CPU

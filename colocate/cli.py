@@ -562,6 +562,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from colocate import devices
     from colocate.planning import PLAN_COLUMNS, plan, plan_all, plan_rows, render_plan
 
+    if args.all and args.out:
+        raise InvalidInputError(
+            "--out saves one plan, and --all makes one per strategy: leave out --all (and pick one "
+            "with --strategy), or print them all with --all --json > FILE"
+        )
     if args.objective == "throughput_under_latency" and args.latency_bound_ms is None:
         raise InvalidInputError(
             "--objective throughput_under_latency needs --latency-bound-ms (the most median latency "

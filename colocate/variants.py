@@ -14,7 +14,7 @@ label               what runs
 ``torch+compile``   PyTorch through ``torch.compile`` (torch members; inductor needs a C++
                     compiler on the CPU, triton on a GPU). Only when named: ``"auto"`` leaves
                     it out, since each member compiles once per batch shape in every process
-                    that runs it (13-60 s a model and shape for the small zoo on a 2-core CPU)
+                    that runs it (8-29 s a model and shape for the small zoo on a 2-core CPU, 1 s the MLP)
 ``onnxruntime``     ONNX Runtime on the member's ONNX file: its CPU provider on the CPU, the
                     CUDA execution provider on a GPU; a torch member is exported once (fp32,
                     cached on disk under the user's cache directory, ``onnx/variants``)

@@ -382,3 +382,8 @@ def test_an_ensemble_module_in_the_current_folder_is_found(
     assert cli._load_ensemble(args, cpu_device()).name == zoo.default_ensemble(scale="tiny").name
     with pytest.raises(InvalidInputError, match="importable from the current folder"):
         cli._load_ensemble(argparse.Namespace(ensemble="no_such_module_here:build"), cpu_device())
+
+
+def test_plan_all_with_out_is_refused_not_ignored(capsys: pytest.CaptureFixture[str], no_work: None) -> None:
+    assert main(["plan", *TINY, "--all", "--out", "plans.json"]) == 2
+    assert "--out saves one plan, and --all makes one per strategy" in capsys.readouterr().err
