@@ -668,7 +668,9 @@ def test_cli_plan_uses_a_saved_calibration(
         plans=(_measured(model_pick, 306.0, name="auto"), _measured(seq, 380.0)),
     )
     path = serde.save(calibration, tmp_path / "calibration.json")
-    args = ["plan", "--device", "h100", "--profiles", str(EAGER), "--batch-size", "8", "--json"]
+    # the profiles are the large ensemble's: --scale large (a plan for another scale is refused)
+    args = ["plan", "--device", "h100", "--scale", "large", "--profiles", str(EAGER)]
+    args += ["--batch-size", "8", "--json"]
     assert main([*args, "--calibration", str(path)]) == 0
     settled = serde.loads(Plan, capsys.readouterr().out)
     assert settled.slots == seq.slots

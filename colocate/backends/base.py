@@ -22,7 +22,7 @@ import numpy as np
 
 from colocate.devices import Device
 from colocate.ensemble import Array, Member
-from colocate.errors import ColocateError, DeviceError, InternalError, InvalidInputError, ModelLoadError
+from colocate.errors import DeviceError, InternalError, InvalidInputError, ModelLoadError
 
 
 def stream_handle(stream: Any) -> int:
@@ -125,21 +125,13 @@ class MemberRunner(ABC):
         """Check, stage, run and fetch one batch: the member's raw output as numpy.
 
         Raises:
-            InvalidInputError: the batch does not match the member's input spec, or the model
-                failed on it (the framework's error, with the member's name; as :func:`profile`
-                reports it).
+            InvalidInputError: the batch does not match the member's input spec.
             ColocateError: the backend's own errors (e.g. out of memory), naming the member.
+            Exception: the framework's own error when the model fails on the batch, as it came
+                (the executor and :func:`colocate.profiling.profile`, which call this, name the
+                member and the slot around it).
         """
-        prepared = self.prepare(batch)
-        try:
-            return self.to_numpy(self.run(prepared))
-        except ColocateError:
-            raise
-        except Exception as exc:
-            raise InvalidInputError(
-                f"member '{self.member.name}': running a batch of shape {batch.shape} ({batch.dtype}) "
-                f"failed with {type(exc).__name__}: {exc}; check that its InputSpec matches the model"
-            ) from exc
+        return self.to_numpy(self.run(self.prepare(batch)))
 
     def deactivate(self) -> None:
         """Release the model and its device memory. Idempotent."""
