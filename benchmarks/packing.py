@@ -714,14 +714,15 @@ def run_case(
         overall_best_sps = best.measured_sps if best is not None else None
         # auto's regret is against the plans of its own space (every member as given): auto+backends,
         # which may change the members' backends, is measured against everything
-        same_space = [
-            r["measured_sps"]
-            for r in rows
-            if r["strategy"] != WITH_BACKENDS and r["measured_sps"] is not None
-        ]
+        # a plan that broke partway counts nowhere (as in Report.best): its throughput is that of
+        # the requests it finished before it broke
+        def counted(row: dict[str, Any]) -> bool:
+            return row["measured_sps"] is not None and row["status"] in ("ok", "errors")
+
+        same_space = [r["measured_sps"] for r in rows if r["strategy"] != WITH_BACKENDS and counted(r)]
         best_sps = max(same_space) if same_space else None
         auto_row = next((r for r in rows if r["strategy"] == "auto"), None)
-        auto_sps = auto_row["measured_sps"] if auto_row is not None else None
+        auto_sps = auto_row["measured_sps"] if auto_row is not None and counted(auto_row) else None
         regret = None
         if auto_row is not None and best_sps and auto_sps is not None:
             regret = max(0.0, (best_sps - auto_sps) / best_sps)
@@ -738,7 +739,7 @@ def run_case(
                 if same is not None and same.measured_sps is not None:
                     uncal_regret = max(0.0, (best_sps - same.measured_sps) / best_sps)
         # the bar a user sets: the best of the plans made by hand (a loop, a thread or a process each)
-        by_hand = [r for r in rows if r["strategy"] in BY_HAND and r["measured_sps"] is not None]
+        by_hand = [r for r in rows if r["strategy"] in BY_HAND and counted(r)]
         best_by_hand = max(by_hand, key=lambda r: r["measured_sps"]) if by_hand else None
         with_backends = next((r for r in rows if r["strategy"] == WITH_BACKENDS), None)
         backends_sps = with_backends["measured_sps"] if with_backends is not None else None

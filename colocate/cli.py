@@ -585,9 +585,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "backends": args.backends,
     }
     if args.calibration:
-        from colocate.comparison import load_calibration
+        from colocate.comparison import check_calibration_fits, load_calibration
 
         calibration = load_calibration(args.calibration)
+        if args.batch_size is None:  # plan where the calibration measured
+            common["batch_size"] = calibration.batch_size
+        check_calibration_fits(calibration, ensemble.name, common["batch_size"])
         common["measured_plans"] = calibration.measured_plans()
         common["model"] = calibration.model()  # the measured pairs and the time scale
     console = _console()
@@ -752,6 +755,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         _writable_folder(args.out, "--out")
     settings = _run_settings(args)
     ensemble = _load_ensemble(args, device)
+    if args.calibration:  # before anything is measured: it must fit every batch size compared
+        from colocate.comparison import check_calibration_fits, load_calibration
+
+        for batch_size in args.batch_sizes:
+            check_calibration_fits(load_calibration(args.calibration), ensemble.name, batch_size)
     console = _console()
     say = (lambda line: None) if args.json else (lambda line: console.print(f"[dim]{line}[/dim]"))
     profiles = _profiles_for(args, ensemble, device, args.batch_sizes)

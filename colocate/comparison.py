@@ -457,6 +457,8 @@ def compare(
                 ensemble, device, as_given, batch_size=batch_size, run_settings=chosen, progress=say
             )
             calibrated_now = True
+    if calibration is not None and not calibrated_now:
+        check_calibration_fits(calibration, ensemble.name, batch_size)
     interference = calibration.interference() if calibration is not None else None
     measured_plans = calibration.measured_plans() if calibration is not None else ()
     calibrated_model = calibration.model() if calibration is not None else None
@@ -520,7 +522,14 @@ def compare(
     summaries = {label: summarize_rounds(tries) for label, tries in attempts.items()}
 
     baseline = summaries.get(BASELINE)
-    baseline_sps = statistics.median(baseline.round_sps) if baseline and baseline.round_sps else None
+    baseline_sps = None
+    baseline_note = None
+    if baseline is not None and baseline.status != "failed" and baseline.round_sps:
+        baseline_sps = statistics.median(baseline.round_sps)
+    elif baseline is not None:  # a baseline that broke partway would inflate every speed-up
+        baseline_note = f"no speed-ups: the baseline '{BASELINE}' did not run to its end" + (
+            f" ({baseline.reason})" if baseline.reason else ""
+        )
     results = []
     for label, plan, reason in planned:
         if plan is None:
@@ -550,7 +559,7 @@ def compare(
         )
     from colocate.profiling.profiler import versions_for
 
-    notes: list[str] = []
+    notes: list[str] = [baseline_note] if baseline_note else []
     if chosen.repeats > 1:
         notes.append(
             f"every plan ran in {chosen.repeats} interleaved rounds (order rotated each round); "
@@ -580,7 +589,7 @@ def compare(
             "requests": str(chosen.requests),
             "seconds": str(chosen.seconds),
             "concurrency": str(chosen.concurrency or "2 per slot"),
-            "warmup": str(chosen.warmup or "executor default"),
+            "warmup": "executor default" if chosen.warmup is None else str(chosen.warmup),
             "repeats": str(chosen.repeats),
             "reply_wait": chosen.reply_wait,
         },
@@ -1202,13 +1211,29 @@ def load_calibration(path: str | Path) -> Calibration:
 # --- regime map ----------------------------------------------------------------------------
 
 
+def check_calibration_fits(calibration: Calibration, ensemble: str, batch_size: int) -> None:
+    """Refuse a calibration measured on another ensemble or at another batch size: its time
+    scales and pair slowdowns would rescale predictions they were not measured for.
+
+    Raises:
+        InvalidInputError: naming what differs and what to do.
+    """
+    if calibration.batch_size != batch_size:
+        raise InvalidInputError(
+            f"the calibration was measured at batch size {calibration.batch_size}, not {batch_size}: "
+            f"its time scales and pair slowdowns do not carry over; compare at batch size "
+            f"{calibration.batch_size}, or let this comparison calibrate (no calibration given)"
+        )
+    if calibration.ensemble != ensemble:
+        raise InvalidInputError(
+            f"the calibration was measured on ensemble '{calibration.ensemble}', not '{ensemble}'; "
+            "give one measured on this ensemble, or let this comparison calibrate"
+        )
+
+
 def pareto_set(report: Report) -> list[str]:
     """Plans not dominated on (higher throughput, lower p99 latency, lower peak memory)."""
-    ran = [
-        r
-        for r in report.results
-        if r.run is not None and r.run.latency is not None and r.measured_sps is not None
-    ]
+    ran = [r for r in report.results if r.ran and r.run is not None and r.run.latency is not None]
 
     def point(r: PlanResult) -> tuple[float, float, float]:
         assert r.run is not None and r.run.latency is not None
@@ -1263,6 +1288,7 @@ __all__ = [
     "calibrate",
     "calibrate_backends",
     "candidate_plans",
+    "check_calibration_fits",
     "compare",
     "dedupe_plans",
     "execute",

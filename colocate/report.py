@@ -151,6 +151,13 @@ class PlanResult:
         return self.run.throughput_sps if self.run is not None and self.run.requests_completed else None
 
     @property
+    def ran(self) -> bool:
+        """It ran and did not break: its figures count (best plan, speed-ups, Pareto set). A
+        plan that broke partway keeps the throughput of the requests it finished, which says
+        nothing of how it serves."""
+        return self.measured_sps is not None and self.status in ("ok", "errors")
+
+    @property
     def measured_range_sps(self) -> tuple[float, float] | None:
         """(lowest, highest) samples/s over the rounds; one run gives (x, x); None if none ran."""
         if self.round_sps:
@@ -240,7 +247,7 @@ class Report:
     @property
     def best(self) -> PlanResult | None:
         """The plan with the highest (median) measured throughput among those that ran."""
-        ran = [r for r in self.results if r.measured_sps is not None and r.status in ("ok", "errors")]
+        ran = [r for r in self.results if r.ran]
         return max(ran, key=lambda r: r.measured_sps or 0.0) if ran else None
 
     def tied_with_best(self) -> tuple[str, ...]:
@@ -337,8 +344,13 @@ def table_rows(report: Report) -> list[list[str]]:
     return rows
 
 
+#: fewer requests than this at a load, and its p99 is about the slowest of them: the cell says n
+FEW_FOR_P99 = 100
+
+
 def rate_rows(report: Report) -> tuple[list[str], list[list[str]]]:
-    """Latency versus offered load: columns "plan" then one per rate, cells "p50 / p99 ms"."""
+    """Latency versus offered load: columns "plan" then one per rate, cells "p50 / p99 ms"
+    (with ``n=`` the requests answered, when fewer than :data:`FEW_FOR_P99`)."""
     rates = sorted({p.rate_rps for r in report.results for p in r.rates})
     columns = ["plan"] + [f"{rate:g} req/s" for rate in rates]
     rows = []
@@ -353,7 +365,8 @@ def rate_rows(report: Report) -> tuple[list[str], list[list[str]]]:
                 cells.append("-")
                 continue
             failed = f", {point.failed} failed" if point.failed else ""
-            cells.append(f"{point.latency_p50_s * 1e3:.1f} / {point.latency_p99_s * 1e3:.1f}{failed}")
+            few = f" (n={point.completed})" if point.completed < FEW_FOR_P99 else ""
+            cells.append(f"{point.latency_p50_s * 1e3:.1f} / {point.latency_p99_s * 1e3:.1f}{few}{failed}")
         rows.append(cells)
     return columns, rows
 

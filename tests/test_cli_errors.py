@@ -387,3 +387,17 @@ def test_an_ensemble_module_in_the_current_folder_is_found(
 def test_plan_all_with_out_is_refused_not_ignored(capsys: pytest.CaptureFixture[str], no_work: None) -> None:
     assert main(["plan", *TINY, "--all", "--out", "plans.json"]) == 2
     assert "--out saves one plan, and --all makes one per strategy" in capsys.readouterr().err
+
+
+def test_compare_refuses_a_calibration_from_another_batch_size_before_measuring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from colocate.report import Calibration
+
+    monkeypatch.setattr(cli, "_profiles_for", lambda *a, **k: pytest.fail("it profiled first"))
+    name = zoo.default_ensemble(scale="tiny").name
+    path = serde.save(
+        Calibration(ensemble=name, device=cpu_device(), batch_size=8, pairs=()), tmp_path / "c.json"
+    )
+    assert main(["compare", *TINY, "--batch-sizes", "1,8", "--calibration", str(path)]) == 2
+    assert "the calibration was measured at batch size 8, not 1" in capsys.readouterr().err

@@ -31,7 +31,7 @@ from colocate.errors import InvalidInputError
 from colocate.execution.types import RunResult
 from colocate.planning import CostModel, SlotSpec, conflict_graph, plan
 from colocate.planning.types import Plan, PlanMeasurement, Slot
-from colocate.report import PlanResult, PlanRun, Report, render_table, table_rows, to_csv
+from colocate.report import PlanResult, PlanRun, RatePoint, Report, render_table, table_rows, to_csv
 from tests.planning.helpers import demand, demands, h100, recorded
 from tests.test_compare import hand_plan
 
@@ -332,6 +332,89 @@ def test_old_report_json_without_rounds_still_loads(
     streams = old.result("streams")
     assert streams is not None and streams.round_sps == () and streams.measured_sps == 120.0
     assert streams.spread is None and old.rounds == 1 and old.best is not None and old.best.name == "streams"
+
+
+class BrokeRunner(Runner):
+    """A :class:`Runner` whose negative figures are runs that broke partway: status ``failed``,
+    with the throughput of the requests finished before (as ``run_requests`` reports them)."""
+
+    def __call__(
+        self, plan: Plan, ensemble: Ensemble, settings: RunSettings, *, name: str | None = None
+    ) -> tuple[PlanRun | None, str | None]:
+        label = name or plan.strategy
+        self.calls.append(label)
+        value = next(self.script[label])
+        run = fake_run(plan, abs(value))
+        if value < 0:
+            broke = dataclasses.replace(run.run, status="failed", errors=("WorkerFailedError: it broke",))
+            run = PlanRun(broke, run.rates)
+        return run, None
+
+
+def test_a_plan_that_broke_partway_counts_nowhere(
+    cpu: Device, pair_ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # its throughput is that of the requests it finished before breaking: the best plan left it
+    # out, but the Pareto set took it (and dominated every plan that served)
+    runner = BrokeRunner({"sequential": [100.0], "streams": [-500.0], "processes": [90.0]})
+    monkeypatch.setattr(compare_module, "run_plan", runner)
+    report = compare(pair_ensemble, cpu, three_plans(cpu), batch_size=2, settings=RunSettings())
+    broke = report.result("streams")
+    assert broke is not None and broke.status == "failed" and not broke.ran
+    assert report.best is not None and report.best.name == "sequential"
+    assert compare_module.pareto_set(report) == ["sequential"]
+
+
+def test_a_baseline_that_broke_partway_gives_no_speed_ups(
+    cpu: Device, pair_ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = BrokeRunner({"sequential": [-20.0], "streams": [120.0], "processes": [90.0]})
+    monkeypatch.setattr(compare_module, "run_plan", runner)
+    report = compare(pair_ensemble, cpu, three_plans(cpu), batch_size=2, settings=RunSettings())
+    assert [r.speedup for r in report.results] == [None, None, None]  # was 6.0x and 4.5x
+    assert any("no speed-ups: the baseline 'sequential' did not run to its end" in n for n in report.notes)
+
+
+def test_no_warm_up_is_recorded_as_none_not_as_the_default(
+    cpu: Device, pair_ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = Runner({"sequential": [100.0, 100.0], "streams": [120.0, 120.0]})
+    monkeypatch.setattr(compare_module, "run_plan", runner)
+    plans = three_plans(cpu)[:2]
+    report = compare(pair_ensemble, cpu, plans, batch_size=2, settings=RunSettings(warmup=0))
+    assert report.settings["warmup"] == "0"
+    report = compare(pair_ensemble, cpu, plans, batch_size=2, settings=RunSettings())
+    assert report.settings["warmup"] == "executor default"
+
+
+def test_a_calibration_from_another_batch_size_or_ensemble_is_refused(
+    cpu: Device, pair_ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compare_module, "run_plan", Runner({"sequential": [100.0], "streams": [120.0]}))
+    at_8 = Calibration(ensemble="pair", device=cpu, batch_size=8, pairs=())
+    with pytest.raises(InvalidInputError, match="measured at batch size 8, not 2"):
+        compare(pair_ensemble, cpu, three_plans(cpu)[:2], batch_size=2, calibration=at_8)
+    other = dataclasses.replace(at_8, ensemble="default-tiny", batch_size=2)
+    with pytest.raises(InvalidInputError, match="on ensemble 'default-tiny', not 'pair'"):
+        compare(pair_ensemble, cpu, three_plans(cpu)[:2], batch_size=2, calibration=other)
+
+
+def test_a_p99_from_few_requests_at_a_load_says_how_few() -> None:
+    from colocate.report import FEW_FOR_P99, rate_rows
+
+    few = RatePoint(rate_rps=2.0, completed=2, failed=0, latency_p50_s=0.010, latency_p99_s=0.016)
+    many = dataclasses.replace(few, rate_rps=50.0, completed=FEW_FOR_P99)
+    result = PlanResult("sequential", "ok", None, None, None, None, rates=(few, many))
+    report = Report(
+        ensemble="e",
+        device=Device(kind="cpu", name="cpu"),
+        batch_size=1,
+        baseline="sequential",
+        results=(result,),
+        settings={},
+    )
+    _, rows = rate_rows(report)
+    assert rows == [["sequential", "10.0 / 16.0 (n=2)", "10.0 / 16.0"]]
 
 
 # --- calibration: runner-up pairs, then settling the close call -------------------------------
