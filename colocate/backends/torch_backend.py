@@ -10,7 +10,9 @@ Member options (``Member.options``):
   compilations are serialised process-wide, and :attr:`TorchRunner.compile_seconds` records
   how long each took. Inductor needs a C++ compiler on the CPU and triton on a GPU; a failed
   compilation is a :class:`~colocate.errors.ModelLoadError` naming the member. Not together
-  with ``cuda_graph`` (mode ``"reduce-overhead"`` replays CUDA graphs itself). Such a member
+  with ``cuda_graph`` (modes ``"reduce-overhead"`` and ``"max-autotune"`` replay CUDA graphs
+  themselves; on a GPU their outputs are copied, since the next compiled call in the thread
+  frees them, and a slot runs all its members before it reads their outputs). Such a member
   raises dynamo's per-process recompile limit to :data:`RECOMPILE_LIMIT` (from 8: past it,
   dynamo runs the model eagerly without a word).
 - ``channels_last`` (bool, default False): use the channels-last memory format
@@ -39,6 +41,9 @@ if TYPE_CHECKING:
 _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """The ``torch.compile`` modes the ``compile`` option accepts (``True`` is ``"default"``)."""
+# modes whose compiled code replays CUDA graphs on a GPU: the next compiled call in the thread
+# frees the outputs of the last (torch.compiler.cudagraph_mark_step_begin's documentation)
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 # dynamo and inductor keep process-wide state; stream slots load and first run their members
 # from several threads, so one compilation runs at a time
 _COMPILE_LOCK = threading.Lock()
@@ -109,6 +114,9 @@ class TorchRunner(MemberRunner):
         self.compile_mode = compile_mode(member)
         self.use_cuda_graph = bool(member.options.get("cuda_graph", False)) and device.kind == "cuda"
         self.channels_last = bool(member.options.get("channels_last", False))
+        # a slot runs all its members, then fetches their outputs: another compiled member's
+        # call would free this one's output first, so such outputs are copied (GPU only)
+        self.clones_outputs = self.compile_mode in _CUDA_GRAPH_MODES and device.kind == "cuda"
         self.compile_seconds: dict[tuple[int, ...], float] = {}
         """Input shape -> seconds its first call took, compiling included (``compile`` only)."""
 
@@ -208,8 +216,10 @@ class TorchRunner(MemberRunner):
                 if self.use_cuda_graph:
                     return self._replay(prepared)
                 if self.compile_mode is not None and tuple(prepared.shape) not in self.compile_seconds:
-                    return self._compile_for(prepared)
-                return self.model(prepared)
+                    output = self._compile_for(prepared)
+                else:
+                    output = self.model(prepared)
+                return _cloned(output) if self.clones_outputs else output
         except torch.OutOfMemoryError as exc:
             raise MemberOutOfMemoryError(
                 f"member '{self.member.name}': out of memory at batch size {prepared.shape[0]} on "
@@ -275,6 +285,13 @@ class TorchRunner(MemberRunner):
             self._synchronize()
             self._torch.cuda.empty_cache()
         self._stream = None
+
+
+def _cloned(output: Any) -> Any:
+    """``output`` (a tensor, or a tuple/list of them) copied into memory of its own."""
+    if isinstance(output, (tuple, list)):
+        return type(output)(_cloned(item) for item in output)
+    return output.clone() if hasattr(output, "clone") else output
 
 
 class _NullContext:

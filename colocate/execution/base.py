@@ -142,8 +142,11 @@ def with_cpu_threads(member: Member, threads: int | None) -> Member:
 
 
 def with_cuda_graph(member: Member) -> Member:
-    """A torch ``member`` with the ``cuda_graph`` option on (unless it sets the option itself)."""
+    """A torch ``member`` with the ``cuda_graph`` option on (unless it sets the option itself, or
+    is compiled: ``compile`` and ``cuda_graph`` exclude each other)."""
     if member.backend != "torch" or "cuda_graph" in member.options:
+        return member
+    if member.options.get("compile", False) not in (False, None):
         return member
     return dataclasses.replace(member, options={**member.options, "cuda_graph": True})
 

@@ -198,6 +198,55 @@ def test_bad_compile_options(options: dict[str, object], pattern: str) -> None:
         TorchRunner(member(options=options), Device(kind="cpu", name="cpu"))
 
 
+@pytest.mark.parametrize(
+    ("mode", "clones"),
+    [("reduce-overhead", True), ("max-autotune", True), ("max-autotune-no-cudagraphs", False), (True, False)],
+)
+def test_compiled_modes_that_replay_cuda_graphs_copy_their_outputs_on_a_gpu(
+    mode: object, clones: bool
+) -> None:
+    # the next compiled call in the thread frees a CUDA-graph output, and a slot runs all its
+    # members before it reads their outputs: the first member's would be gone
+    gpu = Device(kind="cuda", name="a GPU", index=0)
+    assert TorchRunner(member(options={"compile": mode}), gpu).clones_outputs is clones
+    assert (
+        TorchRunner(member(options={"compile": mode}), Device(kind="cpu", name="cpu")).clones_outputs is False
+    )
+
+
+class _Remembers(torch.nn.Module):
+    """Returns the same tensor every call, as a CUDA-graph replay returns its static output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.static = torch.ones(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.static
+
+
+def test_a_runner_that_copies_outputs_hands_back_its_own_memory(
+    monkeypatch: pytest.MonkeyPatch, cpu: Device
+) -> None:
+    remembers = _Remembers()
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: remembers)
+    with create_runner(member(options={"compile": "reduce-overhead"}), cpu) as runner:
+        assert isinstance(runner, TorchRunner)
+        runner.clones_outputs = True  # as on a GPU
+        prepared = runner.prepare(np.zeros((2, 4), np.float32))
+        first, again = runner.run(prepared), runner.run(prepared)
+    assert first.data_ptr() != remembers.static.data_ptr() != again.data_ptr()
+    remembers.static.fill_(7.0)  # the next replay overwrites the static output
+    assert torch.equal(first, torch.ones(2, 3)) and torch.equal(again, torch.ones(2, 3))
+
+
+def test_executor_cuda_graphs_leave_compiled_members_as_they_are() -> None:
+    from colocate.execution.base import with_cuda_graph
+
+    assert with_cuda_graph(member(options={"compile": True})).options == {"compile": True}
+    assert with_cuda_graph(member()).options == {"cuda_graph": True}
+
+
 def test_simulated_device_cannot_run() -> None:
     sim = Device(kind="simulated", name="H100 (simulated)", memory_total_bytes=80 << 30)
     with pytest.raises(DeviceError, match="member 'tiny': device 'H100 \\(simulated\\)' is simulated"):
