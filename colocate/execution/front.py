@@ -529,10 +529,10 @@ class Executor:
         """
         if self.plan.device.kind != "cuda":
             return {}
-        from colocate.profiling.sampler import gpu_contexts
+        from colocate.profiling.sampler import gpu_contexts, nvml_index
 
         pids = self.worker_pids()
-        found = gpu_contexts(self.plan.device.index, pids.values())
+        found = gpu_contexts(nvml_index(self.plan.device), pids.values())
         if found is None:
             return dict.fromkeys(pids, "unknown")
         return {slot: found[pid] for slot, pid in pids.items()}

@@ -124,12 +124,13 @@ def run_requests(
     sampler: Any = None
     watcher: _GpuMemoryWatcher | None = None
     if device.kind == "cuda":
-        from colocate.profiling.sampler import NvmlSampler
+        from colocate.profiling.sampler import NvmlSampler, nvml_index
 
-        sampler = NvmlSampler(device.index, interval_s=sample_interval_s).__enter__()
+        index = nvml_index(device)  # NVML's numbering, not the CUDA ordinal
+        sampler = NvmlSampler(index, interval_s=sample_interval_s).__enter__()
         if sampler.unavailable_reason:
             notes.append(f"no GPU utilisation or power: {sampler.unavailable_reason}")
-        watcher = _GpuMemoryWatcher(device.index, _pids(executor), sample_interval_s)
+        watcher = _GpuMemoryWatcher(index, _pids(executor), sample_interval_s)
         watcher.start()
     try:
         outcome = _drive(

@@ -175,6 +175,10 @@ class MpsDaemon:
         log.mkdir(mode=0o700)
         self._private_root = root
         env = {**os.environ, **self._daemon_env(pipe, log)}
+        # the daemon sees every GPU: started under CUDA_VISIBLE_DEVICES, its server remaps the
+        # devices, and clients keeping that variable (the workers) then fail (NVIDIA's MPS docs,
+        # "Environment variables")
+        env.pop("CUDA_VISIBLE_DEVICES", None)
         start_log = log / "start.out"
         try:
             # output to a file, not a pipe: a daemon that keeps inherited pipes open would block run()

@@ -402,10 +402,10 @@ def nvml_busy_footprint(energy: EnergyFootprint) -> KernelFootprint | None:
 def _measure_energy(
     runner: MemberRunner, prepared: Any, batch_size: int, settings: ProfileSettings, notes: list[str]
 ) -> EnergyFootprint | None:
-    from colocate.profiling.sampler import NvmlSampler
+    from colocate.profiling.sampler import NvmlSampler, nvml_index
 
     batches = 0
-    with NvmlSampler(runner.device.index) as sampler:
+    with NvmlSampler(nvml_index(runner.device)) as sampler:
         start = time.perf_counter()
         while time.perf_counter() - start < settings.energy_min_time_s:
             for _ in range(8):
@@ -563,7 +563,7 @@ class _CudaMemoryProbe(_MemoryProbe):
             self._after_load = self._counters.allocated()
         else:
             self._after_load = self._counters.device_used()
-        self._process_after_load = _nvml_process_bytes(self.runner.device.index)
+        self._process_after_load = _nvml_process_bytes(self.runner.device)
         return max(0, self._after_load - before)
 
     def start_peak(self) -> None:
@@ -573,7 +573,7 @@ class _CudaMemoryProbe(_MemoryProbe):
 
     def footprint(self, weights: int, run_batch: Callable[[], object]) -> MemoryFootprint:
         self._counters.synchronize()
-        process = _nvml_process_bytes(self.runner.device.index)
+        process = _nvml_process_bytes(self.runner.device)
         if self._torch_member:
             peak = max(0, self._counters.peak_allocated() - self._after_load)
             unused = max(0, self._counters.peak_reserved() - self._counters.peak_allocated())
@@ -604,10 +604,10 @@ class _CudaMemoryProbe(_MemoryProbe):
         torch.cuda.empty_cache()
 
 
-def _nvml_process_bytes(index: int) -> int | None:
-    from colocate.profiling.sampler import process_gpu_memory_bytes
+def _nvml_process_bytes(device: Device) -> int | None:
+    from colocate.profiling.sampler import nvml_index, process_gpu_memory_bytes
 
-    return process_gpu_memory_bytes(index)
+    return process_gpu_memory_bytes(nvml_index(device))
 
 
 def _profile_child(

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from types import ModuleType, TracebackType
 from typing import Any, Literal
 
+from colocate.devices import Device
 from colocate.errors import InvalidInputError
 from colocate.profiling.types import EnergyFootprint
 
@@ -45,6 +46,32 @@ def _import_pynvml() -> tuple[ModuleType | None, str | None]:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def nvml_index(device: Device) -> int:
+    """The NVML index of the GPU ``device`` names, found by its UUID.
+
+    ``Device.index`` is the CUDA ordinal, which follows ``CUDA_VISIBLE_DEVICES``; NVML numbers
+    every GPU in PCI order (gpu-apis.md: match by UUID). Falls back to the ordinal when the
+    UUID is unknown or NVML cannot say.
+    """
+    ordinal = device.index or 0
+    if not device.uuid:
+        return ordinal
+    nvml, _ = _import_pynvml()
+    if nvml is None:
+        return ordinal
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError:
+        return ordinal
+    try:
+        return int(nvml.nvmlDeviceGetIndex(nvml.nvmlDeviceGetHandleByUUID(device.uuid)))
+    except nvml.NVMLError:
+        return ordinal
+    finally:
+        with contextlib.suppress(nvml.NVMLError):
+            nvml.nvmlShutdown()
 
 
 @contextlib.contextmanager
@@ -348,5 +375,6 @@ __all__ = [
     "NvmlSampler",
     "device_used_bytes",
     "gpu_contexts",
+    "nvml_index",
     "process_gpu_memory_bytes",
 ]

@@ -69,6 +69,7 @@ def test_missing_binary_is_named(no_daemon: None, monkeypatch: pytest.MonkeyPatc
 def test_allowed_start_uses_a_private_directory_and_quits_on_stop(
     no_daemon: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the serving process sees one GPU
     fake = FakeControl()
     monkeypatch.setattr(
         shutil, "which", lambda name: FAKE_BINARY if name == "nvidia-cuda-mps-control" else None
@@ -85,6 +86,7 @@ def test_allowed_start_uses_a_private_directory_and_quits_on_stop(
     assert start["argv"] == [FAKE_BINARY, "-d"]
     assert start["env"]["CUDA_MPS_PIPE_DIRECTORY"] == str(daemon.pipe_directory)
     assert start["env"]["CUDA_MPS_LOG_DIRECTORY"] == str(daemon.log_directory)
+    assert "CUDA_VISIBLE_DEVICES" not in start["env"]  # else its clients, which keep it, fail
     assert len(str(daemon.pipe_directory / "control")) < 87
     assert daemon.client_env() == {
         "CUDA_MPS_PIPE_DIRECTORY": str(daemon.pipe_directory),

@@ -149,6 +149,20 @@ def make_fake_pynvml(
         check(handle, "nvmlDeviceGetMemoryInfo")
         return _Memory(total=80 << 30, free=70 << 30, used=10 << 30)
 
+    def nvmlDeviceGetHandleByUUID(uuid: str) -> _Handle:  # UUIDs "GPU-<NVML index>" here
+        calls["nvmlDeviceGetHandleByUUID"] += 1
+        if nvml.initialised <= 0:
+            raise NVMLError_Uninitialized()
+        for handle in handles:
+            if uuid == f"GPU-{handle.index}":
+                return handle
+        raise NVMLError_InvalidArgument()
+
+    def nvmlDeviceGetIndex(handle: object) -> int:
+        check(handle, "nvmlDeviceGetIndex")
+        assert isinstance(handle, _Handle)
+        return handle.index
+
     for function in (
         nvmlInit,
         nvmlShutdown,
@@ -159,6 +173,8 @@ def make_fake_pynvml(
         nvmlDeviceGetComputeRunningProcesses,
         nvmlDeviceGetMPSComputeRunningProcesses,
         nvmlDeviceGetMemoryInfo,
+        nvmlDeviceGetHandleByUUID,
+        nvmlDeviceGetIndex,
     ):
         setattr(nvml, function.__name__, function)
     return nvml
@@ -174,6 +190,20 @@ def install(monkeypatch: pytest.MonkeyPatch, nvml: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- NvmlSampler with the fake
+
+
+def test_the_gpu_is_found_in_nvmls_numbering_by_its_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
+    # with CUDA_VISIBLE_DEVICES=2 the GPU is CUDA ordinal 0 but NVML index 2: measuring NVML's
+    # GPU 0 would read another GPU's power, memory and processes
+    from colocate.devices import Device
+    from colocate.profiling.sampler import nvml_index
+
+    nvml = install(monkeypatch, make_fake_pynvml(device_count=4))
+    visible = Device(kind="cuda", name="GPU", index=0, uuid="GPU-2")
+    assert nvml_index(visible) == 2
+    assert nvml.calls["nvmlInit"] == nvml.calls["nvmlShutdown"] == 1 and nvml.initialised == 0
+    assert nvml_index(Device(kind="cuda", name="GPU", index=1)) == 1  # no UUID: the ordinal
+    assert nvml_index(Device(kind="cuda", name="GPU", index=1, uuid="GPU-9")) == 1  # unknown to NVML
 
 
 def test_energy_from_the_counter(monkeypatch: pytest.MonkeyPatch) -> None:
