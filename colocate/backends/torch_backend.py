@@ -177,6 +177,11 @@ class TorchRunner(MemberRunner):
                 self._stream = self.stream
             else:
                 self._stream = torch.cuda.ExternalStream(stream_handle(self.stream), device=device)
+            if self.use_cuda_graph and self._stream.cuda_stream == 0:
+                raise InvalidInputError(
+                    f"member '{self.member.name}': the cuda_graph option cannot capture on the legacy "
+                    "default stream (handle 0); give it another stream, or none (it makes its own)"
+                )
         module = self._load_module().eval()
         try:
             with self._stream_context():
@@ -236,6 +241,10 @@ class TorchRunner(MemberRunner):
             start = time.perf_counter()
             try:
                 output = self.model(prepared)
+                # modes with CUDA graphs record on the first calls and capture on a later one:
+                # done now, at load, rather than on a live request beside the other slots
+                for _ in range(2 if self.clones_outputs else 0):
+                    output = self.model(prepared)
                 self._synchronize()
             except torch.OutOfMemoryError:
                 raise
@@ -274,7 +283,8 @@ class TorchRunner(MemberRunner):
         if isinstance(output, (tuple, list)):
             output = output[0]
         self._synchronize()
-        result: Array = output.detach().float().cpu().numpy()
+        with self._stream_context():  # the copy goes on the member's stream, not the default one
+            result: Array = output.detach().float().cpu().numpy()
         return np.asarray(result)
 
     def _deactivate(self) -> None:

@@ -229,12 +229,17 @@ def test_a_runner_that_copies_outputs_hands_back_its_own_memory(
     monkeypatch: pytest.MonkeyPatch, cpu: Device
 ) -> None:
     remembers = _Remembers()
+    calls: list[int] = []
+    remembers.register_forward_hook(lambda *_: calls.append(1))
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: remembers)
     with create_runner(member(options={"compile": "reduce-overhead"}), cpu) as runner:
         assert isinstance(runner, TorchRunner)
         runner.clones_outputs = True  # as on a GPU
         prepared = runner.prepare(np.zeros((2, 4), np.float32))
-        first, again = runner.run(prepared), runner.run(prepared)
+        first = runner.run(prepared)
+        assert len(calls) == 3  # compiled, then recorded and captured at load, not on a request
+        again = runner.run(prepared)
+        assert len(calls) == 4
     assert first.data_ptr() != remembers.static.data_ptr() != again.data_ptr()
     remembers.static.fill_(7.0)  # the next replay overwrites the static output
     assert torch.equal(first, torch.ones(2, 3)) and torch.equal(again, torch.ones(2, 3))
@@ -298,6 +303,35 @@ def test_gpu_raw_stream_handle_and_cuda_graph(cuda: Device) -> None:
     np.testing.assert_allclose(first, eager, rtol=1e-5, atol=1e-5)
     with create_runner(member(), cuda) as r:
         np.testing.assert_allclose(second, r.infer(batch * 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_refuses_the_legacy_default_stream(cuda: Device) -> None:
+    runner = create_runner(member(options={"cuda_graph": True}), cuda, stream=torch.cuda.default_stream())
+    with pytest.raises(InvalidInputError, match="cannot capture on the legacy default stream"):
+        runner.activate()
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_members_in_one_thread_keep_their_outputs(cuda: Device) -> None:
+    # reduce-overhead replays CUDA graphs: the second member's call would free the first's
+    # output, which a slot reads only after running every member
+    from colocate.variants import device_problem
+
+    problem = device_problem("torch+compile", cuda)
+    if problem is not None:
+        pytest.skip(problem)
+    batch = InputSpec((-1, 4)).example(8)
+    with (
+        create_runner(member(options={"compile": "reduce-overhead"}), cuda) as first,
+        create_runner(member(options={"compile": "reduce-overhead"}), cuda) as second,
+    ):
+        a = first.run(first.prepare(batch))
+        b = second.run(second.prepare(batch * 2))
+        np.testing.assert_allclose(
+            first.to_numpy(a), tiny_net()(torch.from_numpy(batch)).detach().numpy(), rtol=1e-3, atol=1e-3
+        )
+        assert second.to_numpy(b).shape == (8, 3)
 
 
 @pytest.mark.gpu
