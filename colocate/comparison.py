@@ -1198,6 +1198,9 @@ def measure_plans(
 def _median_latency(plan: Plan, ensemble: Ensemble, settings: RunSettings, *, name: str) -> float:
     measured, failure = run_plan(plan, ensemble, settings, name=name)
     run = measured.run if measured is not None else None
+    if run is not None and run.status == "failed":  # it broke partway: its latencies say little
+        failure = failure or (run.errors[0] if run.errors else "it broke partway")
+        run = None
     if run is None or run.latency is None:
         raise ColocateError(f"calibration run of {', '.join(plan.members)} failed: {failure}")
     return run.latency.median_s

@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,7 @@ from colocate.comparison import (
     pairs_to_measure,
     rotated,
 )
-from colocate.errors import InvalidInputError
+from colocate.errors import ColocateError, InvalidInputError
 from colocate.execution.types import RunResult
 from colocate.planning import CostModel, SlotSpec, conflict_graph, plan
 from colocate.planning.types import Plan, PlanMeasurement, Slot
@@ -1086,3 +1087,20 @@ def test_calibrate_measures_its_calibrated_pick_when_no_run_had_it(
     ran.clear()
     assert compare_module.calibrate(pair_ensemble, cpu, ProfileSetStub(), batch_size=2).plans == ()
     assert len(asked) == 1
+
+
+def test_a_pair_calibration_run_that_broke_partway_gives_no_slowdown(
+    cpu: Device, pair_ensemble: Ensemble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # its latencies are those of the requests before it broke: no slowdown is taken from them
+    def broke(plan: Plan, ensemble: Ensemble, settings: RunSettings, *, name: str | None = None) -> Any:
+        run = fake_run(plan, 100.0)
+        return PlanRun(
+            dataclasses.replace(run.run, status="failed", errors=("WorkerFailedError: it broke",))
+        ), None
+
+    monkeypatch.setattr(compare_module, "run_plan", broke)
+    with pytest.raises(ColocateError, match=r"calibration run of mlp, mobilenet failed: .*it broke"):
+        compare_module._median_latency(
+            three_plans(cpu)[0], pair_ensemble, RunSettings(), name="pair calibration"
+        )
