@@ -115,8 +115,16 @@ def model_mismatches(members: Iterable[Member], recorded: Mapping[str, str]) -> 
     return lines
 
 
-def cache_key(member: Member, device: Device, batch_size: int, digest: str) -> str:
-    """The cache key of one (member, device, batch size) measurement."""
+def cache_key(member: Member, device: Device, batch_size: int, digest: str, measured: str = "") -> str:
+    """The cache key of one (member, device, batch size) measurement.
+
+    It holds everything that changes the figures: the model (``digest``), the device, the
+    backend, its options and version, the precision, the batch size and the member's input
+    (its shape and dtype: the same model on larger images is another measurement), torch's
+    intra-op thread count for a torch member on the CPU (process-wide, not an option), and
+    ``measured``: what the measurement records (the profiler's settings that add or leave out
+    figures, such as the thread scaling or the operator trace).
+    """
     from colocate import __version__
 
     parts = [
@@ -128,8 +136,20 @@ def cache_key(member: Member, device: Device, batch_size: int, digest: str) -> s
         __version__,
         framework_version(member.backend),
         json.dumps(sorted((str(k), repr(v)) for k, v in member.options.items())),
+        f"input {member.input.shape} {member.input.dtype}",
+        f"torch threads {_torch_threads(member, device)}",
+        measured,
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def _torch_threads(member: Member, device: Device) -> int | None:
+    """torch's intra-op thread count, for a torch member on the CPU (else None)."""
+    if member.backend != "torch" or device.kind != "cpu" or not is_available("torch"):
+        return None
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 class ProfileCache:

@@ -63,6 +63,11 @@ class ProfileSettings:
     energy: bool = True  # on a GPU, measure power and energy with NVML
     energy_min_time_s: float = 0.5  # run back-to-back batches at least this long for energy
 
+    def recorded(self) -> str:
+        """The settings that decide which figures a profile holds (part of its cache key): a
+        profile taken without the thread scaling, say, is not one asked for with it."""
+        return f"kernels={self.kernels} thread_scaling={self.thread_scaling} energy={self.energy}"
+
     def __post_init__(self) -> None:
         if self.warmup < 0 or self.repeats < 1 or self.trace_batches < 1:
             raise InvalidInputError(
@@ -144,7 +149,7 @@ def profile(
     results: list[Profile] = []
     for member in members:
         digest = model_hash(member)
-        keys = {b: cache_key(member, device, b, digest) for b in sizes}
+        keys = {b: cache_key(member, device, b, digest, chosen.recorded()) for b in sizes}
         cached = {b: store.lookup(keys[b]) for b in sizes} if store is not None else {}
         missing = [b for b in sizes if cached.get(b) is None]
         fresh = _profile_member(member, device, missing, digest, chosen) if missing else {}

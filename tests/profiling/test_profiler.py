@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from colocate import (
     zoo,
 )
 from colocate.profiling import ProfileCache, ProfileSet, ProfileSettings, profile
+from colocate.profiling.cache import cache_key
 
 FAST = ProfileSettings(warmup=1, repeats=5, max_time_s=0.2, trace_batches=1, thread_scaling=False)
 
@@ -101,6 +103,23 @@ def test_cache_hits_and_misses_by_key(cpu: Device, tmp_path: Path) -> None:
     profile(zoo.member("mlp", scale="tiny", seed=1), cpu, (1,), settings=FAST, cache=cache)
     assert cache.misses == 6  # other weights
     assert len(list(tmp_path.glob("*.json"))) == 6
+    # what changes the figures without changing the model: each a new measurement, not a hit
+    wider = dataclasses.replace(member, input=InputSpec((-1, *(2 * d for d in member.input.shape[1:]))))
+    assert cache_key(wider, cpu, 1, "m") != cache_key(member, cpu, 1, "m")  # larger inputs
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        profile(member, cpu, (1,), settings=FAST, cache=cache)
+        assert cache.misses == 7  # torch's thread count, process-wide
+    finally:
+        torch.set_num_threads(threads)
+    profile(member, cpu, (1,), settings=dataclasses.replace(FAST, thread_scaling=True), cache=cache)
+    assert cache.misses == 8  # a profile without the thread scaling is not one with it
+    again_scaled = profile(
+        member, cpu, (1,), settings=dataclasses.replace(FAST, thread_scaling=True), cache=cache
+    )
+    assert cache.hits == 3 and again_scaled.profiles[0].cpu is not None
+    assert again_scaled.profiles[0].cpu.thread_scaling != ()
 
 
 def test_a_model_other_than_the_recorded_one_is_named() -> None:
