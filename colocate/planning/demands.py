@@ -431,6 +431,18 @@ def _figures(p: Profile, notes: list[str]) -> _Figures:
     ).normalised()
 
 
+def _one_per_batch_size(profiles: Sequence[Profile]) -> tuple[Profile, ...]:
+    """One profile per batch size, the latest measured: files of profiles given together may
+    repeat a size (two measurements, or two precisions when the member's is unknown), and
+    two figures at one batch size leave nothing to interpolate between."""
+    latest: dict[int, Profile] = {}
+    for profile in profiles:
+        known = latest.get(profile.batch_size)
+        if known is None or profile.measured_at > known.measured_at:
+            latest[profile.batch_size] = profile
+    return tuple(sorted(latest.values(), key=lambda p: p.batch_size))
+
+
 def _lerp(a: float, b: float, w: float) -> float:
     return a + (b - a) * w
 
@@ -697,8 +709,8 @@ def _choose_source(
         groups.setdefault(device_key(p.device), []).append(p)
     oom = tuple(p for p in mine if p.status == "out_of_memory" and device_key(p.device) == target)
     if target in groups:
-        group = groups[target]
-        return _Source(group[0].device, tuple(group), oom, "same", precision_note)
+        same = _one_per_batch_size(groups[target])
+        return _Source(same[0].device, same, oom, "same", precision_note)
     if oom:
         return _Source(oom[0].device, (), oom, "same", precision_note)
     if not groups:
@@ -710,9 +722,9 @@ def _choose_source(
         gpu_groups = [g for g in groups.values() if g[0].device.is_gpu]
         if gpu_groups:
             group = max(gpu_groups, key=len)
-            return _Source(group[0].device, tuple(group), (), "gpu", precision_note)
+            return _Source(group[0].device, _one_per_batch_size(group), (), "gpu", precision_note)
         group = max(groups.values(), key=len)
-        return _Source(group[0].device, tuple(group), (), "cpu", precision_note)
+        return _Source(group[0].device, _one_per_batch_size(group), (), "cpu", precision_note)
     where = ", ".join(sorted({g[0].device.name for g in groups.values()}))
     raise InvalidInputError(
         f"member '{member}' was profiled only on {where}; planning for the CPU needs a CPU profile: "

@@ -194,3 +194,26 @@ def test_demand_helpers() -> None:
     assert d.memory_bytes == 30 and d.sm_seconds == pytest.approx(0.0025) and d.p99_ratio == 2.0
     with pytest.raises(InvalidInputError, match="batch size"):
         member_demands(["a"], h100(), ProfileSet(()), 0)
+
+
+def test_two_profiles_at_one_batch_size_take_the_latest_not_a_division_by_zero() -> None:
+    # --profiles a.json b.json concatenates: the same member measured twice at batch 1 (or in
+    # two precisions) divided by zero when interpolating to any size outside the profiled ones
+    h = h100()
+    older = dataclasses.replace(
+        synthetic_profile("m", h, batch_size=1, latency_s=0.004), measured_at="2026-11-27"
+    )
+    newer = dataclasses.replace(
+        synthetic_profile("m", h, batch_size=1, latency_s=0.002), measured_at="2026-11-28"
+    )
+    at_4 = dataclasses.replace(
+        synthetic_profile("m", h, batch_size=4, latency_s=0.005), measured_at="2026-11-28"
+    )
+    for order in ((older, newer, at_4), (newer, at_4, older)):
+        demand = member_demands(["m"], h, ProfileSet(order), 8).members[0]
+        assert demand.latency_s == pytest.approx(0.002 + (0.005 - 0.002) * (8 - 1) / 3)  # from the newer
+    half = dataclasses.replace(
+        synthetic_profile("m", h, batch_size=1, latency_s=0.001, precision="fp16"), measured_at="2026-11-29"
+    )
+    mixed = member_demands(["m"], h, ProfileSet((newer, at_4, half)), 16).members[0]
+    assert mixed.latency_s > 0  # precisions mixed (the member's unknown): no crash
