@@ -121,8 +121,8 @@ def test_calibration_round_trips_and_feeds_the_planner(cpu: Device, tmp_path: Pa
     assert np.isfinite(calibration.pairs[0].slowdown)
 
 
-def _scripted_run(plan: Plan, sps: float, p50_s: float) -> PlanRun:
-    """A measured run of ``plan``: ``sps`` samples/s, median latency ``p50_s``, p99 about 1.2x."""
+def scripted_run(plan: Plan, sps: float, latencies_s: list[float]) -> PlanRun:
+    """A measured run of ``plan``: ``sps`` samples/s, its requests' latencies ``latencies_s``."""
     return PlanRun(
         RunResult(
             strategy=plan.strategy,
@@ -135,7 +135,7 @@ def _scripted_run(plan: Plan, sps: float, p50_s: float) -> PlanRun:
             requests_failed=0,
             wall_s=1.0,
             throughput_sps=sps,
-            latency=LatencyStats.from_samples([p50_s, p50_s, p50_s * 1.2]),
+            latency=LatencyStats.from_samples(latencies_s),
             memory=(),
             utilization_pct_samples=(),
             utilization_pct=None,
@@ -159,7 +159,7 @@ def test_p50_and_p99_columns_share_the_basis_of_the_rounds(
 
     def runner(plan: Plan, *_args: object, **_kwargs: object) -> tuple[PlanRun, None]:
         sps, p50 = next(script)
-        return _scripted_run(plan, sps, p50), None
+        return scripted_run(plan, sps, [p50, p50, p50 * 1.2]), None  # median p50, p99 about 1.2x
 
     monkeypatch.setattr(compare_module, "run_plan", runner)
     settings = RunSettings(requests=4, seconds=None, repeats=3)

@@ -17,7 +17,6 @@ import pytest
 
 import colocate.comparison as compare_module
 from colocate import Device, Ensemble, serde, zoo
-from colocate._timing import LatencyStats
 from colocate.cli import _run_settings, build_parser
 from colocate.comparison import (
     Calibration,
@@ -29,12 +28,11 @@ from colocate.comparison import (
     rotated,
 )
 from colocate.errors import ColocateError, InvalidInputError
-from colocate.execution.types import RunResult
 from colocate.planning import CostModel, SlotSpec, conflict_graph, plan
 from colocate.planning.types import Plan, PlanMeasurement, Slot
 from colocate.report import PlanResult, PlanRun, RatePoint, Report, render_table, table_rows, to_csv
 from tests.planning.helpers import demand, demands, h100, recorded
-from tests.test_compare import hand_plan
+from tests.test_compare import hand_plan, scripted_run
 
 # --- a fake runner ---------------------------------------------------------------------------
 
@@ -42,29 +40,7 @@ from tests.test_compare import hand_plan
 def fake_run(plan: Plan, sps: float, *, latency_s: float | None = None) -> PlanRun:
     """A measured run of ``plan`` at ``sps`` samples/s (latency 1/sps unless given)."""
     latency = latency_s if latency_s is not None else plan.batch_size / sps
-    run = RunResult(
-        strategy=plan.strategy,
-        device=plan.device,
-        batch_size=plan.batch_size,
-        slots=tuple(f"{s.name} {s.kind}: {', '.join(s.members)}" for s in plan.slots),
-        concurrency=2,
-        warmup_requests=0,
-        requests_completed=10,
-        requests_failed=0,
-        wall_s=1.0,
-        throughput_sps=sps,
-        latency=LatencyStats.from_samples([latency, latency * 1.1, latency * 1.2]),
-        memory=(),
-        utilization_pct_samples=(),
-        utilization_pct=None,
-        mean_power_w=None,
-        status="ok",
-        errors=(),
-        worker_restarts=0,
-        interrupted=False,
-        prediction=plan.prediction,
-    )
-    return PlanRun(run)
+    return scripted_run(plan, sps, [latency, latency * 1.1, latency * 1.2])
 
 
 class Runner:

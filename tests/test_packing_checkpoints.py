@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ import colocate.comparison as compare_module
 from colocate import Ensemble, zoo
 from colocate.comparison import RunSettings
 from colocate.planning.types import Plan
-from colocate.report import PlanRun
+from colocate.report import PlanRun, Report
 from tests.planning.helpers import h100, recorded
 from tests.scripts import BENCHMARKS, load_script
 from tests.test_compare_rounds import fake_run
@@ -33,13 +34,11 @@ def scripted_child(
     return fake_run(plan, SPS.get(plan.strategy, 110.0)), None
 
 
-def test_every_run_is_checkpointed_as_it_ends_calibration_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    packing = load_script("packing", BENCHMARKS)
-    monkeypatch.setattr(compare_module, "_run_plan_in_child", scripted_child)
-    ensemble = zoo.default_ensemble(scale="large")
-    snapshots: list[dict[str, Any]] = []
-    record, report = packing.run_case(
-        ensemble,
+def run_default_case(packing: ModuleType, **extra: Any) -> tuple[dict[str, Any], Report | None]:
+    """The benchmark's case of the default ensemble on the recorded H100 profiles at batch 8:
+    sequential, streams, processes and auto, one calibration pair, one settling round."""
+    result: tuple[dict[str, Any], Report | None] = packing.run_case(
+        zoo.default_ensemble(scale="large"),
         "default",
         h100(),
         recorded(),
@@ -51,7 +50,17 @@ def test_every_run_is_checkpointed_as_it_ends_calibration_first(monkeypatch: pyt
         say=lambda _line: None,
         settle_plans=2,
         settle_rounds=1,
-        checkpoint=lambda partial: snapshots.append(copy.deepcopy(partial)),
+        **extra,
+    )
+    return result
+
+
+def test_every_run_is_checkpointed_as_it_ends_calibration_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    packing = load_script("packing", BENCHMARKS)
+    monkeypatch.setattr(compare_module, "_run_plan_in_child", scripted_child)
+    snapshots: list[dict[str, Any]] = []
+    record, report = run_default_case(
+        packing, checkpoint=lambda partial: snapshots.append(copy.deepcopy(partial))
     )
     runs = record["runs"]
     # one checkpoint per run, each holding the runs so far
@@ -175,20 +184,7 @@ def test_a_plan_that_broke_partway_is_not_the_best_auto_is_measured_against(
 
     monkeypatch.setattr(compare_module, "_run_plan_in_child", child)
     monkeypatch.setattr(packing, "compare", comparison)
-    record, report = packing.run_case(
-        zoo.default_ensemble(scale="large"),
-        "default",
-        h100(),
-        recorded(),
-        8,
-        ["sequential", "streams", "processes", "auto"],
-        RunSettings(seconds=0.5),
-        calibrate_pairs=1,
-        calibrate_seconds=0.5,
-        say=lambda _line: None,
-        settle_plans=2,
-        settle_rounds=1,
-    )
+    record, report = run_default_case(packing)
     streams = next(r for r in record["strategies"] if r["strategy"] == "streams")
     assert streams["status"] == "failed" and streams["measured_sps"] == 500.0
     planner = record["planner"]
