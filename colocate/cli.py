@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from colocate import serde
-from colocate.errors import ColocateError, InvalidInputError
+from colocate.errors import ColocateError, InvalidInputError, os_error_reason
 
 
 def _console(*, stderr: bool = False) -> Any:
@@ -138,11 +138,6 @@ def _device_to_run(spec: str) -> Any:
     return device
 
 
-def _os_reason(exc: OSError) -> str:
-    reason = exc.strerror or str(exc)
-    return f"{reason}: {exc.filename}" if exc.filename else reason
-
-
 def _writable_folder(path: str | Path, what: str, fix: str = "give a folder you can write to") -> Path:
     """Make the folder ``path`` (parents too) now and check that a file can be written in it, so
     that a command fails before its measuring, not after. ``what`` names the path's origin (the
@@ -158,7 +153,7 @@ def _writable_folder(path: str | Path, what: str, fix: str = "give a folder you 
         with tempfile.TemporaryFile(dir=target):
             pass
     except OSError as exc:
-        raise InvalidInputError(f"{what} {path}: cannot write there ({_os_reason(exc)}); {fix}") from exc
+        raise InvalidInputError(f"{what} {path}: cannot write there ({os_error_reason(exc)}); {fix}") from exc
     return target
 
 

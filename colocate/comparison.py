@@ -31,7 +31,7 @@ from typing import Literal, NamedTuple
 from colocate import serde
 from colocate.devices import Device, mps_available, mps_daemon_running
 from colocate.ensemble import Ensemble
-from colocate.errors import ColocateError, InvalidInputError, PlanInfeasibleError
+from colocate.errors import ColocateError, InvalidInputError, PlanInfeasibleError, os_error_reason
 from colocate.execution import Executor, run_at_rate, run_requests
 from colocate.execution.front import ReplyWait, check_reply_wait
 from colocate.execution.types import RunResult
@@ -633,11 +633,9 @@ def save_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
         written["txt"] = target / "report.txt"
         written["png"] = plot(report, target / "report.png")
     except OSError as exc:
-        reason = exc.strerror or str(exc)
         raise InvalidInputError(
-            f"cannot write the report to {target}: {reason}"
-            + (f": {exc.filename}" if exc.filename else "")
-            + "; give a folder you can write to (it is made when missing)"
+            f"cannot write the report to {target}: {os_error_reason(exc)}; give a folder you can "
+            "write to (it is made when missing)"
         ) from exc
     return written
 

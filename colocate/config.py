@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from colocate.errors import InvalidInputError
+from colocate.errors import InvalidInputError, os_error_reason
 
 DEFAULT_WARMUP = 3  # untimed runs before timing
 DEFAULT_REPEATS = 20  # timed runs per measurement
@@ -34,10 +34,8 @@ def cache_dir(*parts: str) -> Path:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         where = f"$COLOCATE_CACHE_DIR={root_env}" if root_env else "the default"
-        reason = exc.strerror or str(exc)
         raise InvalidInputError(
-            f"cannot make the colocate cache folder {path} ({where}): {reason}"
-            + (f": {exc.filename}" if exc.filename else "")
-            + "; set COLOCATE_CACHE_DIR to a folder you can write to"
+            f"cannot make the colocate cache folder {path} ({where}): {os_error_reason(exc)}; "
+            "set COLOCATE_CACHE_DIR to a folder you can write to"
         ) from exc
     return path

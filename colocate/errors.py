@@ -70,6 +70,15 @@ class InternalError(ColocateError):
     """An internal invariant failed. This is a bug in colocate: please report it."""
 
 
+def os_error_reason(exc: OSError, *, path: object = None) -> str:
+    """Why a file operation failed, for a message: the system's reason and the file it names
+    (left out when it is ``path``, which the message names already)."""
+    reason = exc.strerror or str(exc)
+    if exc.filename and (path is None or str(exc.filename) != str(path)):
+        reason += f": {exc.filename}"
+    return reason
+
+
 __all__ = [
     "BackendUnavailableError",
     "ColocateError",
@@ -84,4 +93,5 @@ __all__ = [
     "PlanInfeasibleError",
     "UnknownBackendError",
     "WorkerFailedError",
+    "os_error_reason",
 ]

@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
-from colocate.errors import InvalidInputError
+from colocate.errors import InvalidInputError, os_error_reason
 
 SCHEMA_VERSION = 1
 
@@ -167,11 +167,9 @@ def save(obj: Any, path: str | Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if exc.filename and str(exc.filename) != str(target):
-            reason += f": {exc.filename}"
         raise InvalidInputError(
-            f"cannot write {target}: {reason}; give a file path you can write to (not a folder's)"
+            f"cannot write {target}: {os_error_reason(exc, path=target)}; give a file path you can "
+            "write to (not a folder's)"
         ) from exc
     return target
 
