@@ -304,10 +304,8 @@ class ProcessSlot:
             conn.close()
             with self._lock:
                 self._state = "stopped"
-                self._launching = None
             raise
         with self._lock:
-            self._launching = None
             if self._state != "new":  # stopped while starting
                 abort = True
             else:
@@ -485,6 +483,16 @@ class ProcessSlot:
         return process, parent_conn
 
     def _handshake(self, process: BaseProcess, conn: Connection) -> None:
+        """Wait for the worker's ``ready`` while it loads its members; then it is no longer the
+        one :meth:`stop` must end itself, whether it loaded or not."""
+        try:
+            self._await_ready(process, conn)
+        finally:
+            with self._lock:
+                self._launching = None
+
+    def _await_ready(self, process: BaseProcess, conn: Connection) -> None:
+        stopped = f"{describe_slot(self.slot)} was stopped while starting its worker"
         deadline = time.monotonic() + self.start_timeout_s
         while True:
             remaining = deadline - time.monotonic()
@@ -494,7 +502,7 @@ class ProcessSlot:
                     f"within {self.start_timeout_s:g} s"
                 )
             if self._state in ("stopping", "stopped"):
-                raise WorkerFailedError(f"{describe_slot(self.slot)} was stopped while starting its worker")
+                raise WorkerFailedError(stopped)
             ready = wait([conn, process.sentinel], timeout=min(remaining, _POLL_S))
             if conn in ready:
                 try:
@@ -509,9 +517,7 @@ class ProcessSlot:
             if conn in ready or process.sentinel in ready or _has_exited(process):
                 process.join(timeout=5.0)
                 if self._state in ("stopping", "stopped"):  # stop() ended it
-                    raise WorkerFailedError(
-                        f"{describe_slot(self.slot)} was stopped while starting its worker"
-                    )
+                    raise WorkerFailedError(stopped)
                 raise WorkerFailedError(
                     f"{describe_slot(self.slot)}: the worker (pid {process.pid}) died while loading its "
                     f"members ({describe_exit(process.exitcode)})"
@@ -706,7 +712,6 @@ class ProcessSlot:
             conn.close()
             return self._restart_failed(reason, exc, process)
         with self._lock:
-            self._launching = None
             if self._state != "restarting":  # stopped meanwhile
                 stale = True
             else:
@@ -725,7 +730,6 @@ class ProcessSlot:
 
     def _restart_failed(self, reason: str, exc: Exception, process: BaseProcess | None) -> bool:
         with self._lock:
-            self._launching = None
             if self._state != "restarting":
                 return False
             self._state = "failed"
