@@ -733,6 +733,7 @@ def plan(
     """
     _check_options(strategy, objective, latency_bound_s)
     chosen_model = _model_for(model, interference)
+    as_given = _single_set(profiles)
     if backends is not None:
         chosen = _plan_with_backends(
             ensemble,
@@ -747,17 +748,10 @@ def plan(
         )
     else:
         session = _Session(
-            ensemble,
-            device,
-            _single_set(profiles),
-            batch_size,
-            objective,
-            latency_bound_s,
-            chosen_model,
-            measured_plans,
+            ensemble, device, as_given, batch_size, objective, latency_bound_s, chosen_model, measured_plans
         )
         chosen = session.run(strategy)
-    return _with_model_hashes(chosen, _single_set(profiles))
+    return _with_model_hashes(chosen, as_given)
 
 
 def _with_model_hashes(chosen: Plan, profiles: ProfileSet | Sequence[Profile]) -> Plan:
@@ -839,20 +833,14 @@ def plan_all(
         check_strategy(name)
     _check_options("auto", objective, latency_bound_s)
     chosen_model = _model_for(model, interference)
+    as_given = _single_set(profiles)
     session = _Session(
-        ensemble,
-        device,
-        _single_set(profiles),
-        batch_size,
-        objective,
-        latency_bound_s,
-        chosen_model,
-        measured_plans,
+        ensemble, device, as_given, batch_size, objective, latency_bound_s, chosen_model, measured_plans
     )
     result = PlanList()
     for name in wanted:
         try:
-            result.append(_with_model_hashes(session.run(name), _single_set(profiles)))
+            result.append(_with_model_hashes(session.run(name), as_given))
         except (PlanInfeasibleError, InvalidInputError) as exc:
             result.skipped[name] = str(exc)
     if backends is not None and "auto" in wanted:
@@ -868,7 +856,7 @@ def plan_all(
                 latency_bound_s,
                 chosen_model,
             )
-            result.append(_with_model_hashes(with_backends, _single_set(profiles)))
+            result.append(_with_model_hashes(with_backends, as_given))
         except (PlanInfeasibleError, InvalidInputError) as exc:
             result.skipped["auto+backends"] = str(exc)
     return result
